@@ -1,0 +1,69 @@
+//! The public gRPC contract: the generated `scand.v1` types and services, the descriptor set
+//! served by reflection, and the thin service adapters (`tracking`). Scan ingestion's service
+//! lives with the other ingest adapters in `ingest::grpc`.
+
+pub mod message_limit;
+pub mod tracking;
+
+/// Generated from proto/scand/v1/scand.proto.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("scand.v1");
+}
+
+/// The encoded descriptor set of scand.v1, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("scand_descriptor");
+
+use crate::domain::{ScanType, Status};
+use crate::engine::status::StatusPoint;
+
+impl From<Status> for pb::Status {
+    fn from(value: Status) -> Self {
+        pb::Status::try_from(value.as_i32()).unwrap_or(pb::Status::Unspecified)
+    }
+}
+
+impl From<ScanType> for pb::ScanType {
+    fn from(value: ScanType) -> Self {
+        pb::ScanType::try_from(value.as_i32()).unwrap_or(pb::ScanType::Unspecified)
+    }
+}
+
+/// The wire pair (status, sub_status) of a status point; absent = UNSPECIFIED.
+pub fn status_fields(point: Option<StatusPoint>) -> (i32, i32) {
+    match point {
+        None => (0, 0),
+        Some(p) => (p.status.as_i32(), p.sub_status.map_or(0, ScanType::as_i32)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_enums_match_the_wire_numbering() {
+        for t in ScanType::ALL {
+            let wire = pb::ScanType::from(t);
+            assert_ne!(wire, pb::ScanType::Unspecified);
+            assert_eq!(
+                wire.as_str_name().trim_start_matches("SCAN_TYPE_"),
+                format!("{t:?}").chars().fold(String::new(), |mut s, c| {
+                    if c.is_uppercase() && !s.is_empty() {
+                        s.push('_');
+                    }
+                    s.push(c.to_ascii_uppercase());
+                    s
+                })
+            );
+        }
+        for n in 1..=10 {
+            let status = Status::from_i32(n).expect("known status");
+            assert_eq!(pb::Status::from(status) as i32, n);
+            assert_eq!(
+                pb::Status::from(status).as_str_name(),
+                format!("STATUS_{}", status.label().to_uppercase())
+            );
+        }
+    }
+}

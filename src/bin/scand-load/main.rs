@@ -1,0 +1,322 @@
+//! `scand-load`: drives a running scand with realistic scan traffic over gRPC and reports
+//! throughput and ack latency; exits non-zero when any scan got another answer than expected.
+//!
+//! With `--rate`, batches are sent on a fixed schedule (open loop) and latency is measured
+//! from each batch's scheduled time, so a stalled server shows up as latency instead of
+//! silently slowing the sender (no coordinated omission).
+
+mod workload;
+
+use std::collections::VecDeque;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use scand::api::pb::{self, scan_ingest_client::ScanIngestClient, Outcome};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use workload::{Planned, Shape};
+
+/// Load generator for scand: realistic journeys over gRPC, outcomes checked.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// scand gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Shipments to generate (each 9-25 scans).
+    #[arg(long, default_value_t = 10_000)]
+    shipments: usize,
+    /// Seed: the same seed gives the same traffic.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Extra scans that repeat an earlier one, in percent.
+    #[arg(long, default_value_t = 5.0)]
+    duplicate_pct: f64,
+    /// Scans held back and uploaded late in bulk, in percent.
+    #[arg(long, default_value_t = 5.0)]
+    out_of_order_pct: f64,
+    /// Extra broken scans, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    invalid_pct: f64,
+    /// Device clocks are off by up to this many seconds either way.
+    #[arg(long, default_value_t = 30)]
+    clock_skew_secs: u64,
+    /// Scans per batch.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Concurrent gRPC streams (each on its own connection).
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Batches in flight per stream when running closed loop.
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Offered load in scans/s over all streams (open loop); unset = as fast as acks allow.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    acked: u64,
+    accepted: u64,
+    duplicate: u64,
+    rejected: u64,
+    mismatched: u64,
+    first_mismatches: Vec<String>,
+}
+
+struct Shared {
+    tally: Mutex<Tally>,
+    latency_us: Mutex<Histogram<u64>>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("scand-load: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool, String> {
+    let shape = Shape {
+        shipments: args.shipments,
+        seed: args.seed,
+        duplicate_pct: args.duplicate_pct,
+        out_of_order_pct: args.out_of_order_pct,
+        invalid_pct: args.invalid_pct,
+        clock_skew: Duration::from_secs(args.clock_skew_secs),
+    };
+    let planned = workload::generate(&shape);
+    let total = planned.len() as u64;
+    let streams = args.streams.max(1);
+    // One shipment always goes down one stream, so its scans are answered in send order.
+    let mut shards: Vec<Vec<Planned>> = vec![Vec::new(); streams];
+    for p in planned {
+        let shard = fnv(&p.scan.tracking_number) as usize % streams;
+        shards[shard].push(p);
+    }
+
+    let shared = Arc::new(Shared {
+        tally: Mutex::new(Tally::default()),
+        latency_us: Mutex::new(
+            Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| e.to_string())?,
+        ),
+    });
+    let progress = if args.quiet || args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} scans acked ({per_sec})",
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let started = Instant::now();
+    let per_stream_rate = args.rate.map(|r| r / streams as f64);
+    let mut tasks = Vec::new();
+    for shard in shards {
+        let target = args.target.clone();
+        let shared = shared.clone();
+        let progress = progress.clone();
+        let (batch_size, window) = (args.batch_size.max(1), args.window.max(1));
+        tasks.push(tokio::spawn(async move {
+            drive(
+                target,
+                shard,
+                batch_size,
+                window,
+                per_stream_rate,
+                shared,
+                progress,
+            )
+            .await
+        }));
+    }
+    for task in tasks {
+        task.await.map_err(|e| e.to_string())??;
+    }
+    let elapsed = started.elapsed();
+    progress.finish_and_clear();
+
+    let tally = shared.tally.lock().map_err(|e| e.to_string())?;
+    let h = shared.latency_us.lock().map_err(|e| e.to_string())?;
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let rate = tally.acked as f64 / elapsed.as_secs_f64();
+    let ok = tally.mismatched == 0 && tally.acked == tally.sent;
+    if args.json {
+        let summary = serde_json::json!({
+            "scans_sent": tally.sent, "scans_acked": tally.acked, "accepted": tally.accepted,
+            "duplicate": tally.duplicate, "rejected": tally.rejected, "mismatched": tally.mismatched,
+            "elapsed_s": elapsed.as_secs_f64(), "scans_per_s": rate,
+            "offered_scans_per_s": args.rate, "batch_size": args.batch_size, "streams": streams,
+            "ack_latency_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0 },
+            "ok": ok,
+        });
+        println!("{summary}");
+    } else {
+        println!("scans sent        {:>12}", tally.sent);
+        println!("scans acked       {:>12}", tally.acked);
+        println!("  accepted        {:>12}", tally.accepted);
+        println!("  duplicate       {:>12}", tally.duplicate);
+        println!("  rejected        {:>12}", tally.rejected);
+        println!("unexpected        {:>12}", tally.mismatched);
+        println!("elapsed           {:>12.2} s", elapsed.as_secs_f64());
+        println!("throughput        {:>12.0} scans/s", rate);
+        if let Some(r) = args.rate {
+            println!("offered           {:>12.0} scans/s", r);
+        }
+        println!(
+            "ack latency (ms)  p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            ms(0.5),
+            ms(0.9),
+            ms(0.99),
+            ms(0.999),
+            h.max() as f64 / 1000.0
+        );
+    }
+    for m in &tally.first_mismatches {
+        eprintln!("unexpected: {m}");
+    }
+    Ok(ok)
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Batches sent and not yet answered, with their scheduled send time: acks come in order.
+type Unanswered = VecDeque<(Instant, Vec<Planned>)>;
+
+/// Sends one shard's scans down one stream and checks every answer.
+async fn drive(
+    target: String,
+    shard: Vec<Planned>,
+    batch_size: usize,
+    window: usize,
+    rate: Option<f64>,
+    shared: Arc<Shared>,
+    progress: ProgressBar,
+) -> Result<(), String> {
+    let channel = tonic::transport::Endpoint::from_shared(target)
+        .map_err(|e| e.to_string())?
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut client = ScanIngestClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+
+    let batches: Vec<Vec<Planned>> = shard.chunks(batch_size).map(<[Planned]>::to_vec).collect();
+    // Open loop: the queue of scheduled-but-unanswered batches must not limit sending.
+    let in_flight = if rate.is_some() {
+        batches.len().max(1)
+    } else {
+        window
+    };
+    let (tx, rx) = mpsc::channel::<pb::ScanBatch>(in_flight);
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let pending: Arc<Mutex<Unanswered>> = Arc::new(Mutex::new(VecDeque::new()));
+
+    let sender = {
+        let pending = pending.clone();
+        let slots = slots.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            for (i, batch) in batches.into_iter().enumerate() {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                permit.forget();
+                let scheduled = match rate {
+                    Some(r) => {
+                        let at = start + Duration::from_secs_f64((i * batch_size) as f64 / r);
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
+                let message = pb::ScanBatch {
+                    batch_id: format!("{i}"),
+                    scans: batch.iter().map(|p| p.scan.clone()).collect(),
+                };
+                if let Ok(mut tally) = shared.tally.lock() {
+                    tally.sent += batch.len() as u64;
+                }
+                if let Ok(mut q) = pending.lock() {
+                    q.push_back((scheduled, batch));
+                }
+                if tx.send(message).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    let mut acks = client
+        .stream_scans(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("StreamScans: {e}"))?
+        .into_inner();
+    while let Some(ack) = acks
+        .message()
+        .await
+        .map_err(|e| format!("stream failed: {e}"))?
+    {
+        let Some((scheduled, batch)) = pending.lock().ok().and_then(|mut q| q.pop_front()) else {
+            return Err("ack for a batch never sent".into());
+        };
+        slots.add_permits(1);
+        let latency = scheduled.elapsed().as_micros() as u64;
+        if let Ok(mut h) = shared.latency_us.lock() {
+            let _ = h.record(latency.max(1));
+        }
+        let mut tally = shared.tally.lock().map_err(|e| e.to_string())?;
+        for (planned, result) in batch.iter().zip(&ack.results) {
+            tally.acked += 1;
+            match Outcome::try_from(result.outcome) {
+                Ok(Outcome::Accepted) => tally.accepted += 1,
+                Ok(Outcome::Duplicate) => tally.duplicate += 1,
+                Ok(Outcome::Rejected) => tally.rejected += 1,
+                _ => {}
+            }
+            if result.outcome != planned.expect as i32 || result.scan_id != planned.scan.scan_id {
+                tally.mismatched += 1;
+                if tally.first_mismatches.len() < 10 {
+                    tally.first_mismatches.push(format!(
+                        "{}: expected {:?}, got {:?} {}",
+                        planned.scan.scan_id,
+                        planned.expect,
+                        Outcome::try_from(result.outcome),
+                        result.reason
+                    ));
+                }
+            }
+        }
+        progress.inc(batch.len() as u64);
+    }
+    // The stream ends after the sender has sent everything and every batch was answered.
+    sender.await.map_err(|e| e.to_string())?;
+    Ok(())
+}

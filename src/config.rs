@@ -1,0 +1,340 @@
+//! Configuration: a TOML file layered under `SCAND_*` environment variables
+//! (`SCAND_GRPC__LISTEN=0.0.0.0:50051` sets `grpc.listen`).
+//!
+//! Invariant: a config that loads is complete and sane. Unknown keys, bad addresses, bad
+//! durations and out-of-range limits are errors that name the key, never silently ignored.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub grpc: GrpcConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub ingest: IngestConfig,
+    pub dedup: DedupConfig,
+    pub feed: FeedConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Address the gRPC services listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request message, in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control windows: the 64 KiB protocol default caps a stream's throughput.
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// How long shutdown waits for in-flight calls before closing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 256,
+            stream_window_bytes: 4 * 1024 * 1024,
+            connection_window_bytes: 16 * 1024 * 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// RocksDB data directory.
+    pub path: PathBuf,
+    /// Shared block cache, in bytes.
+    pub block_cache_bytes: usize,
+    /// Size of one memtable, in bytes (per column family).
+    pub memtable_bytes: usize,
+    /// Ingest batches waiting for the writer; beyond this, callers wait (backpressure).
+    pub queue_batches: usize,
+    /// Most ingest batches the writer combines into one synced write (group commit).
+    pub group_commit_batches: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("./data"),
+            block_cache_bytes: 128 * 1024 * 1024,
+            memtable_bytes: 64 * 1024 * 1024,
+            queue_batches: 64,
+            group_commit_batches: 32,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest batch accepted in one ScanBatch.
+    pub max_batch_scans: usize,
+    /// A scan more than this far ahead of the server clock is rejected.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// A scan older than this is rejected.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_scans: 10_000,
+            max_future_skew: Duration::from_secs(5 * 60),
+            max_age: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// Reads of the same tracking number, scan type and facility in one window of event time
+    /// are one physical event.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long a scan id is remembered across shipments (RocksDB TTL).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            retention: Duration::from_secs(14 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedConfig {
+    /// Changes a WatchStatusChanges stream holds for a subscriber before waiting on it.
+    pub subscriber_buffer: usize,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            subscriber_buffer: 64,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// tracing filter directives, e.g. `info` or `scand=debug`; RUST_LOG wins when set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if given), then `SCAND_*` variables.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(figment.merge(Env::prefixed("SCAND_").split("__")))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("grpc.max_message_bytes", self.grpc.max_message_bytes),
+            ("store.queue_batches", self.store.queue_batches),
+            (
+                "store.group_commit_batches",
+                self.store.group_commit_batches,
+            ),
+            ("ingest.max_batch_scans", self.ingest.max_batch_scans),
+            ("feed.subscriber_buffer", self.feed.subscriber_buffer),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1".to_owned(),
+                });
+            }
+        }
+        if self.dedup.window.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "dedup.window",
+                reason: "must be longer than zero".to_owned(),
+            });
+        }
+        if self.dedup.retention < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "dedup.retention",
+                reason: "must be at least 1s (RocksDB TTL has second resolution)".to_owned(),
+            });
+        }
+        if self.store.memtable_bytes < 1024 * 1024 {
+            return Err(ConfigError::Invalid {
+                key: "store.memtable_bytes",
+                reason: "must be at least 1 MiB".to_owned(),
+            });
+        }
+        if self.grpc.stream_window_bytes < 65_535 || self.grpc.connection_window_bytes < 65_535 {
+            return Err(ConfigError::Invalid {
+                key: "grpc.stream_window_bytes",
+                reason: "HTTP/2 windows must be at least 65535 bytes".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+// figment's Jail closures return figment::Error by design.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail(toml: &str) -> Result<Config, String> {
+        let mut result = Err(String::new());
+        Jail::expect_with(|jail| {
+            jail.create_file("scand.toml", toml)?;
+            result =
+                Config::load(Some(std::path::Path::new("scand.toml"))).map_err(|e| e.to_string());
+            Ok(())
+        });
+        result
+    }
+
+    #[test]
+    fn shipped_config_is_the_defaults() {
+        let shipped = include_str!("../config/scand.toml");
+        assert_eq!(load_in_jail(shipped), Ok(Config::default()));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_in_jail("[grpc]\nlisten_on = \"127.0.0.1:1\"\n").expect_err("unknown key");
+        assert!(err.contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let err = load_in_jail("[grpc]\nlisten = \"localhost\"\n").expect_err("bad address");
+        assert!(
+            err.contains("grpc.listen") || err.contains("listen"),
+            "{err}"
+        );
+        assert!(err.contains("socket address"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let err = load_in_jail("[dedup]\nwindow = \"sixty\"\n").expect_err("bad duration");
+        assert!(err.contains("window"), "{err}");
+    }
+
+    #[test]
+    fn durations_read_as_humans_write_them() {
+        let c = load_in_jail("[dedup]\nwindow = \"90s\"\nretention = \"7days\"\n").expect("valid");
+        assert_eq!(c.dedup.window, Duration::from_secs(90));
+        assert_eq!(c.dedup.retention, Duration::from_secs(7 * 24 * 3600));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("scand.toml", "[grpc]\nlisten = \"127.0.0.1:1000\"\n")?;
+            jail.set_env("SCAND_GRPC__LISTEN", "0.0.0.0:2000");
+            jail.set_env("SCAND_INGEST__MAX_BATCH_SCANS", "7");
+            let c = Config::load(Some(std::path::Path::new("scand.toml")))
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.grpc.listen, SocketAddr::from(([0, 0, 0, 0], 2000)));
+            assert_eq!(c.ingest.max_batch_scans, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn zero_limit_is_refused() {
+        let err = load_in_jail("[ingest]\nmax_batch_scans = 0\n").expect_err("zero");
+        assert_eq!(
+            err,
+            "invalid value for `ingest.max_batch_scans`: must be at least 1"
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! The daemon: wires the pipeline together, serves it, and shuts it down in order.
+//!
+//! Start: metrics → admin HTTP (not ready) → RocksDB → writer thread → gRPC services → ready.
+//! Stop (SIGTERM/SIGINT): not ready → stop accepting, end feed streams, stop reading scan
+//! streams → answer every batch already queued once it is durable → writer drains and stops →
+//! RocksDB closes. Each wait is bounded by `grpc.shutdown_grace`.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{server::TcpIncoming, Server};
+
+use crate::api::{message_limit, pb, tracking::TrackingService, FILE_DESCRIPTOR_SET};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::ingest::{grpc::ScanIngestService, validate::Validator, Ingestor};
+use crate::publish::feed::Feed;
+use crate::store::{writer, Store, StoreError};
+use crate::telemetry::{self, admin::Readiness};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store at {path}: {source}")]
+    Store { path: String, source: StoreError },
+    #[error(transparent)]
+    Metrics(#[from] telemetry::metrics::MetricsError),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("signal handling: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down cleanly.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let metrics = telemetry::metrics::install()?;
+    metrics::gauge!(telemetry::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+    let readiness = Readiness::default();
+    readiness.set(false);
+    let shutdown = CancellationToken::new();
+
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "admin HTTP",
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin = tokio::spawn(telemetry::admin::serve(
+        admin_listener,
+        metrics,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+
+    let store_config = config.store.clone();
+    let retention = config.dedup.retention;
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_config, retention))
+        .await
+        .map_err(|e| DaemonError::Store {
+            path: config.store.path.display().to_string(),
+            source: StoreError::WriteFailed(e.to_string()),
+        })?
+        .map_err(|source| DaemonError::Store {
+            path: config.store.path.display().to_string(),
+            source,
+        })?;
+    let (writer, committed, writer_thread) = writer::spawn(
+        store.clone(),
+        Engine::new(config.dedup.window),
+        config.store.queue_batches,
+        config.store.group_commit_batches,
+    )
+    .map_err(|source| DaemonError::Store {
+        path: config.store.path.display().to_string(),
+        source,
+    })?;
+
+    let ingestor = Ingestor::new(
+        Validator::new(config.ingest.max_future_skew, config.ingest.max_age),
+        writer,
+        config.ingest.max_batch_scans,
+    );
+    let feed = Feed::new(
+        store.clone(),
+        committed,
+        config.feed.subscriber_buffer,
+        shutdown.clone(),
+    );
+    let max_message = config.grpc.max_message_bytes;
+    let ingest_service = pb::scan_ingest_server::ScanIngestServer::new(ScanIngestService::new(
+        ingestor,
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(max_message);
+    let tracking_service =
+        pb::tracking_server::TrackingServer::new(TrackingService::new(store.clone(), feed))
+            .max_decoding_message_size(max_message);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::scan_ingest_server::ScanIngestServer<ScanIngestService>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::tracking_server::TrackingServer<TrackingService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let grpc_listener = TcpListener::bind(config.grpc.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "gRPC",
+            addr: config.grpc.listen,
+            source,
+        })?;
+    let server = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            message_limit::map_response,
+        ))
+        .max_concurrent_streams(config.grpc.max_concurrent_streams)
+        .initial_stream_window_size(config.grpc.stream_window_bytes)
+        .initial_connection_window_size(config.grpc.connection_window_bytes)
+        .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ingest_service)
+        .add_service(tracking_service)
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY small acks wait for delayed-ACK timers (~40 ms a round trip).
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            shutdown.clone().cancelled_owned(),
+        );
+    let mut server = tokio::spawn(server);
+
+    readiness.set(true);
+    tracing::info!(
+        grpc = %config.grpc.listen,
+        admin = %config.admin.listen,
+        data = %store.path().display(),
+        "scand ready"
+    );
+
+    tokio::select! {
+        signal = shutdown_signal() => {
+            signal.map_err(DaemonError::Signal)?;
+            tracing::info!("shutdown requested: finishing in-flight batches");
+        }
+        ended = &mut server => {
+            tracing::error!(?ended, "gRPC server stopped unexpectedly");
+        }
+    }
+    readiness.set(false);
+    health_reporter
+        .set_not_serving::<pb::scan_ingest_server::ScanIngestServer<ScanIngestService>>()
+        .await;
+    shutdown.cancel();
+
+    let grace = config.grpc.shutdown_grace;
+    if !server.is_finished() {
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "gRPC server ended with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(
+                    ?grace,
+                    "in-flight calls still open after the grace period; closing them"
+                );
+                server.abort();
+            }
+        }
+    }
+    // The writer stops once the last handle (held by the services and their streams) is gone
+    // and every queued batch was answered.
+    let joined = tokio::task::spawn_blocking(move || writer_thread.join());
+    if tokio::time::timeout(grace.max(Duration::from_secs(1)), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("store writer still busy after the grace period");
+    }
+    let _ = admin.await;
+    drop(store);
+    tracing::info!("scand stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

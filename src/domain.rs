@@ -1,0 +1,301 @@
+//! The domain's small types: what a tracking number, a scan id, a scan type, a status, a
+//! version and a sequence are. Each is validated once, at the edge, and trusted after.
+//!
+//! Nothing here knows of protobuf, RocksDB or tokio; `api` converts to and from the wire types.
+
+use std::fmt;
+
+/// A normalized tracking number: `[A-Z0-9]{8,40}` after removing surrounding whitespace,
+/// inner spaces and dashes, and upper-casing letters, so `1z 999-aa1` and `1Z999AA1` are one
+/// shipment.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TrackingNumber(String);
+
+/// Why a raw tracking number is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrackingNumberError {
+    #[error("tracking number is empty")]
+    Empty,
+    #[error("tracking number has {0} characters after normalization; allowed 8 to 40")]
+    Length(usize),
+    #[error("tracking number contains {0:?}; only letters A-Z and digits are allowed")]
+    Character(char),
+}
+
+impl TrackingNumber {
+    pub const MIN_LEN: usize = 8;
+    pub const MAX_LEN: usize = 40;
+
+    pub fn parse(raw: &str) -> Result<Self, TrackingNumberError> {
+        let mut normalized = String::with_capacity(raw.len());
+        for c in raw.trim().chars() {
+            match c {
+                ' ' | '-' => {}
+                'a'..='z' => normalized.push(c.to_ascii_uppercase()),
+                'A'..='Z' | '0'..='9' => normalized.push(c),
+                other => return Err(TrackingNumberError::Character(other)),
+            }
+        }
+        match normalized.len() {
+            0 => Err(TrackingNumberError::Empty),
+            n if !(Self::MIN_LEN..=Self::MAX_LEN).contains(&n) => {
+                Err(TrackingNumberError::Length(n))
+            }
+            _ => Ok(Self(normalized)),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TrackingNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A scan's identity, minted by the device: unique per physical read.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ScanId(String);
+
+impl ScanId {
+    /// Longest accepted scan id, in bytes: it is part of every event key.
+    pub const MAX_LEN: usize = 128;
+
+    /// `None` when empty or longer than [`Self::MAX_LEN`].
+    pub fn parse(raw: &str) -> Option<Self> {
+        (!raw.is_empty() && raw.len() <= Self::MAX_LEN).then(|| Self(raw.to_owned()))
+    }
+
+    pub(crate) fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ScanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Event time in microseconds since the Unix epoch (device clock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventTime(pub i64);
+
+/// What a scan records. Numbering matches `scand.v1.ScanType`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(i32)]
+pub enum ScanType {
+    LabelCreated = 1,
+    Picked = 2,
+    Packed = 3,
+    PickedUp = 4,
+    ArrivedAtFacility = 5,
+    Sorted = 6,
+    DepartedFacility = 7,
+    Loaded = 8,
+    Unloaded = 9,
+    OutForDelivery = 10,
+    DeliveryAttempted = 11,
+    HeldAtPickupPoint = 12,
+    Delivered = 13,
+    Exception = 14,
+    ReturnedToSender = 15,
+}
+
+impl ScanType {
+    pub const ALL: [ScanType; 15] = [
+        Self::LabelCreated,
+        Self::Picked,
+        Self::Packed,
+        Self::PickedUp,
+        Self::ArrivedAtFacility,
+        Self::Sorted,
+        Self::DepartedFacility,
+        Self::Loaded,
+        Self::Unloaded,
+        Self::OutForDelivery,
+        Self::DeliveryAttempted,
+        Self::HeldAtPickupPoint,
+        Self::Delivered,
+        Self::Exception,
+        Self::ReturnedToSender,
+    ];
+
+    /// `None` for 0 (unspecified) and for numbers this build does not know.
+    pub fn from_i32(value: i32) -> Option<Self> {
+        usize::try_from(value)
+            .ok()
+            .and_then(|v| v.checked_sub(1))
+            .and_then(|i| Self::ALL.get(i).copied())
+    }
+
+    pub fn as_i32(self) -> i32 {
+        self as i32
+    }
+
+    /// The normalized status this scan type moves a shipment to, with its sub-status.
+    pub fn status(self) -> (Status, Option<ScanType>) {
+        use ScanType::*;
+        match self {
+            LabelCreated => (Status::LabelCreated, None),
+            Picked | Packed => (Status::PickedPacked, None),
+            PickedUp | ArrivedAtFacility | Sorted | DepartedFacility | Loaded | Unloaded => {
+                (Status::InTransit, Some(self))
+            }
+            OutForDelivery => (Status::OutForDelivery, None),
+            DeliveryAttempted => (Status::DeliveryAttempted, None),
+            HeldAtPickupPoint => (Status::AvailableForPickup, None),
+            Delivered => (Status::Delivered, None),
+            Exception => (Status::Exception, None),
+            ReturnedToSender => (Status::ReturnedToSender, None),
+        }
+    }
+}
+
+/// Normalized shipment status. Numbering matches `scand.v1.Status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum Status {
+    LabelCreated = 1,
+    PickedPacked = 2,
+    InTransit = 3,
+    OutForDelivery = 4,
+    DeliveryAttempted = 5,
+    AvailableForPickup = 6,
+    Delivered = 7,
+    Exception = 8,
+    ReturnedToSender = 9,
+    Stalled = 10,
+}
+
+impl Status {
+    pub fn as_i32(self) -> i32 {
+        self as i32
+    }
+
+    pub fn from_i32(value: i32) -> Option<Self> {
+        use Status::*;
+        Some(match value {
+            1 => LabelCreated,
+            2 => PickedPacked,
+            3 => InTransit,
+            4 => OutForDelivery,
+            5 => DeliveryAttempted,
+            6 => AvailableForPickup,
+            7 => Delivered,
+            8 => Exception,
+            9 => ReturnedToSender,
+            10 => Stalled,
+            _ => return None,
+        })
+    }
+
+    /// A label for metrics: lower snake case, stable.
+    pub fn label(self) -> &'static str {
+        use Status::*;
+        match self {
+            LabelCreated => "label_created",
+            PickedPacked => "picked_packed",
+            InTransit => "in_transit",
+            OutForDelivery => "out_for_delivery",
+            DeliveryAttempted => "delivery_attempted",
+            AvailableForPickup => "available_for_pickup",
+            Delivered => "delivered",
+            Exception => "exception",
+            ReturnedToSender => "returned_to_sender",
+            Stalled => "stalled",
+        }
+    }
+
+    /// Position in the forward lifecycle; `None` for statuses outside it (exception, stalled),
+    /// which are never a regression to enter or to leave.
+    pub fn lifecycle_rank(self) -> Option<u8> {
+        use Status::*;
+        match self {
+            LabelCreated => Some(0),
+            PickedPacked => Some(1),
+            InTransit => Some(2),
+            OutForDelivery => Some(3),
+            DeliveryAttempted | AvailableForPickup => Some(4),
+            Delivered => Some(5),
+            ReturnedToSender => Some(6),
+            Exception | Stalled => None,
+        }
+    }
+
+    /// `true` when moving from `self` to `next` goes backwards in the lifecycle.
+    pub fn is_regression_to(self, next: Status) -> bool {
+        matches!((self.lifecycle_rank(), next.lifecycle_rank()), (Some(a), Some(b)) if b < a)
+    }
+}
+
+/// Per-shipment status version: 1 for the first status, +1 per change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version(pub u64);
+
+/// Position in the global change log: gapless, strictly increasing, starting at 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sequence(pub u64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracking_number_normalization_merges_spellings() {
+        let a = TrackingNumber::parse(" 1z 999-aa1 0123 ").expect("valid");
+        let b = TrackingNumber::parse("1Z999AA10123").expect("valid");
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), "1Z999AA10123");
+    }
+
+    #[test]
+    fn tracking_number_errors_are_precise() {
+        assert_eq!(
+            TrackingNumber::parse("  - "),
+            Err(TrackingNumberError::Empty)
+        );
+        assert_eq!(
+            TrackingNumber::parse("AB12"),
+            Err(TrackingNumberError::Length(4))
+        );
+        assert_eq!(
+            TrackingNumber::parse(&"A".repeat(41)),
+            Err(TrackingNumberError::Length(41))
+        );
+        assert_eq!(
+            TrackingNumber::parse("1Z999_AA1"),
+            Err(TrackingNumberError::Character('_'))
+        );
+        assert_eq!(
+            TrackingNumber::parse("1Z999ÄA10"),
+            Err(TrackingNumberError::Character('Ä'))
+        );
+    }
+
+    #[test]
+    fn scan_type_round_trips_and_rejects_unknown() {
+        for t in ScanType::ALL {
+            assert_eq!(ScanType::from_i32(t.as_i32()), Some(t));
+        }
+        assert_eq!(ScanType::from_i32(0), None);
+        assert_eq!(ScanType::from_i32(16), None);
+        assert_eq!(ScanType::from_i32(-3), None);
+    }
+
+    #[test]
+    fn regression_is_backwards_in_lifecycle_only() {
+        assert!(Status::OutForDelivery.is_regression_to(Status::InTransit));
+        assert!(!Status::InTransit.is_regression_to(Status::OutForDelivery));
+        assert!(!Status::InTransit.is_regression_to(Status::InTransit));
+        assert!(!Status::Exception.is_regression_to(Status::LabelCreated));
+        assert!(!Status::OutForDelivery.is_regression_to(Status::Exception));
+    }
+}

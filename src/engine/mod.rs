@@ -1,0 +1,278 @@
+//! The engine: the pure, synchronous core. It takes a batch of validated scans and the current
+//! state of the shipments they touch, and returns each scan's outcome, the timeline edits and
+//! the status changes. No I/O, no clock, no async: the same inputs give the same outputs.
+//!
+//! Invariants (property-tested in `tests`):
+//! - A shipment's final timeline and status depend only on the set of distinct physical reads
+//!   it received, not on arrival order, duplicates or how scans were split into batches.
+//! - Applying the same batch twice changes nothing the second time.
+//! - Each change of (status, sub-status) bumps the shipment's version by exactly one.
+
+pub mod status;
+
+use std::collections::{HashMap, HashSet};
+
+use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, Version};
+use status::{Derived, StatusPoint};
+
+/// One scan the engine should place, already validated.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// The caller's handle for this scan: outcomes and changes refer to it.
+    pub index: usize,
+    pub tracking_number: TrackingNumber,
+    pub scan_id: ScanId,
+    pub scan_type: ScanType,
+    pub event_time: EventTime,
+    /// Identity of the facility or vehicle (see [`facility_hash`]), part of the fingerprint.
+    pub facility: u64,
+    /// The scan id is in the long-term scan id index (a replay or a retry).
+    pub scan_id_known: bool,
+}
+
+/// One scan of a shipment's timeline: enough to deduplicate and derive status without reading
+/// the stored scans.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub event_time: EventTime,
+    pub scan_id: ScanId,
+    pub scan_type: ScanType,
+    pub facility: u64,
+}
+
+impl Entry {
+    fn order_key(&self) -> (EventTime, &ScanId) {
+        (self.event_time, &self.scan_id)
+    }
+}
+
+/// A shipment as the engine sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShipmentState {
+    /// Ordered by (event_time, scan_id).
+    pub timeline: Vec<Entry>,
+    pub derived: Derived,
+    pub version: Version,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DuplicateKind {
+    ScanId,
+    Fingerprint,
+}
+
+impl DuplicateKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            DuplicateKind::ScanId => "scan_id",
+            DuplicateKind::Fingerprint => "fingerprint",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    Duplicate(DuplicateKind),
+}
+
+/// A status change, before the writer gives it a sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub tracking_number: TrackingNumber,
+    pub version: Version,
+    pub previous: Option<StatusPoint>,
+    pub current: StatusPoint,
+    /// `Incoming::index` of the scan that caused it.
+    pub cause: usize,
+    pub regression: bool,
+    /// The cause was placed before the latest scan already known: history was rewritten.
+    pub correction: bool,
+}
+
+/// Everything a batch does; the writer turns it into one atomic write.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// One per incoming scan, by `Incoming::index`.
+    pub outcomes: Vec<(usize, Outcome)>,
+    /// Scans to store in the timeline (by `Incoming::index`).
+    pub stored: Vec<usize>,
+    /// Timeline entries replaced by an earlier read of the same physical event.
+    pub removed: Vec<(TrackingNumber, EventTime, ScanId)>,
+    pub changes: Vec<Change>,
+    /// Scans placed after a terminal status (kept, not moving the status).
+    pub after_terminal: u32,
+}
+
+/// Stable 64-bit FNV-1a: fingerprints are stored, so the hash must never change between builds.
+pub fn facility_hash(facility_id: &str) -> u64 {
+    facility_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Engine {
+    /// Width of the fingerprint's event-time bucket, in microseconds.
+    fingerprint_window_micros: i64,
+}
+
+impl Engine {
+    pub fn new(fingerprint_window: std::time::Duration) -> Self {
+        let micros = i64::try_from(fingerprint_window.as_micros()).unwrap_or(i64::MAX);
+        Self {
+            fingerprint_window_micros: micros.max(1),
+        }
+    }
+
+    fn bucket(&self, t: EventTime) -> i64 {
+        t.0.div_euclid(self.fingerprint_window_micros)
+    }
+
+    fn same_physical_read(&self, a: &Entry, b: &Entry) -> bool {
+        a.scan_type == b.scan_type
+            && a.facility == b.facility
+            && self.bucket(a.event_time) == self.bucket(b.event_time)
+    }
+
+    /// Applies a batch. `states` must hold the current state of every shipment the batch
+    /// touches (absent = never seen); it is updated in place.
+    pub fn apply(
+        &self,
+        batch: Vec<Incoming>,
+        states: &mut HashMap<TrackingNumber, ShipmentState>,
+    ) -> Effects {
+        let mut effects = Effects::default();
+        // Scans of one shipment are applied in timeline order, so a bulk upload publishes
+        // each milestone in sequence; the arrival index breaks exact ties deterministically.
+        let mut batch = batch;
+        batch.sort_by(|a, b| {
+            (&a.tracking_number, a.event_time, &a.scan_id, a.index).cmp(&(
+                &b.tracking_number,
+                b.event_time,
+                &b.scan_id,
+                b.index,
+            ))
+        });
+        let mut stored_in_batch: HashSet<ScanId> = HashSet::new();
+        for scan in batch {
+            let state = states.entry(scan.tracking_number.clone()).or_default();
+            let outcome = self.place(scan, state, &mut stored_in_batch, &mut effects);
+            effects.outcomes.push(outcome);
+        }
+        effects.outcomes.sort_unstable_by_key(|(index, _)| *index);
+        effects
+    }
+
+    fn place(
+        &self,
+        scan: Incoming,
+        state: &mut ShipmentState,
+        stored_in_batch: &mut HashSet<ScanId>,
+        effects: &mut Effects,
+    ) -> (usize, Outcome) {
+        let index = scan.index;
+        if scan.scan_id_known
+            || stored_in_batch.contains(&scan.scan_id)
+            || state.timeline.iter().any(|e| e.scan_id == scan.scan_id)
+        {
+            return (index, Outcome::Duplicate(DuplicateKind::ScanId));
+        }
+        let entry = Entry {
+            event_time: scan.event_time,
+            scan_id: scan.scan_id,
+            scan_type: scan.scan_type,
+            facility: scan.facility,
+        };
+        let tracking_number = scan.tracking_number;
+        if let Some(pos) = state
+            .timeline
+            .iter()
+            .position(|e| self.same_physical_read(e, &entry))
+        {
+            // The timeline keeps the earliest read of a physical event, whatever came first.
+            if entry.order_key() >= state.timeline[pos].order_key() {
+                return (index, Outcome::Duplicate(DuplicateKind::Fingerprint));
+            }
+            let replaced = state.timeline.remove(pos);
+            effects.removed.push((
+                tracking_number.clone(),
+                replaced.event_time,
+                replaced.scan_id,
+            ));
+            self.insert(
+                tracking_number,
+                index,
+                entry,
+                true,
+                state,
+                stored_in_batch,
+                effects,
+            );
+            return (index, Outcome::Duplicate(DuplicateKind::Fingerprint));
+        }
+        self.insert(
+            tracking_number,
+            index,
+            entry,
+            false,
+            state,
+            stored_in_batch,
+            effects,
+        );
+        (index, Outcome::Accepted)
+    }
+
+    /// Places `entry` and derives the new status; `replaced` = an entry was just removed, so
+    /// the status must be refolded even when appending.
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &self,
+        tracking_number: TrackingNumber,
+        index: usize,
+        entry: Entry,
+        replaced: bool,
+        state: &mut ShipmentState,
+        stored_in_batch: &mut HashSet<ScanId>,
+        effects: &mut Effects,
+    ) {
+        let pos = state
+            .timeline
+            .partition_point(|e| e.order_key() < entry.order_key());
+        let appended = pos == state.timeline.len();
+        stored_in_batch.insert(entry.scan_id.clone());
+        let scan_type = entry.scan_type;
+        state.timeline.insert(pos, entry);
+        effects.stored.push(index);
+
+        let derived = if appended && !replaced {
+            state.derived.step(scan_type)
+        } else {
+            Derived::of(state.timeline.iter().map(|e| e.scan_type))
+        };
+        effects.after_terminal += derived
+            .scans_after_terminal
+            .saturating_sub(state.derived.scans_after_terminal);
+        let previous = state.derived.point;
+        state.derived = derived;
+        let Some(current) = derived.point else {
+            return;
+        };
+        if previous == Some(current) {
+            return;
+        }
+        state.version = Version(state.version.0 + 1);
+        effects.changes.push(Change {
+            tracking_number,
+            version: state.version,
+            previous,
+            current,
+            cause: index,
+            regression: previous.is_some_and(|p| p.status.is_regression_to(current.status)),
+            correction: !appended,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

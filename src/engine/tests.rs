@@ -1,0 +1,449 @@
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::domain::Status;
+use ScanType::*;
+
+const MINUTE: i64 = 60_000_000;
+
+fn engine() -> Engine {
+    Engine::new(Duration::from_secs(60))
+}
+
+fn tn(s: &str) -> TrackingNumber {
+    TrackingNumber::parse(s).expect("valid tracking number")
+}
+
+fn scan(
+    index: usize,
+    number: &str,
+    id: &str,
+    t: ScanType,
+    minute: i64,
+    facility: &str,
+) -> Incoming {
+    Incoming {
+        index,
+        tracking_number: tn(number),
+        scan_id: ScanId::parse(id).expect("valid scan id"),
+        scan_type: t,
+        event_time: EventTime(minute * MINUTE),
+        facility: facility_hash(facility),
+        scan_id_known: false,
+    }
+}
+
+/// Feeds batches through the engine with a model of the long-term scan id index.
+struct Harness {
+    engine: Engine,
+    states: HashMap<TrackingNumber, ShipmentState>,
+    index: HashSet<ScanId>,
+    changes: Vec<Change>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            engine: engine(),
+            states: HashMap::new(),
+            index: HashSet::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    fn apply(&mut self, batch: Vec<Incoming>) -> Vec<Outcome> {
+        let batch: Vec<Incoming> = batch
+            .into_iter()
+            .map(|mut s| {
+                s.scan_id_known = self.index.contains(&s.scan_id);
+                s
+            })
+            .collect();
+        let ids: HashMap<usize, ScanId> =
+            batch.iter().map(|s| (s.index, s.scan_id.clone())).collect();
+        let effects = self.engine.apply(batch, &mut self.states);
+        for i in &effects.stored {
+            self.index.insert(ids[i].clone());
+        }
+        self.changes.extend(effects.changes);
+        effects.outcomes.into_iter().map(|(_, o)| o).collect()
+    }
+
+    fn state(&self, number: &str) -> &ShipmentState {
+        &self.states[&tn(number)]
+    }
+}
+
+#[test]
+fn journey_publishes_each_milestone_in_order() {
+    let mut h = Harness::new();
+    let n = "1Z999AA10123456784";
+    // A truck uploads its whole day at once, newest first.
+    let outcomes = h.apply(vec![
+        scan(0, n, "s4", Delivered, 40, "door"),
+        scan(1, n, "s3", OutForDelivery, 30, "van1"),
+        scan(2, n, "s2", ArrivedAtFacility, 20, "hub"),
+        scan(3, n, "s1", LabelCreated, 10, "shop"),
+    ]);
+    assert_eq!(outcomes, vec![Outcome::Accepted; 4]);
+    let statuses: Vec<(u64, Status)> = h
+        .changes
+        .iter()
+        .map(|c| (c.version.0, c.current.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (1, Status::LabelCreated),
+            (2, Status::InTransit),
+            (3, Status::OutForDelivery),
+            (4, Status::Delivered)
+        ]
+    );
+    assert_eq!(h.changes[1].current.sub_status, Some(ArrivedAtFacility));
+    assert!(h.changes.iter().all(|c| !c.correction && !c.regression));
+    assert_eq!(
+        h.changes.iter().map(|c| c.cause).collect::<Vec<_>>(),
+        vec![3, 2, 1, 0]
+    );
+}
+
+#[test]
+fn same_scan_id_is_a_duplicate_and_changes_nothing() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![scan(0, n, "a", LabelCreated, 1, "shop")]);
+    let before = h.state(n).clone();
+    let outcomes = h.apply(vec![scan(0, n, "a", LabelCreated, 1, "shop")]);
+    assert_eq!(outcomes, vec![Outcome::Duplicate(DuplicateKind::ScanId)]);
+    assert_eq!(h.state(n), &before);
+    assert_eq!(h.changes.len(), 1);
+}
+
+#[test]
+fn scan_id_repeated_within_a_batch_is_a_duplicate() {
+    let mut h = Harness::new();
+    let outcomes = h.apply(vec![
+        scan(0, "PARCEL0001", "a", LabelCreated, 1, "shop"),
+        scan(1, "PARCEL0001", "a", LabelCreated, 1, "shop"),
+    ]);
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Accepted, Outcome::Duplicate(DuplicateKind::ScanId)]
+    );
+}
+
+#[test]
+fn same_physical_read_within_window_is_a_fingerprint_duplicate() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![scan(0, n, "head-a", Sorted, 5, "hub")]);
+    let outcomes = h.apply(vec![
+        scan(0, n, "head-b", Sorted, 5, "hub"),
+        scan(1, n, "other-hub", Sorted, 5, "hub2"),
+        scan(2, n, "next-minute", Sorted, 6, "hub"),
+    ]);
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Duplicate(DuplicateKind::Fingerprint),
+            Outcome::Accepted,
+            Outcome::Accepted
+        ]
+    );
+    assert_eq!(h.state(n).timeline.len(), 3);
+}
+
+#[test]
+fn earliest_read_of_a_physical_event_wins_whatever_arrived_first() {
+    let n = "PARCEL0001";
+    let early = || scan(0, n, "b-early", Sorted, 5, "hub");
+    let mut late = scan(0, n, "a-late", Sorted, 5, "hub");
+    late.event_time = EventTime(5 * MINUTE + 30_000_000);
+
+    let mut h = Harness::new();
+    h.apply(vec![late.clone()]);
+    let outcomes = h.apply(vec![early()]);
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Duplicate(DuplicateKind::Fingerprint)]
+    );
+    let ids: Vec<&str> = h
+        .state(n)
+        .timeline
+        .iter()
+        .map(|e| e.scan_id.as_str())
+        .collect();
+    assert_eq!(ids, vec!["b-early"]);
+    // The replaced read is still known: retrying it changes nothing.
+    assert_eq!(
+        h.apply(vec![late]),
+        vec![Outcome::Duplicate(DuplicateKind::ScanId)]
+    );
+    assert_eq!(h.state(n).timeline.len(), 1);
+}
+
+#[test]
+fn late_scan_does_not_change_delivered_status() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![
+        scan(0, n, "s1", OutForDelivery, 10, "van"),
+        scan(1, n, "s2", Delivered, 20, "door"),
+    ]);
+    let outcomes = h.apply(vec![scan(0, n, "late", ArrivedAtFacility, 30, "hub")]);
+    assert_eq!(outcomes, vec![Outcome::Accepted]);
+    let state = h.state(n);
+    assert_eq!(
+        state.derived.point.map(|p| p.status),
+        Some(Status::Delivered)
+    );
+    assert_eq!(state.derived.scans_after_terminal, 1);
+    assert_eq!(state.timeline.len(), 3);
+    assert_eq!(h.changes.len(), 2);
+}
+
+#[test]
+fn late_earlier_scan_is_inserted_without_changing_the_status() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![scan(0, n, "s3", OutForDelivery, 30, "van")]);
+    h.apply(vec![scan(0, n, "s1", ArrivedAtFacility, 10, "hub")]);
+    let state = h.state(n);
+    let ids: Vec<&str> = state.timeline.iter().map(|e| e.scan_id.as_str()).collect();
+    assert_eq!(ids, vec!["s1", "s3"]);
+    assert_eq!(
+        state.derived.point.map(|p| p.status),
+        Some(Status::OutForDelivery)
+    );
+    assert_eq!(state.version, Version(1));
+}
+
+#[test]
+fn late_delivered_scan_corrects_history() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![scan(0, n, "s1", OutForDelivery, 10, "van")]);
+    h.apply(vec![scan(0, n, "s3", ArrivedAtFacility, 30, "hub")]);
+    h.apply(vec![scan(0, n, "s2", Delivered, 20, "door")]);
+    let last = h.changes.last().expect("a change");
+    assert_eq!(last.current.status, Status::Delivered);
+    assert_eq!(last.previous.map(|p| p.status), Some(Status::InTransit));
+    assert!(last.correction);
+    assert!(!last.regression);
+    assert_eq!(last.version, Version(3));
+    assert_eq!(h.state(n).derived.scans_after_terminal, 1);
+}
+
+#[test]
+fn return_after_delivery_moves_the_status_and_back_in_transit_is_a_regression() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![
+        scan(0, n, "s1", OutForDelivery, 10, "van"),
+        scan(1, n, "s2", ArrivedAtFacility, 20, "hub"),
+        scan(2, n, "s3", Delivered, 30, "door"),
+        scan(3, n, "s4", ReturnedToSender, 40, "hub"),
+    ]);
+    let seen: Vec<(Status, bool)> = h
+        .changes
+        .iter()
+        .map(|c| (c.current.status, c.regression))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (Status::OutForDelivery, false),
+            (Status::InTransit, true),
+            (Status::Delivered, false),
+            (Status::ReturnedToSender, false)
+        ]
+    );
+}
+
+#[test]
+fn sub_status_change_within_in_transit_is_a_new_version() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![
+        scan(0, n, "s1", ArrivedAtFacility, 10, "hub"),
+        scan(1, n, "s2", Sorted, 11, "hub"),
+        scan(2, n, "s3", Picked, 1, "shop"),
+        scan(3, n, "s4", Packed, 2, "shop"),
+    ]);
+    let v: Vec<(u64, Status, Option<ScanType>)> = h
+        .changes
+        .iter()
+        .map(|c| (c.version.0, c.current.status, c.current.sub_status))
+        .collect();
+    assert_eq!(
+        v,
+        vec![
+            (1, Status::PickedPacked, None),
+            (2, Status::InTransit, Some(ArrivedAtFacility)),
+            (3, Status::InTransit, Some(Sorted)),
+        ]
+    );
+}
+
+// ---- properties ----------------------------------------------------------------------------
+
+const FACILITIES: [&str; 3] = ["hub-a", "hub-b", "van-7"];
+
+/// A physical read: what the shipment history is made of.
+#[derive(Clone, Debug)]
+struct Read {
+    shipment: usize,
+    scan_type: ScanType,
+    second: i64,
+    facility: usize,
+}
+
+fn read() -> impl Strategy<Value = Read> {
+    (
+        0usize..3,
+        0usize..ScanType::ALL.len(),
+        0i64..600,
+        0usize..FACILITIES.len(),
+    )
+        .prop_map(|(shipment, t, second, facility)| Read {
+            shipment,
+            scan_type: ScanType::ALL[t],
+            second,
+            facility,
+        })
+}
+
+/// Reads, plus copies: retries (same scan id) and second reads of the same event (new scan id,
+/// a few seconds later, maybe in the same fingerprint window).
+fn deliveries(reads: &[Read], extra: &[(usize, bool, i64)]) -> Vec<Incoming> {
+    let mk = |r: &Read, id: String, second: i64| Incoming {
+        index: 0,
+        tracking_number: tn(&format!("SHIPMENT{:04}", r.shipment)),
+        scan_id: ScanId::parse(&id).expect("scan id"),
+        scan_type: r.scan_type,
+        event_time: EventTime(second * 1_000_000),
+        facility: facility_hash(FACILITIES[r.facility]),
+        scan_id_known: false,
+    };
+    let mut out: Vec<Incoming> = reads
+        .iter()
+        .enumerate()
+        .map(|(i, r)| mk(r, format!("read-{i}"), r.second))
+        .collect();
+    for (k, (pick, retry, offset)) in extra.iter().enumerate() {
+        let i = pick % reads.len();
+        let r = &reads[i];
+        out.push(if *retry {
+            mk(r, format!("read-{i}"), r.second)
+        } else {
+            mk(r, format!("second-read-{k}"), r.second + offset)
+        });
+    }
+    out
+}
+
+fn final_view(h: &Harness) -> Vec<(TrackingNumber, Vec<Entry>, Option<StatusPoint>, u32)> {
+    let mut v: Vec<_> = h
+        .states
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                s.timeline.clone(),
+                s.derived.point,
+                s.derived.scans_after_terminal,
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn run(mut scans: Vec<Incoming>, cuts: &[usize]) -> Harness {
+    for (i, s) in scans.iter_mut().enumerate() {
+        s.index = i;
+    }
+    let mut h = Harness::new();
+    let mut rest = scans;
+    for cut in cuts {
+        if rest.is_empty() {
+            break;
+        }
+        let at = cut % rest.len() + 1;
+        let tail = rest.split_off(at);
+        h.apply(rest);
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        h.apply(rest);
+    }
+    h
+}
+
+fn check_versions(h: &Harness) -> Result<(), TestCaseError> {
+    let mut last: HashMap<&TrackingNumber, u64> = HashMap::new();
+    for c in &h.changes {
+        let v = last.entry(&c.tracking_number).or_insert(0);
+        prop_assert_eq!(c.version.0, *v + 1, "versions gapless per shipment");
+        prop_assert!(c.previous != Some(c.current), "a change changes something");
+        *v = c.version.0;
+    }
+    for (number, state) in &h.states {
+        prop_assert_eq!(state.version.0, last.get(number).copied().unwrap_or(0));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn final_shipment_is_independent_of_arrival_order_duplicates_and_batching(
+        reads in prop::collection::vec(read(), 1..30),
+        extra in prop::collection::vec((any::<usize>(), any::<bool>(), 0i64..90), 0..20),
+        shuffle_seed in any::<u64>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..6),
+    ) {
+        let reference = run(deliveries(&reads, &[]), &[]);
+        let mut shuffled = deliveries(&reads, &extra);
+        // Fisher-Yates with a tiny LCG: proptest shrinks the seed, not the permutation.
+        let mut x = shuffle_seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let j = (x >> 33) as usize % (i + 1);
+            shuffled.swap(i, j);
+        }
+        let h = run(shuffled, &cuts);
+        // Second reads of the same event can only shrink a timeline to the earliest read of each
+        // event, which the reference (no copies) may not have; compare against a reference that
+        // received the copies in a single ordered batch instead.
+        let reference_with_copies = run(deliveries(&reads, &extra), &[]);
+        prop_assert_eq!(final_view(&h), final_view(&reference_with_copies));
+        if extra.iter().all(|(_, retry, _)| *retry) {
+            prop_assert_eq!(final_view(&h), final_view(&reference));
+        }
+        check_versions(&h)?;
+        check_versions(&reference_with_copies)?;
+    }
+
+    #[test]
+    fn replaying_batches_changes_nothing(
+        reads in prop::collection::vec(read(), 1..30),
+        cuts in prop::collection::vec(any::<usize>(), 0..6),
+    ) {
+        let scans = deliveries(&reads, &[]);
+        let mut h = run(scans.clone(), &cuts);
+        let before = final_view(&h);
+        let changes = h.changes.len();
+        let versions: Vec<Version> = h.states.values().map(|s| s.version).collect();
+        let outcomes = h.apply(scans.into_iter().enumerate().map(|(i, mut s)| { s.index = i; s }).collect());
+        prop_assert!(outcomes.iter().all(|o| matches!(o, Outcome::Duplicate(_))));
+        prop_assert_eq!(final_view(&h), before);
+        prop_assert_eq!(h.changes.len(), changes);
+        prop_assert_eq!(h.states.values().map(|s| s.version).collect::<Vec<_>>(), versions);
+    }
+}

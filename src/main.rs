@@ -1,0 +1,67 @@
+//! The `scand` command: run the daemon, or check a config file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use scand::config::Config;
+
+/// scand ingests parcel scans over gRPC, deduplicates and orders them per tracking number in
+/// RocksDB, derives each shipment's status and publishes every status change.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run {
+        /// Config file (TOML). SCAND_* environment variables override it.
+        #[arg(long, short, env = "SCAND_CONFIG", default_value = "config/scand.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: 0 if it is sound, 1 with the first error otherwise.
+    CheckConfig {
+        /// Config file (TOML). SCAND_* environment variables override it.
+        #[arg(long, short, env = "SCAND_CONFIG", default_value = "config/scand.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { config } => check_config(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("scand: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    Config::load(Some(path))
+        .with_context(|| format!("{} is not a valid scand config", path.display()))?;
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(Some(path)).with_context(|| format!("loading {}", path.display()))?;
+    scand::telemetry::init_tracing(&config.log).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("scand")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(scand::daemon::run(config))?;
+    Ok(())
+}

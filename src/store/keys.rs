@@ -1,0 +1,143 @@
+//! Column family names and key encodings: the one place that knows how keys are laid out.
+//! Nothing outside this module builds a key by hand.
+//!
+//! Integers in keys are big-endian (signed ones with the sign bit flipped) so that byte order
+//! is numeric order and a prefix iteration walks a timeline or the change log in order.
+
+use crate::domain::{EventTime, ScanId, Sequence, TrackingNumber};
+
+/// `tracking_number ␀ event_time ␀ scan_id` → the stored `scand.v1.Scan`.
+pub const EVENTS: &str = "events";
+/// `tracking_number` → shipment record: status, version and the timeline summary that
+/// deduplicates and derives status without reading `events`.
+pub const SHIPMENTS: &str = "shipments";
+/// `scan_id` → tracking number and time stored: the cross-shipment scan id memory, expired by
+/// a compaction filter after `dedup.retention`.
+pub const DEDUP: &str = "dedup";
+/// `sequence` → `scand.v1.StatusChange`: the change log the feed and publishers read.
+pub const CHANGES: &str = "changes";
+/// Small named values (see the `META_*` keys).
+pub const META: &str = "meta";
+
+pub const ALL_COLUMN_FAMILIES: [&str; 5] = [EVENTS, SHIPMENTS, DEDUP, CHANGES, META];
+
+/// Highest sequence written to `changes`.
+pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
+/// Layout version of this data directory.
+pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Tracking numbers are `[A-Z0-9]`, so a zero byte cannot occur inside one.
+const SEPARATOR: u8 = 0;
+
+fn ordered_i64(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn event_key(
+    tracking_number: &TrackingNumber,
+    event_time: EventTime,
+    scan_id: &ScanId,
+) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tracking_number.as_str().len() + 10 + scan_id.as_str().len());
+    key.extend_from_slice(tracking_number.as_str().as_bytes());
+    key.push(SEPARATOR);
+    key.extend_from_slice(&ordered_i64(event_time.0));
+    key.push(SEPARATOR);
+    key.extend_from_slice(scan_id.as_str().as_bytes());
+    key
+}
+
+/// The half-open key range `[start, end)` holding one shipment's timeline.
+pub fn timeline_range(tracking_number: &TrackingNumber) -> (Vec<u8>, Vec<u8>) {
+    let mut start = tracking_number.as_str().as_bytes().to_vec();
+    start.push(SEPARATOR);
+    let mut end = tracking_number.as_str().as_bytes().to_vec();
+    end.push(SEPARATOR + 1);
+    (start, end)
+}
+
+pub fn shipment_key(tracking_number: &TrackingNumber) -> &[u8] {
+    tracking_number.as_str().as_bytes()
+}
+
+pub fn dedup_key(scan_id: &ScanId) -> &[u8] {
+    scan_id.as_str().as_bytes()
+}
+
+/// Dedup value: stored time (Unix seconds, for retention) then the tracking number.
+pub fn dedup_value(tracking_number: &TrackingNumber, stored_unix_secs: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + tracking_number.as_str().len());
+    value.extend_from_slice(&stored_unix_secs.to_be_bytes());
+    value.extend_from_slice(tracking_number.as_str().as_bytes());
+    value
+}
+
+/// The stored time of a dedup value; `None` for a value too short to hold one.
+pub fn dedup_value_stored_secs(value: &[u8]) -> Option<u64> {
+    value.get(..8)?.try_into().ok().map(u64::from_be_bytes)
+}
+
+pub fn change_key(sequence: Sequence) -> [u8; 8] {
+    sequence.0.to_be_bytes()
+}
+
+pub fn decode_change_key(key: &[u8]) -> Option<Sequence> {
+    key.try_into().ok().map(|b| Sequence(u64::from_be_bytes(b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tn(s: &str) -> TrackingNumber {
+        TrackingNumber::parse(s).expect("valid")
+    }
+
+    #[test]
+    fn event_keys_sort_by_time_then_scan_id_including_negative_times() {
+        let n = tn("PARCEL0001");
+        let id = |s: &str| ScanId::parse(s).expect("valid");
+        let keys = [
+            event_key(&n, EventTime(-5), &id("z")),
+            event_key(&n, EventTime(0), &id("a")),
+            event_key(&n, EventTime(0), &id("b")),
+            event_key(&n, EventTime(1 << 40), &id("a")),
+        ];
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, keys);
+        let (start, end) = timeline_range(&n);
+        assert!(keys
+            .iter()
+            .all(|k| k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice()));
+    }
+
+    #[test]
+    fn one_timeline_range_excludes_longer_numbers_with_the_same_prefix() {
+        let (start, end) = timeline_range(&tn("PARCEL0001"));
+        let other = event_key(
+            &tn("PARCEL00012"),
+            EventTime(0),
+            &ScanId::parse("a").expect("valid"),
+        );
+        assert!(!(other.as_slice() >= start.as_slice() && other.as_slice() < end.as_slice()));
+    }
+
+    #[test]
+    fn change_keys_round_trip_in_order() {
+        assert!(change_key(Sequence(2)) < change_key(Sequence(256)));
+        assert_eq!(
+            decode_change_key(&change_key(Sequence(77))),
+            Some(Sequence(77))
+        );
+        assert_eq!(decode_change_key(b"short"), None);
+    }
+
+    #[test]
+    fn dedup_value_carries_its_time() {
+        let v = dedup_value(&tn("PARCEL0001"), 1_700_000_000);
+        assert_eq!(dedup_value_stored_secs(&v), Some(1_700_000_000));
+        assert_eq!(dedup_value_stored_secs(b"x"), None);
+    }
+}

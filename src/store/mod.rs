@@ -1,0 +1,274 @@
+//! The store: RocksDB behind one door. Column families and key layouts live in `keys`, value
+//! codecs in `records`, and every write goes through the single `writer`, which turns an
+//! engine result into one atomic, synced `WriteBatch`.
+//!
+//! Invariants:
+//! - One writer: no two threads ever write state, so the engine's read-modify-write of a
+//!   shipment cannot race and no transaction machinery is needed.
+//! - Atomic and durable before acknowledged: a batch's events, shipment records, scan-id
+//!   memory, status changes and sequence counter land in one WriteBatch with the WAL synced.
+//! - Reads that must agree (a shipment record and its timeline) use one snapshot.
+
+pub mod keys;
+pub mod records;
+pub mod writer;
+
+use std::{path::Path, sync::Arc, time::SystemTime};
+
+use prost::Message;
+use rocksdb::{
+    compaction_filter::Decision, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    Direction, IteratorMode, Options, ReadOptions, DB,
+};
+
+use crate::api::pb;
+use crate::config::StoreConfig;
+use crate::domain::{Sequence, TrackingNumber};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("stored value under {key:?} is corrupt: {what}")]
+    Corrupt { key: String, what: String },
+    #[error("data directory has schema version {found}; this build reads {expected}")]
+    Schema { found: u32, expected: u32 },
+    #[error("the store writer has stopped")]
+    WriterGone,
+    #[error("could not start the store writer: {0}")]
+    WriterThread(#[from] std::io::Error),
+    #[error("store write failed, nothing acknowledged: {0}")]
+    WriteFailed(String),
+}
+
+/// Shared read access to the database; the writer holds the only write path.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+fn now_unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Store {
+    pub fn open(
+        config: &StoreConfig,
+        dedup_retention: std::time::Duration,
+    ) -> Result<Self, StoreError> {
+        let cache = Cache::new_lru_cache(config.block_cache_bytes);
+        let table = |bloom: bool| {
+            let mut t = BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            if bloom {
+                t.set_bloom_filter(10.0, false);
+            }
+            t
+        };
+        let cf = |name: &str, bloom: bool| {
+            let mut o = Options::default();
+            o.set_write_buffer_size(config.memtable_bytes);
+            o.set_block_based_table_factory(&table(bloom));
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(name, o)
+        };
+        let mut dedup = {
+            let mut o = Options::default();
+            o.set_write_buffer_size(config.memtable_bytes);
+            o.set_block_based_table_factory(&table(true));
+            let retention_secs = dedup_retention.as_secs();
+            // Expiry is lazy, at compaction; periodic compaction makes sure old files are
+            // visited even when nothing else triggers a compaction.
+            o.set_compaction_filter("dedup_retention", move |_level, _key, value| {
+                match keys::dedup_value_stored_secs(value) {
+                    Some(stored) if now_unix_secs().saturating_sub(stored) > retention_secs => {
+                        Decision::Remove
+                    }
+                    _ => Decision::Keep,
+                }
+            });
+            o.set_periodic_compaction_seconds(retention_secs.clamp(3600, 24 * 3600));
+            o
+        };
+        dedup.set_compression_type(rocksdb::DBCompressionType::Lz4);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+        let descriptors = vec![
+            cf(keys::EVENTS, false),
+            cf(keys::SHIPMENTS, true),
+            ColumnFamilyDescriptor::new(keys::DEDUP, dedup),
+            cf(keys::CHANGES, false),
+            cf(keys::META, false),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, &config.path, descriptors)?;
+        let store = Store { db: Arc::new(db) };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let meta = self.cf(keys::META);
+        match self.db.get_cf(meta, keys::META_SCHEMA_VERSION)? {
+            None => {
+                self.db.put_cf(
+                    meta,
+                    keys::META_SCHEMA_VERSION,
+                    keys::SCHEMA_VERSION.to_be_bytes(),
+                )?;
+                Ok(())
+            }
+            Some(v) => {
+                let found = v
+                    .as_slice()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: "schema_version".into(),
+                        what: format!("{} bytes", v.len()),
+                    })?;
+                if found == keys::SCHEMA_VERSION {
+                    Ok(())
+                } else {
+                    Err(StoreError::Schema {
+                        found,
+                        expected: keys::SCHEMA_VERSION,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Column families are all created at open, so a missing one is a broken build.
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        #[allow(clippy::expect_used)]
+        self.db
+            .cf_handle(name)
+            .expect("column families are created when the store opens")
+    }
+
+    pub fn path(&self) -> &Path {
+        self.db.path()
+    }
+
+    /// The highest sequence in the change log (0 when empty).
+    pub fn last_sequence(&self) -> Result<Sequence, StoreError> {
+        let Some(v) = self
+            .db
+            .get_cf(self.cf(keys::META), keys::META_LAST_SEQUENCE)?
+        else {
+            return Ok(Sequence(0));
+        };
+        keys::decode_change_key(&v).ok_or_else(|| StoreError::Corrupt {
+            key: "last_sequence".into(),
+            what: format!("{} bytes", v.len()),
+        })
+    }
+
+    /// A shipment with its timeline in order, read from one snapshot.
+    pub fn shipment(
+        &self,
+        tracking_number: &TrackingNumber,
+    ) -> Result<Option<pb::Shipment>, StoreError> {
+        let snapshot = self.db.snapshot();
+        let key = keys::shipment_key(tracking_number);
+        let Some(bytes) = snapshot.get_cf(self.cf(keys::SHIPMENTS), key)? else {
+            return Ok(None);
+        };
+        let state = records::decode_shipment(key, &bytes)?;
+        let (start, end) = keys::timeline_range(tracking_number);
+        let mut read = ReadOptions::default();
+        read.set_snapshot(&snapshot);
+        read.set_iterate_upper_bound(end);
+        let mut timeline = Vec::with_capacity(state.timeline.len());
+        for item in self.db.iterator_cf_opt(
+            self.cf(keys::EVENTS),
+            read,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            timeline.push(
+                pb::Scan::decode(v.as_ref()).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    what: e.to_string(),
+                })?,
+            );
+        }
+        let (status, sub_status) = crate::api::status_fields(state.derived.point);
+        Ok(Some(pb::Shipment {
+            tracking_number: tracking_number.to_string(),
+            status,
+            sub_status,
+            version: state.version.0,
+            timeline,
+            scans_after_terminal: state.derived.scans_after_terminal,
+        }))
+    }
+
+    /// Up to `limit` changes with a sequence above `after`, in order.
+    pub fn changes_after(
+        &self,
+        after: Sequence,
+        limit: usize,
+    ) -> Result<Vec<pb::StatusChange>, StoreError> {
+        let Some(start) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let start = keys::change_key(Sequence(start));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(keys::CHANGES),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            out.push(
+                pb::StatusChange::decode(v.as_ref()).map_err(|e| StoreError::Corrupt {
+                    key: format!("change {:?}", keys::decode_change_key(&k)),
+                    what: e.to_string(),
+                })?,
+            );
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopening_keeps_schema_and_refuses_another() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            path: dir.path().to_owned(),
+            ..StoreConfig::default()
+        };
+        let retention = std::time::Duration::from_secs(3600);
+        {
+            let store = Store::open(&config, retention).expect("opens");
+            assert_eq!(store.last_sequence().expect("reads"), Sequence(0));
+            store
+                .db
+                .put_cf(
+                    store.cf(keys::META),
+                    keys::META_SCHEMA_VERSION,
+                    99u32.to_be_bytes(),
+                )
+                .expect("writes");
+        }
+        let err = Store::open(&config, retention).err().expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "data directory has schema version 99; this build reads 1"
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! Telemetry: tracing setup, the metric catalogue (`metrics`) and the admin HTTP endpoint
+//! (`admin`: /metrics, /healthz, /readyz).
+
+pub mod admin;
+pub mod metrics;
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global tracing subscriber: human lines or JSON, filtered by RUST_LOG if set,
+/// else by the configured directives.
+pub fn init_tracing(config: &LogConfig) -> Result<(), String> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.filter))
+        .map_err(|e| format!("invalid log.filter {:?}: {e}", config.filter))?;
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match config.format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}

@@ -1,0 +1,273 @@
+//! Shared helpers for integration tests: start the real `scand` binary on free ports with a
+//! temporary data directory, connect generated gRPC clients, build realistic scans.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use scand::api::pb;
+use tonic::transport::Channel;
+
+pub type IngestClient = pb::scan_ingest_client::ScanIngestClient<Channel>;
+pub type TrackingClient = pb::tracking_client::TrackingClient<Channel>;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running `scand run` process.
+pub struct Daemon {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub data: PathBuf,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Starts scand on `data` with `extra` TOML appended to the test config.
+    pub fn start(data: &Path, extra: &str) -> Daemon {
+        Self::start_with_env(data, extra, &[])
+    }
+
+    /// Like [`Daemon::start`], with `SCAND_*` overrides in the environment.
+    pub fn start_with_env(data: &Path, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = data.with_extension("toml");
+        let toml = format!(
+            "[grpc]\nlisten = \"{grpc}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"{admin}\"\n\
+             [store]\npath = \"{}\"\nmemtable_bytes = 4194304\n{extra}\n",
+            data.display()
+        );
+        std::fs::write(&config, toml).expect("write config");
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::spawn(grpc, admin, data.to_owned(), config, env)
+    }
+
+    fn spawn(
+        grpc: SocketAddr,
+        admin: SocketAddr,
+        data: PathBuf,
+        config: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_scand"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn scand");
+        let daemon = Daemon {
+            child,
+            grpc,
+            admin,
+            data,
+            config,
+            env,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Starts again on the same ports, data and config.
+    pub fn restart(self) -> Daemon {
+        let (grpc, admin, data, config, env) = (
+            self.grpc,
+            self.admin,
+            self.data.clone(),
+            self.config.clone(),
+            self.env.clone(),
+        );
+        drop(self);
+        Self::spawn(grpc, admin, data, config, env)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if http_get(self.admin, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("scand did not become ready on {}", self.admin);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn ingest(&self) -> IngestClient {
+        IngestClient::connect(self.url())
+            .await
+            .expect("connect ScanIngest")
+    }
+
+    pub async fn tracking(&self) -> TrackingClient {
+        TrackingClient::connect(self.url())
+            .await
+            .expect("connect Tracking")
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").expect("metrics").1
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status (yielding, so clients in this runtime can
+    /// answer the server's GOAWAY).
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("send SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scand did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.0 GET: status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+/// `minutes_ago` before now, on the minute grid (so fingerprint windows are predictable).
+pub fn minutes_ago(minutes_ago: u64) -> prost_types::Timestamp {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let minute = now / 60 * 60 - minutes_ago * 60;
+    prost_types::Timestamp {
+        seconds: minute as i64,
+        nanos: 0,
+    }
+}
+
+pub fn scan(
+    id: &str,
+    tracking_number: &str,
+    scan_type: pb::ScanType,
+    at: prost_types::Timestamp,
+    facility: &str,
+) -> pb::Scan {
+    pb::Scan {
+        scan_id: id.to_owned(),
+        tracking_number: tracking_number.to_owned(),
+        scan_type: scan_type as i32,
+        event_time: Some(at),
+        location: Some(pb::Location {
+            facility_id: facility.to_owned(),
+            kind: pb::LocationKind::SortingFacility as i32,
+            latitude: None,
+            longitude: None,
+        }),
+        device_id: "handheld-7".to_owned(),
+        source: pb::Source::Handheld as i32,
+        ..Default::default()
+    }
+}
+
+pub fn batch(id: &str, scans: Vec<pb::Scan>) -> pb::ScanBatch {
+    pb::ScanBatch {
+        batch_id: id.to_owned(),
+        scans,
+    }
+}
+
+pub fn outcomes(ack: &pb::BatchAck) -> Vec<pb::Outcome> {
+    ack.results
+        .iter()
+        .map(|r| pb::Outcome::try_from(r.outcome).expect("known outcome"))
+        .collect()
+}
+
+/// The standard journey of one parcel: (scan type, minutes ago, facility).
+pub const JOURNEY: [(pb::ScanType, u64, &str); 8] = [
+    (pb::ScanType::LabelCreated, 600, "shop-1"),
+    (pb::ScanType::Picked, 590, "wh-1"),
+    (pb::ScanType::Packed, 580, "wh-1"),
+    (pb::ScanType::PickedUp, 500, "wh-1"),
+    (pb::ScanType::ArrivedAtFacility, 400, "hub-1"),
+    (pb::ScanType::DepartedFacility, 300, "hub-1"),
+    (pb::ScanType::OutForDelivery, 100, "van-9"),
+    (pb::ScanType::Delivered, 30, "door"),
+];
+
+pub fn journey(tracking_number: &str, prefix: &str) -> Vec<pb::Scan> {
+    JOURNEY
+        .iter()
+        .enumerate()
+        .map(|(i, (t, ago, facility))| {
+            scan(
+                &format!("{prefix}-{i}"),
+                tracking_number,
+                *t,
+                minutes_ago(*ago),
+                facility,
+            )
+        })
+        .collect()
+}
+
+/// Collects `n` changes from a feed stream, failing after a timeout.
+pub async fn take_changes(
+    stream: &mut tonic::Streaming<pb::StatusChange>,
+    n: usize,
+) -> Vec<pb::StatusChange> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("feed delivered in time")
+            .expect("feed healthy")
+            .expect("feed open");
+        out.push(next);
+    }
+    out
+}
