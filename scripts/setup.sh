@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs what building scand needs on a Debian machine: libclang for RocksDB's bindgen and a
-# C++ toolchain. protoc is vendored by a crate; nothing else is needed to run the default.
+# Installs what building scand needs on a Debian machine: libclang for RocksDB's bindgen, cmake,
+# OpenSSL and zlib for librdkafka, and a C++ toolchain. protoc is vendored by a crate; nothing else is needed to run the default.
 set -euo pipefail
 need=()
-dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
+for pkg in libclang-dev cmake libssl-dev zlib1g-dev libcurl4-openssl-dev pkg-config; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then

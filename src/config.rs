@@ -4,13 +4,15 @@
 //! Invariant: a config that loads is complete and sane. Unknown keys, bad addresses, bad
 //! durations and out-of-range limits are errors that name the key, never silently ignored.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use figment::{
     providers::{Env, Format, Serialized, Toml},
     Figment,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::ingest::codec::Encoding;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -31,6 +33,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub dedup: DedupConfig,
     pub feed: FeedConfig,
+    pub kafka: KafkaConfig,
     pub log: LogConfig,
 }
 
@@ -171,6 +174,113 @@ impl Default for FeedConfig {
     }
 }
 
+/// Kafka in and out. Each direction switches on by itself; with all off no broker is needed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    pub source: KafkaSourceConfig,
+    pub sink: KafkaSinkConfig,
+    pub gateway: KafkaGatewayConfig,
+    pub consumer: KafkaClientConfig,
+    pub producer: KafkaClientConfig,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".to_owned(),
+            source: KafkaSourceConfig::default(),
+            sink: KafkaSinkConfig::default(),
+            gateway: KafkaGatewayConfig::default(),
+            consumer: KafkaClientConfig::default(),
+            producer: KafkaClientConfig::default(),
+        }
+    }
+}
+
+/// librdkafka properties passed through as they are (TLS, SASL, timeouts...).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaClientConfig {
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSourceConfig {
+    pub enabled: bool,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    /// Encoding of record values without a `content-type` header.
+    pub encoding: Encoding,
+    /// Per-topic encoding, overriding `encoding`.
+    pub topic_encodings: BTreeMap<String, Encoding>,
+    /// Records that cannot be decoded, and rejected scans, go here with the reason in headers.
+    pub dead_letter_topic: String,
+    /// Most records in one ingest batch.
+    pub batch_max_records: usize,
+    /// Longest wait for a batch to fill once its first record arrived.
+    #[serde(with = "humantime_serde")]
+    pub batch_max_wait: Duration,
+}
+
+impl Default for KafkaSourceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topics: vec!["scans.raw".to_owned()],
+            group_id: "scand".to_owned(),
+            encoding: Encoding::Protobuf,
+            topic_encodings: BTreeMap::new(),
+            dead_letter_topic: "scans.dlq".to_owned(),
+            batch_max_records: 2000,
+            batch_max_wait: Duration::from_millis(20),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSinkConfig {
+    pub enabled: bool,
+    /// Status changes, keyed by tracking number.
+    pub topic: String,
+    pub encoding: Encoding,
+    /// Changes handed to the producer before waiting for their delivery reports.
+    pub max_in_flight: usize,
+}
+
+impl Default for KafkaSinkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic: "shipments.status".to_owned(),
+            encoding: Encoding::Protobuf,
+            max_in_flight: 1000,
+        }
+    }
+}
+
+/// Gateway mode: gRPC scans are produced to the partitioned scans topic (key = tracking
+/// number) instead of being applied here, so the partition's owner orders each shipment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaGatewayConfig {
+    pub enabled: bool,
+    pub topic: String,
+}
+
+impl Default for KafkaGatewayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic: "scans.raw".to_owned(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -225,6 +335,11 @@ impl Config {
             ),
             ("ingest.max_batch_scans", self.ingest.max_batch_scans),
             ("feed.subscriber_buffer", self.feed.subscriber_buffer),
+            (
+                "kafka.source.batch_max_records",
+                self.kafka.source.batch_max_records,
+            ),
+            ("kafka.sink.max_in_flight", self.kafka.sink.max_in_flight),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -256,6 +371,32 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "grpc.stream_window_bytes",
                 reason: "HTTP/2 windows must be at least 65535 bytes".to_owned(),
+            });
+        }
+        let kafka = &self.kafka;
+        if (kafka.source.enabled || kafka.sink.enabled || kafka.gateway.enabled)
+            && kafka.brokers.trim().is_empty()
+        {
+            return Err(ConfigError::Invalid {
+                key: "kafka.brokers",
+                reason: "required when a Kafka source, sink or gateway is enabled".to_owned(),
+            });
+        }
+        if kafka.source.enabled && kafka.source.topics.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "kafka.source.topics",
+                reason: "name at least one topic".to_owned(),
+            });
+        }
+        if kafka.source.enabled
+            && kafka
+                .source
+                .topics
+                .contains(&kafka.source.dead_letter_topic)
+        {
+            return Err(ConfigError::Invalid {
+                key: "kafka.source.dead_letter_topic",
+                reason: "must not be one of the source topics".to_owned(),
             });
         }
         Ok(())
@@ -327,6 +468,22 @@ mod tests {
             assert_eq!(c.ingest.max_batch_scans, 7);
             Ok(())
         });
+    }
+
+    #[test]
+    fn kafka_sections_and_passthrough_properties_load() {
+        let c = load_in_jail(
+            "[kafka]\nbrokers = \"b1:9092\"\n[kafka.source]\nenabled = true\ntopics = [\"a\"]\n\
+             topic_encodings = { a = \"json\" }\n[kafka.consumer.properties]\n\"security.protocol\" = \"SSL\"\n",
+        )
+        .expect("valid");
+        assert!(c.kafka.source.enabled);
+        assert_eq!(c.kafka.source.topic_encodings["a"], Encoding::Json);
+        assert_eq!(c.kafka.consumer.properties["security.protocol"], "SSL");
+        let err =
+            load_in_jail("[kafka.source]\nenabled = true\ndead_letter_topic = \"scans.raw\"\n")
+                .expect_err("loop");
+        assert!(err.contains("kafka.source.dead_letter_topic"), "{err}");
     }
 
     #[test]

@@ -14,8 +14,11 @@ use tonic::transport::{server::TcpIncoming, Server};
 use crate::api::{message_limit, pb, tracking::TrackingService, FILE_DESCRIPTOR_SET};
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::ingest::{grpc::ScanIngestService, validate::Validator, Ingestor};
+use crate::ingest::gateway::Gateway;
+use crate::ingest::kafka::KafkaSource;
+use crate::ingest::{grpc::ScanIngestService, validate::Validator, Destination, Ingestor};
 use crate::publish::feed::Feed;
+use crate::publish::kafka::KafkaSink;
 use crate::store::{writer, Store, StoreError};
 use crate::telemetry::{self, admin::Readiness};
 
@@ -35,6 +38,8 @@ pub enum DaemonError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("kafka: {0}")]
+    Kafka(String),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
 }
@@ -85,11 +90,33 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         source,
     })?;
 
-    let ingestor = Ingestor::new(
-        Validator::new(config.ingest.max_future_skew, config.ingest.max_age),
-        writer,
-        config.ingest.max_batch_scans,
-    );
+    let validator = Validator::new(config.ingest.max_future_skew, config.ingest.max_age);
+    let kafka = &config.kafka;
+    let mut kafka_tasks = Vec::new();
+    if kafka.source.enabled {
+        let source = KafkaSource::new(kafka, store.clone(), validator.clone(), writer.clone())
+            .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+        kafka_tasks.push(tokio::spawn(source.run(shutdown.clone())));
+    }
+    if kafka.sink.enabled {
+        let producer = crate::kafka::idempotent_producer(kafka)
+            .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+        let sink = KafkaSink::new(
+            store.clone(),
+            producer,
+            kafka.sink.clone(),
+            committed.clone(),
+        );
+        kafka_tasks.push(tokio::spawn(sink.run(shutdown.clone())));
+    }
+    let destination = if kafka.gateway.enabled {
+        let producer = crate::kafka::idempotent_producer(kafka)
+            .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+        Destination::Kafka(Gateway::new(producer, kafka.gateway.topic.clone()))
+    } else {
+        Destination::Store(writer)
+    };
+    let ingestor = Ingestor::new(validator, destination, config.ingest.max_batch_scans);
     let feed = Feed::new(
         store.clone(),
         committed,
@@ -185,6 +212,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 );
                 server.abort();
             }
+        }
+    }
+    for task in kafka_tasks {
+        if tokio::time::timeout(grace, task).await.is_err() {
+            tracing::warn!("a Kafka task still busy after the grace period");
         }
     }
     // The writer stops once the last handle (held by the services and their streams) is gone

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod domain;
 pub mod engine;
 pub mod ingest;
+pub mod kafka;
 pub mod publish;
 pub mod store;
 pub mod telemetry;

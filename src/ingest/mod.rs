@@ -6,7 +6,9 @@
 //! store; an answer is produced only after the writer confirmed the durable write.
 
 pub mod codec;
+pub mod gateway;
 pub mod grpc;
+pub mod kafka;
 pub mod validate;
 
 use std::time::{Instant, SystemTime};
@@ -17,6 +19,7 @@ use crate::api::pb;
 use crate::engine::{DuplicateKind, Outcome};
 use crate::store::{writer::WriterHandle, StoreError};
 use crate::telemetry::metrics as m;
+use gateway::Gateway;
 use validate::{Rejection, Validator};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,22 +28,38 @@ pub enum IngestError {
     BatchTooLarge { scans: usize, limit: usize },
     #[error("store unavailable: {0}")]
     Store(#[from] StoreError),
+    #[error("kafka unavailable, batch not forwarded (resend it): {0}")]
+    Gateway(#[from] rdkafka::error::KafkaError),
 }
 
 impl From<IngestError> for tonic::Status {
     fn from(e: IngestError) -> Self {
         match e {
             IngestError::BatchTooLarge { .. } => tonic::Status::invalid_argument(e.to_string()),
-            IngestError::Store(_) => tonic::Status::unavailable(e.to_string()),
+            IngestError::Store(_) | IngestError::Gateway(_) => {
+                tonic::Status::unavailable(e.to_string())
+            }
         }
     }
 }
 
-/// Validates batches and hands them to the store writer.
+/// Where valid scans go: this instance's store, or (gateway mode) the partitioned topic.
+#[derive(Clone)]
+pub enum Destination {
+    Store(WriterHandle),
+    Kafka(Gateway),
+}
+
+enum Answer {
+    Store(oneshot::Receiver<Result<Vec<Outcome>, StoreError>>),
+    Kafka(gateway::Forwarded),
+}
+
+/// Validates batches and hands them to their destination.
 #[derive(Clone)]
 pub struct Ingestor {
     validator: Validator,
-    writer: WriterHandle,
+    destination: Destination,
     max_batch_scans: usize,
 }
 
@@ -50,14 +69,14 @@ pub struct Pending {
     results: Vec<pb::ScanResult>,
     /// Index into `results` of each scan sent to the writer, in the order sent.
     queued: Vec<usize>,
-    answer: Option<oneshot::Receiver<Result<Vec<Outcome>, StoreError>>>,
+    answer: Option<Answer>,
 }
 
 impl Ingestor {
-    pub fn new(validator: Validator, writer: WriterHandle, max_batch_scans: usize) -> Self {
+    pub fn new(validator: Validator, destination: Destination, max_batch_scans: usize) -> Self {
         Self {
             validator,
-            writer,
+            destination,
             max_batch_scans,
         }
     }
@@ -110,10 +129,12 @@ impl Ingestor {
                 }
             }
         }
-        let answer = if valid.is_empty() {
-            None
-        } else {
-            Some(self.writer.enqueue(valid, received).await?)
+        let answer = match &self.destination {
+            _ if valid.is_empty() => None,
+            Destination::Store(writer) => Some(Answer::Store(
+                writer.enqueue(valid, Vec::new(), received).await?,
+            )),
+            Destination::Kafka(gateway) => Some(Answer::Kafka(gateway.forward(&valid))),
         };
         Ok(Pending {
             batch_id: batch.batch_id,
@@ -142,21 +163,27 @@ impl Pending {
             queued,
             answer,
         } = self;
-        if let Some(answer) = answer {
-            let outcomes = answer.await.map_err(|_| StoreError::WriterGone)??;
-            for (position, outcome) in queued.into_iter().zip(outcomes) {
-                let result = &mut results[position];
-                match outcome {
-                    Outcome::Accepted => {}
-                    Outcome::Duplicate(kind) => {
-                        result.outcome = pb::Outcome::Duplicate as i32;
-                        result.reason = match kind {
-                            DuplicateKind::ScanId => "duplicate_scan_id: scan_id already recorded".into(),
-                            DuplicateKind::Fingerprint => {
-                                "duplicate_fingerprint: same tracking number, scan type and facility within the dedup window".into()
-                            }
-                        };
-                    }
+        let outcomes = match answer {
+            None => Vec::new(),
+            // Forwarded scans are durable in Kafka; their owner answers duplicates there.
+            Some(Answer::Kafka(forwarded)) => {
+                forwarded.delivered().await?;
+                Vec::new()
+            }
+            Some(Answer::Store(answer)) => answer.await.map_err(|_| StoreError::WriterGone)??,
+        };
+        for (position, outcome) in queued.into_iter().zip(outcomes) {
+            let result = &mut results[position];
+            match outcome {
+                Outcome::Accepted => {}
+                Outcome::Duplicate(kind) => {
+                    result.outcome = pb::Outcome::Duplicate as i32;
+                    result.reason = match kind {
+                        DuplicateKind::ScanId => "duplicate_scan_id: scan_id already recorded".into(),
+                        DuplicateKind::Fingerprint => {
+                            "duplicate_fingerprint: same tracking number, scan type and facility within the dedup window".into()
+                        }
+                    };
                 }
             }
         }

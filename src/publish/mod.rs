@@ -2,6 +2,8 @@
 //! the writer fills in the same atomic write as the state that caused them. Each sink reads
 //! the log from its own cursor, so a sink that is slow or away loses nothing.
 //!
-//! Today's sink is the gRPC change feed (`feed`); a Kafka sink is one more folder here.
+//! Sinks: the gRPC change feed (`feed`, cursor held by each subscriber) and the Kafka status
+//! topic (`kafka`, cursor stored in `meta`).
 
 pub mod feed;
+pub mod kafka;

@@ -27,6 +27,22 @@ pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Next offset to consume of a source partition: `source_offset ␀ topic ␀ partition(i32 BE)`.
+pub fn source_offset_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = b"source_offset\0".to_vec();
+    key.extend_from_slice(topic.as_bytes());
+    key.push(SEPARATOR);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// Highest sequence a sink has delivered: `sink_cursor ␀ sink`.
+pub fn sink_cursor_key(sink: &str) -> Vec<u8> {
+    let mut key = b"sink_cursor\0".to_vec();
+    key.extend_from_slice(sink.as_bytes());
+    key
+}
+
 /// Tracking numbers are `[A-Z0-9]`, so a zero byte cannot occur inside one.
 const SEPARATOR: u8 = 0;
 
@@ -132,6 +148,13 @@ mod tests {
             Some(Sequence(77))
         );
         assert_eq!(decode_change_key(b"short"), None);
+    }
+
+    #[test]
+    fn meta_keys_do_not_collide() {
+        assert_ne!(source_offset_key("a", 1), source_offset_key("a", 2));
+        assert_ne!(source_offset_key("a\u{1}", 0), source_offset_key("a", 1));
+        assert!(!sink_cursor_key("kafka").starts_with(META_LAST_SEQUENCE));
     }
 
     #[test]

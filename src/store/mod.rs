@@ -171,6 +171,46 @@ impl Store {
         })
     }
 
+    /// The next offset to consume from a source partition, as stored with the state it produced.
+    pub fn source_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let key = keys::source_offset_key(topic, partition);
+        self.db
+            .get_cf(self.cf(keys::META), &key)?
+            .map(|v| {
+                v.as_slice()
+                    .try_into()
+                    .map(i64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        what: format!("{} bytes", v.len()),
+                    })
+            })
+            .transpose()
+    }
+
+    /// The highest sequence `sink` has delivered (0 before its first delivery).
+    pub fn sink_cursor(&self, sink: &str) -> Result<Sequence, StoreError> {
+        let key = keys::sink_cursor_key(sink);
+        match self.db.get_cf(self.cf(keys::META), &key)? {
+            None => Ok(Sequence(0)),
+            Some(v) => keys::decode_change_key(&v).ok_or_else(|| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                what: format!("{} bytes", v.len()),
+            }),
+        }
+    }
+
+    /// Records `sink`'s progress. Not synced: after a crash the sink may repeat changes it had
+    /// delivered, which consumers drop by version; it never skips one.
+    pub fn set_sink_cursor(&self, sink: &str, delivered: Sequence) -> Result<(), StoreError> {
+        self.db.put_cf(
+            self.cf(keys::META),
+            keys::sink_cursor_key(sink),
+            keys::change_key(delivered),
+        )?;
+        Ok(())
+    }
+
     /// A shipment with its timeline in order, read from one snapshot.
     pub fn shipment(
         &self,

@@ -33,8 +33,19 @@ pub struct StoreScan {
     pub wire: pb::Scan,
 }
 
+/// A consumed source position, stored in the same write as the scans it carried, so a
+/// restart resumes exactly after them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceOffset {
+    pub topic: String,
+    pub partition: i32,
+    /// The next offset to consume.
+    pub next: i64,
+}
+
 struct Request {
     scans: Vec<StoreScan>,
+    offsets: Vec<SourceOffset>,
     received: Instant,
     reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
 }
@@ -51,12 +62,14 @@ impl WriterHandle {
     pub async fn enqueue(
         &self,
         scans: Vec<StoreScan>,
+        offsets: Vec<SourceOffset>,
         received: Instant,
     ) -> Result<oneshot::Receiver<Result<Vec<Outcome>, StoreError>>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Request {
                 scans,
+                offsets,
                 received,
                 reply,
             })
@@ -256,11 +269,19 @@ impl Writer {
                 regression: change.regression,
                 previous_sub_status,
                 correction: change.correction,
+                committed_time: Some(received_time),
             };
             batch.put_cf(
                 changes_cf,
                 keys::change_key(sequence),
                 record.encode_to_vec(),
+            );
+        }
+        for offset in group.iter().flat_map(|r| &r.offsets) {
+            batch.put_cf(
+                self.store.cf(keys::META),
+                keys::source_offset_key(&offset.topic, offset.partition),
+                offset.next.to_be_bytes(),
             );
         }
         if sequence != self.last_sequence {

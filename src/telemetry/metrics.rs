@@ -20,6 +20,14 @@ pub const STORE_WRITE_ERRORS_TOTAL: &str = "scand_store_write_errors_total";
 pub const CHANGE_LOG_SEQUENCE: &str = "scand_change_log_sequence";
 pub const FEED_SUBSCRIBERS: &str = "scand_feed_subscribers";
 pub const FEED_CHANGES_SENT_TOTAL: &str = "scand_feed_changes_sent_total";
+pub const KAFKA_RECORDS_TOTAL: &str = "scand_kafka_records_total";
+pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "scand_kafka_dead_letters_total";
+pub const KAFKA_DEAD_LETTER_ERRORS_TOTAL: &str = "scand_kafka_dead_letter_errors_total";
+pub const KAFKA_CONSUMER_LAG: &str = "scand_kafka_consumer_lag";
+pub const OUTBOX_PENDING: &str = "scand_outbox_pending";
+pub const PUBLISH_TOTAL: &str = "scand_publish_total";
+pub const PUBLISH_LATENCY_SECONDS: &str = "scand_publish_latency_seconds";
+pub const GATEWAY_FORWARDED_TOTAL: &str = "scand_gateway_forwarded_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,

@@ -2,6 +2,8 @@
 //! temporary data directory, connect generated gRPC clients, build realistic scans.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use tonic::transport::Channel;
 pub type IngestClient = pb::scan_ingest_client::ScanIngestClient<Channel>;
 pub type TrackingClient = pb::tracking_client::TrackingClient<Channel>;
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -1,0 +1,381 @@
+//! Kafka source: a consumer group on the scans topics. Records are decoded (`codec`), validated
+//! (`validate`) and applied by the store writer like gRPC scans; what cannot be decoded, and
+//! scans that are rejected, go to the dead-letter topic with the reason in a header.
+//!
+//! Invariants:
+//! - A record's offset counts as consumed only once the batch holding it is durable: the next
+//!   offset of every partition is written in the same RocksDB WriteBatch as the state it
+//!   produced, and on assignment the consumer seeks there. A crash or rebalance neither loses
+//!   nor re-applies a record (and a scan seen twice anyway is a scan-id duplicate).
+//! - Dead letters are delivered before the batch (and so their offsets) is written; if the
+//!   dead-letter topic cannot be written, the consumer pauses and retries, never drops.
+//! - Offsets are committed to the broker too, asynchronously and after durability, only so
+//!   that lag tools see progress; RocksDB is the source of truth.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, Encoding};
+use super::validate::Validator;
+use crate::config::{KafkaConfig, KafkaSourceConfig};
+use crate::kafka::{self as client, LoggingContext};
+use crate::store::writer::{SourceOffset, WriterHandle};
+use crate::store::{Store, StoreError};
+use crate::telemetry::metrics as m;
+
+pub const HEADER_REASON: &str = "scand-reason";
+pub const HEADER_SOURCE_TOPIC: &str = "scand-source-topic";
+pub const HEADER_SOURCE_PARTITION: &str = "scand-source-partition";
+pub const HEADER_SOURCE_OFFSET: &str = "scand-source-offset";
+
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSourceError {
+    #[error("kafka consumer: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// Seeks each newly assigned partition to the offset stored with the state in RocksDB;
+/// without one, librdkafka falls back to the group's committed offset, then
+/// `auto.offset.reset`.
+pub struct SourceContext {
+    store: Store,
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        client::log(level, facility, message);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        client::record_lag(&statistics);
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut positions = Vec::new();
+                for elem in tpl.elements() {
+                    match self.store.source_offset(elem.topic(), elem.partition()) {
+                        Ok(Some(next)) => {
+                            positions.push((elem.topic().to_owned(), elem.partition(), next))
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::error!(%error, "cannot read stored offset; using the group's")
+                        }
+                    }
+                }
+                for (topic, partition, next) in positions {
+                    if let Err(error) =
+                        tpl.set_partition_offset(&topic, partition, Offset::Offset(next))
+                    {
+                        tracing::error!(%error, topic, partition, "cannot set start offset");
+                    }
+                }
+                tracing::info!(assignment = ?tpl, "partitions assigned");
+                if let Err(error) = consumer.assign(tpl) {
+                    tracing::error!(%error, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(revoked = ?tpl, "partitions revoked");
+                if let Err(error) = consumer.unassign() {
+                    tracing::error!(%error, "unassign failed");
+                }
+            }
+            other => tracing::error!(error = ?other, "rebalance error"),
+        }
+    }
+}
+
+/// The running source: consume, decode, validate, dead-letter, store, commit.
+pub struct KafkaSource {
+    consumer: StreamConsumer<SourceContext>,
+    dead_letters: FutureProducer<LoggingContext>,
+    config: KafkaSourceConfig,
+    validator: Validator,
+    writer: WriterHandle,
+}
+
+/// A record that will not be applied, and why.
+struct DeadLetter {
+    record: OwnedMessage,
+    code: &'static str,
+    reason: String,
+}
+
+impl KafkaSource {
+    pub fn new(
+        kafka: &KafkaConfig,
+        store: Store,
+        validator: Validator,
+        writer: WriterHandle,
+    ) -> Result<Self, KafkaSourceError> {
+        let consumer: StreamConsumer<SourceContext> = client::client_config(
+            kafka,
+            &kafka.consumer,
+            &[
+                ("group.id", kafka.source.group_id.as_str()),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("statistics.interval.ms", "5000"),
+            ],
+        )
+        .create_with_context(SourceContext { store })?;
+        let topics: Vec<&str> = kafka.source.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Self {
+            consumer,
+            dead_letters: client::idempotent_producer(kafka)?,
+            config: kafka.source.clone(),
+            validator,
+            writer,
+        })
+    }
+
+    /// Runs until `shutdown`; the batch in hand is finished first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(topics = ?self.config.topics, group = %self.config.group_id, "kafka source started");
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                record = self.consumer.recv() => record,
+            };
+            let mut records = Vec::with_capacity(self.config.batch_max_records);
+            match first {
+                Ok(record) => records.push(record.detach()),
+                Err(error) => {
+                    tracing::warn!(%error, "kafka consume error");
+                    tokio::time::sleep(RETRY_MIN).await;
+                    continue;
+                }
+            }
+            let deadline = tokio::time::Instant::now() + self.config.batch_max_wait;
+            while records.len() < self.config.batch_max_records {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => break,
+                    record = self.consumer.recv() => match record {
+                        Ok(record) => records.push(record.detach()),
+                        Err(error) => {
+                            tracing::warn!(%error, "kafka consume error");
+                            break;
+                        }
+                    },
+                }
+            }
+            self.process(records, &shutdown).await;
+        }
+        tracing::info!("kafka source stopped");
+    }
+
+    fn encoding_of(&self, record: &OwnedMessage) -> Encoding {
+        let from_header = record.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key.eq_ignore_ascii_case("content-type"))
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(Encoding::from_content_type)
+        });
+        from_header
+            .or_else(|| self.config.topic_encodings.get(record.topic()).copied())
+            .unwrap_or(self.config.encoding)
+    }
+
+    async fn process(&self, records: Vec<OwnedMessage>, shutdown: &CancellationToken) {
+        let received = Instant::now();
+        let now = SystemTime::now();
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut scans = Vec::with_capacity(records.len());
+        let mut dead = Vec::new();
+        for record in records {
+            metrics::counter!(m::KAFKA_RECORDS_TOTAL, "topic" => record.topic().to_owned())
+                .increment(1);
+            offsets.insert(
+                (record.topic().to_owned(), record.partition()),
+                record.offset() + 1,
+            );
+            let decoded = codec::decode(
+                record.payload().unwrap_or_default(),
+                self.encoding_of(&record),
+            );
+            match decoded {
+                Err(error) => dead.push(DeadLetter {
+                    code: error.code(),
+                    reason: format!("{}: {error}", error.code()),
+                    record,
+                }),
+                Ok(scan) => match self.validator.validate(scan, now) {
+                    Ok(valid) => scans.push(valid),
+                    Err(rejection) => {
+                        metrics::counter!(m::SCANS_REJECTED_TOTAL, "reason" => rejection.code())
+                            .increment(1);
+                        dead.push(DeadLetter {
+                            code: rejection.code(),
+                            reason: rejection.reason(),
+                            record,
+                        });
+                    }
+                },
+            }
+        }
+        metrics::counter!(m::SCANS_RECEIVED_TOTAL, "source" => "kafka")
+            .increment((scans.len() + dead.len()) as u64);
+        self.send_dead_letters(dead, shutdown).await;
+
+        let offsets: Vec<SourceOffset> = offsets
+            .into_iter()
+            .map(|((topic, partition), next)| SourceOffset {
+                topic,
+                partition,
+                next,
+            })
+            .collect();
+        let mut backoff = RETRY_MIN;
+        loop {
+            match self.store(scans.clone(), offsets.clone(), received).await {
+                Ok(()) => break,
+                Err(error) => {
+                    // Nothing of this batch is stored; it is retried as a whole (its dead letters
+                    // are already delivered and are not sent again).
+                    tracing::error!(%error, "kafka batch not stored; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+        self.commit_to_broker(&offsets);
+    }
+
+    async fn store(
+        &self,
+        scans: Vec<crate::store::writer::StoreScan>,
+        offsets: Vec<SourceOffset>,
+        received: Instant,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .enqueue(scans, offsets, received)
+            .await?
+            .await
+            .map_err(|_| StoreError::WriterGone)??;
+        Ok(())
+    }
+
+    async fn send_dead_letters(&self, dead: Vec<DeadLetter>, shutdown: &CancellationToken) {
+        let mut paused: Option<TopicPartitionList> = None;
+        for letter in dead {
+            let mut backoff = RETRY_MIN;
+            loop {
+                match self.send_dead_letter(&letter).await {
+                    Ok(()) => {
+                        metrics::counter!(m::KAFKA_DEAD_LETTERS_TOTAL, "reason" => letter.code)
+                            .increment(1);
+                        break;
+                    }
+                    Err(error) => {
+                        metrics::counter!(m::KAFKA_DEAD_LETTER_ERRORS_TOTAL).increment(1);
+                        tracing::error!(%error, topic = %self.config.dead_letter_topic, "dead letter not delivered; partitions paused, retrying");
+                        if paused.is_none() {
+                            if let Ok(assignment) = self.consumer.assignment() {
+                                if self.consumer.pause(&assignment).is_ok() {
+                                    paused = Some(assignment);
+                                }
+                            }
+                        }
+                        if shutdown.is_cancelled() && backoff >= RETRY_MAX {
+                            // Not stored, not committed: the record is consumed again after restart.
+                            tracing::error!("shutting down with an undelivered dead letter; it is read again on restart");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+        }
+        if let Some(assignment) = paused {
+            if let Err(error) = self.consumer.resume(&assignment) {
+                tracing::error!(%error, "cannot resume partitions");
+            }
+        }
+    }
+
+    async fn send_dead_letter(&self, letter: &DeadLetter) -> Result<(), KafkaError> {
+        let record = &letter.record;
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = record.headers() {
+            for h in original.iter() {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        let partition = record.partition().to_string();
+        let offset = record.offset().to_string();
+        let headers = headers
+            .insert(Header {
+                key: HEADER_REASON,
+                value: Some(letter.reason.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_SOURCE_TOPIC,
+                value: Some(record.topic().as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_SOURCE_PARTITION,
+                value: Some(partition.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_SOURCE_OFFSET,
+                value: Some(offset.as_bytes()),
+            });
+        let mut out: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.config.dead_letter_topic).headers(headers);
+        if let Some(key) = record.key() {
+            out = out.key(key);
+        }
+        if let Some(payload) = record.payload() {
+            out = out.payload(payload);
+        }
+        self.dead_letters
+            .send(out, Duration::from_secs(5))
+            .await
+            .map(|_| ())
+            .map_err(|(error, _)| error)
+    }
+
+    fn commit_to_broker(&self, offsets: &[SourceOffset]) {
+        let mut tpl = TopicPartitionList::new();
+        for o in offsets {
+            if let Err(error) =
+                tpl.add_partition_offset(&o.topic, o.partition, Offset::Offset(o.next))
+            {
+                tracing::warn!(%error, "cannot build offset commit");
+            }
+        }
+        // Advisory only (lag tools); a failure here loses nothing.
+        if let Err(error) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(%error, "async offset commit failed");
+        }
+    }
+}
