@@ -316,7 +316,8 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        Self::from_figment(figment.merge(Env::prefixed("SCAND_").split("__")))
+        // SCAND_CONFIG names the file itself (the CLI reads it), it is not an option.
+        Self::from_figment(figment.merge(Env::prefixed("SCAND_").ignore(&["config"]).split("__")))
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
@@ -462,6 +463,7 @@ mod tests {
             jail.create_file("scand.toml", "[grpc]\nlisten = \"127.0.0.1:1000\"\n")?;
             jail.set_env("SCAND_GRPC__LISTEN", "0.0.0.0:2000");
             jail.set_env("SCAND_INGEST__MAX_BATCH_SCANS", "7");
+            jail.set_env("SCAND_CONFIG", "scand.toml");
             let c = Config::load(Some(std::path::Path::new("scand.toml")))
                 .map_err(|e| e.to_string())?;
             assert_eq!(c.grpc.listen, SocketAddr::from(([0, 0, 0, 0], 2000)));

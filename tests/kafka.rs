@@ -16,7 +16,7 @@ use scand::api::pb::{self, Outcome, ScanType};
 fn kafka_config(broker: &Broker, source: bool, sink: bool) -> String {
     format!(
         "[kafka]\nbrokers = \"{}\"\n[kafka.source]\nenabled = {source}\nbatch_max_wait = \"10ms\"\n\
-         [kafka.sink]\nenabled = {sink}\n[kafka.consumer.properties]\n\"session.timeout.ms\" = \"6000\"\n",
+         [kafka.sink]\nenabled = {sink}\n[kafka.consumer.properties]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"8000\"\n",
         broker.bootstrap
     )
 }
@@ -96,7 +96,15 @@ async fn wait_all_delivered(
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "{number} not complete in time");
+            if Instant::now() > deadline {
+                let kafka: Vec<String> = daemon
+                    .metrics()
+                    .lines()
+                    .filter(|l| l.starts_with("scand_kafka") || l.starts_with("scand_scans"))
+                    .map(str::to_owned)
+                    .collect();
+                panic!("{number} not complete in time; {kafka:#?}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -151,6 +159,14 @@ fn check_status_topic(broker: &Broker, versions: &HashMap<String, u64>) {
         }
         assert_eq!(expected - 1, *last, "{number}: last published version");
     }
+}
+
+fn metric_value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,15 +285,34 @@ async fn sigkill_mid_consumption_resumes_exactly_where_the_state_was() {
     broker.produce("scans.raw", &journeys("KCR", 300)).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = kafka_config(&broker, true, true)
-        + "[store]\nqueue_batches = 2\ngroup_commit_batches = 1\n";
-    let config = config.replace(
+    // Small batches and one batch per write: many offset commits for the kill to land between.
+    let config = kafka_config(&broker, true, true).replace(
         "batch_max_wait = \"10ms\"",
         "batch_max_wait = \"10ms\"\nbatch_max_records = 50",
     );
-    let mut daemon = Daemon::start(&dir.path().join("data"), &config);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut daemon = Daemon::start_with_env(
+        &dir.path().join("data"),
+        &config,
+        &[
+            ("SCAND_STORE__QUEUE_BATCHES", "2"),
+            ("SCAND_STORE__GROUP_COMMIT_BATCHES", "1"),
+        ],
+    );
+    // Kill once a quarter of the records were consumed.
+    let total = journeys("KCR", 300).len() as u64;
+    let consumed = loop {
+        let n = metric_value(
+            &daemon.metrics(),
+            "scand_kafka_records_total{topic=\"scans.raw\"}",
+        );
+        if n >= total / 4 {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     daemon.kill();
+    eprintln!("killed after {consumed} of {total} records");
+    assert!(consumed < total, "consumption finished before the kill");
     let daemon = daemon.restart();
     let versions = wait_all_delivered(&daemon, "KCR", 300, Duration::from_secs(120)).await;
     check_status_topic(&broker, &versions);
@@ -285,12 +320,7 @@ async fn sigkill_mid_consumption_resumes_exactly_where_the_state_was() {
     // retries in the workload itself (every 9th record), which are answered from the state.
     let retries = journeys("KCR", 300).len() - 300 * JOURNEY.len();
     let metrics = daemon.metrics();
-    let duplicates: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("scand_scans_duplicate_total{kind=\"scan_id\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let duplicates = metric_value(&metrics, "scand_scans_duplicate_total{kind=\"scan_id\"}");
     assert!(
         duplicates <= retries as u64,
         "{duplicates} duplicates after restart; the workload has {retries} retries"

@@ -84,6 +84,10 @@ impl ConsumerContext for SourceContext {
                         }
                     }
                 }
+                tracing::info!(
+                    ?positions,
+                    "partitions assigned; resuming at the offsets stored with the state"
+                );
                 for (topic, partition, next) in positions {
                     if let Err(error) =
                         tpl.set_partition_offset(&topic, partition, Offset::Offset(next))
@@ -91,7 +95,6 @@ impl ConsumerContext for SourceContext {
                         tracing::error!(%error, topic, partition, "cannot set start offset");
                     }
                 }
-                tracing::info!(assignment = ?tpl, "partitions assigned");
                 if let Err(error) = consumer.assign(tpl) {
                     tracing::error!(%error, "assign failed");
                 }

@@ -110,6 +110,7 @@ impl Ingestor {
             let scan_id = scan.scan_id.clone();
             match self.validator.validate(scan, now) {
                 Ok(v) => {
+                    tracing::debug!(tracking_number = %v.tracking_number, scan_id = %v.scan_id, "scan queued");
                     queued.push(results.len());
                     valid.push(v);
                     results.push(pb::ScanResult {

@@ -67,13 +67,16 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_scand"))
             .args(["run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_SCAND_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn scand");
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             child,
             grpc,
             admin,
@@ -98,9 +101,12 @@ impl Daemon {
         Self::spawn(grpc, admin, data, config, env)
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("scand exited before it was ready: {status}");
+            }
             if http_get(self.admin, "/readyz").is_some_and(|(code, _)| code == 200) {
                 return;
             }
