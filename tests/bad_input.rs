@@ -151,13 +151,9 @@ async fn each_bad_scan_is_rejected_with_its_reason_and_good_ones_are_kept() {
     );
 
     let mut tracking = daemon.tracking().await;
-    let shipment = tracking
-        .get_shipment(pb::GetShipmentRequest {
-            tracking_number: "PARCEL0100".into(),
-        })
+    let shipment = get_shipment(&mut tracking, "PARCEL0100")
         .await
-        .expect("the good scan is stored")
-        .into_inner();
+        .expect("the good scan is stored");
     assert_eq!(shipment.timeline.len(), 1);
 
     let metrics = daemon.metrics();

@@ -107,13 +107,9 @@ async fn verify(daemon: &Daemon, acked: &HashMap<String, String>) {
     }
     let mut versions: HashMap<String, (u64, i32, i32)> = HashMap::new();
     for (number, ids) in &by_shipment {
-        let shipment = tracking
-            .get_shipment(pb::GetShipmentRequest {
-                tracking_number: (*number).to_owned(),
-            })
+        let shipment = get_shipment(&mut tracking, number)
             .await
-            .unwrap_or_else(|e| panic!("acked shipment {number} lost: {e}"))
-            .into_inner();
+            .unwrap_or_else(|e| panic!("acked shipment {number} lost: {e}"));
         let stored: HashSet<&str> = shipment
             .timeline
             .iter()
@@ -146,14 +142,7 @@ async fn verify(daemon: &Daemon, acked: &HashMap<String, String>) {
     }
 
     // The change log: sequences 1..=N without gaps, versions per shipment 1..=v.
-    let mut feed = tracking
-        .watch_status_changes(pb::WatchRequest {
-            after_sequence: 0,
-            tracking_number: None,
-        })
-        .await
-        .expect("feed")
-        .into_inner();
+    let mut feed = watch(&mut tracking, 0, None).await;
     let mut expected_total = 0u64;
     let mut seen_versions: HashMap<String, u64> = HashMap::new();
     let mut last_status: HashMap<String, (i32, i32)> = HashMap::new();
@@ -225,13 +214,9 @@ async fn sigkill_mid_stream_loses_no_acked_scan_and_no_version() {
     }
     assert!(total_acked > 0, "the load never got an ack before the kill");
     let mut tracking = daemon.tracking().await;
-    let shipment = tracking
-        .get_shipment(pb::GetShipmentRequest {
-            tracking_number: "CRASH0000000".into(),
-        })
+    let shipment = get_shipment(&mut tracking, "CRASH0000000")
         .await
-        .expect("shipment")
-        .into_inner();
+        .expect("shipment");
     assert_eq!(shipment.timeline.len(), JOURNEY.len());
     assert_eq!(shipment.status, pb::Status::Delivered as i32);
 }
@@ -251,13 +236,9 @@ async fn sigterm_answers_in_flight_batches_and_exits_cleanly() {
     assert!(status.success(), "exit status {status:?}");
     let daemon = daemon.restart();
     let mut tracking = daemon.tracking().await;
-    let shipment = tracking
-        .get_shipment(pb::GetShipmentRequest {
-            tracking_number: "PARCEL0500".into(),
-        })
+    let shipment = get_shipment(&mut tracking, "PARCEL0500")
         .await
-        .expect("shipment kept")
-        .into_inner();
+        .expect("shipment kept");
     assert_eq!(shipment.timeline.len(), 8);
     assert_eq!(shipment.version, 7);
 }

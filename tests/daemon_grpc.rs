@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use scand::api::pb::{self, Outcome, ScanType, Status};
+use scand::api::pb::{Outcome, ScanType, Status};
 use tonic::Code;
 
 #[tokio::test]
@@ -70,13 +70,9 @@ async fn journey_is_acked_ordered_queried_and_published() {
     );
     assert_eq!(outcomes(&ack2), vec![Outcome::Accepted; 4]);
 
-    let shipment = tracking
-        .get_shipment(pb::GetShipmentRequest {
-            tracking_number: "1Z999AA10123456784".into(),
-        })
+    let shipment = get_shipment(&mut tracking, "1Z999AA10123456784")
         .await
-        .expect("shipment")
-        .into_inner();
+        .expect("shipment");
     assert_eq!(shipment.tracking_number, "1Z999AA10123456784");
     assert_eq!(shipment.status, Status::Delivered as i32);
     assert_eq!(shipment.sub_status, ScanType::Unspecified as i32);
@@ -98,14 +94,7 @@ async fn journey_is_acked_ordered_queried_and_published() {
     assert_eq!(shipment.version, 4);
     assert_eq!(shipment.scans_after_terminal, 0);
 
-    let mut feed = tracking
-        .watch_status_changes(pb::WatchRequest {
-            after_sequence: 0,
-            tracking_number: None,
-        })
-        .await
-        .expect("feed")
-        .into_inner();
+    let mut feed = watch(&mut tracking, 0, None).await;
     let changes = take_changes(&mut feed, 4).await;
     let seen: Vec<(u64, u64, i32, i32, i32, &str)> = changes
         .iter()
@@ -171,14 +160,7 @@ async fn milestones_in_one_batch_publish_in_sequence_and_the_feed_resumes_from_a
     let mut ingest = daemon.ingest().await;
     let mut tracking = daemon.tracking().await;
 
-    let mut feed = tracking
-        .watch_status_changes(pb::WatchRequest {
-            after_sequence: 0,
-            tracking_number: Some("parcel-0002".into()),
-        })
-        .await
-        .expect("feed")
-        .into_inner();
+    let mut feed = watch(&mut tracking, 0, Some("parcel-0002".into())).await;
 
     // Two shipments; the scans of each arrive shuffled in one bulk upload.
     let mut scans = journey("PARCEL-0001", "a");
@@ -217,14 +199,7 @@ async fn milestones_in_one_batch_publish_in_sequence_and_the_feed_resumes_from_a
         .all(|c| c.tracking_number == "PARCEL0002" && !c.regression && !c.correction));
 
     // The whole log: 14 changes, sequences 1..=14, each shipment's versions 1..=7.
-    let mut all = tracking
-        .watch_status_changes(pb::WatchRequest {
-            after_sequence: 0,
-            tracking_number: None,
-        })
-        .await
-        .expect("feed")
-        .into_inner();
+    let mut all = watch(&mut tracking, 0, None).await;
     let log = take_changes(&mut all, 14).await;
     assert_eq!(
         log.iter().map(|c| c.sequence).collect::<Vec<_>>(),
@@ -240,14 +215,7 @@ async fn milestones_in_one_batch_publish_in_sequence_and_the_feed_resumes_from_a
     }
 
     // A subscriber that saw up to sequence 9 resumes with exactly 10..=14, then live ones.
-    let mut resumed = tracking
-        .watch_status_changes(pb::WatchRequest {
-            after_sequence: 9,
-            tracking_number: None,
-        })
-        .await
-        .expect("feed")
-        .into_inner();
+    let mut resumed = watch(&mut tracking, 9, None).await;
     let rest = take_changes(&mut resumed, 5).await;
     assert_eq!(rest, log[9..].to_vec());
     let late = ingest
@@ -298,13 +266,9 @@ async fn late_scan_after_delivery_is_kept_and_counted_but_does_not_move_the_stat
         .expect("submit")
         .into_inner();
     assert_eq!(outcomes(&ack), vec![Outcome::Accepted]);
-    let shipment = tracking
-        .get_shipment(pb::GetShipmentRequest {
-            tracking_number: "PARCEL0003".into(),
-        })
+    let shipment = get_shipment(&mut tracking, "PARCEL0003")
         .await
-        .expect("shipment")
-        .into_inner();
+        .expect("shipment");
     assert_eq!(shipment.status, Status::Delivered as i32);
     assert_eq!(shipment.timeline.len(), 9);
     assert_eq!(
@@ -322,17 +286,11 @@ async fn unknown_shipment_is_not_found_and_a_malformed_number_is_invalid() {
     let dir = tempfile::tempdir().expect("tempdir");
     let daemon = Daemon::start(&dir.path().join("data"), "");
     let mut tracking = daemon.tracking().await;
-    let missing = tracking
-        .get_shipment(pb::GetShipmentRequest {
-            tracking_number: "NOSUCH0001".into(),
-        })
+    let missing = get_shipment(&mut tracking, "NOSUCH0001")
         .await
         .expect_err("not found");
     assert_eq!(missing.code(), Code::NotFound);
-    let bad = tracking
-        .get_shipment(pb::GetShipmentRequest {
-            tracking_number: "no/such".into(),
-        })
+    let bad = get_shipment(&mut tracking, "no/such")
         .await
         .expect_err("invalid");
     assert_eq!(bad.code(), Code::InvalidArgument);

@@ -84,12 +84,7 @@ async fn wait_all_delivered(
     for s in 0..n {
         let number = format!("{prefix}{s:06}");
         loop {
-            let reply = tracking
-                .get_shipment(pb::GetShipmentRequest {
-                    tracking_number: number.clone(),
-                })
-                .await;
-            if let Ok(shipment) = reply.map(tonic::Response::into_inner) {
+            if let Ok(shipment) = get_shipment(&mut tracking, &number).await {
                 if shipment.timeline.len() == JOURNEY.len() {
                     assert_eq!(shipment.status, pb::Status::Delivered as i32, "{number}");
                     versions.insert(number.clone(), shipment.version);
@@ -396,11 +391,7 @@ async fn gateway_forwards_grpc_scans_to_the_partition_owner() {
     assert_eq!(versions["KGW000000"], 7);
     // The gateway applied nothing itself.
     let mut tracking = gateway.tracking().await;
-    let local = tracking
-        .get_shipment(pb::GetShipmentRequest {
-            tracking_number: "KGW000000".into(),
-        })
-        .await;
+    let local = get_shipment(&mut tracking, "KGW000000").await;
     assert_eq!(
         local.expect_err("not stored on the gateway").code(),
         tonic::Code::NotFound

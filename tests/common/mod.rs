@@ -263,6 +263,35 @@ pub fn journey(tracking_number: &str, prefix: &str) -> Vec<pb::Scan> {
         .collect()
 }
 
+/// Opens the change feed after `after_sequence`, optionally for one shipment.
+pub async fn watch(
+    tracking: &mut TrackingClient,
+    after_sequence: u64,
+    tracking_number: Option<String>,
+) -> tonic::Streaming<pb::StatusChange> {
+    tracking
+        .watch_status_changes(pb::WatchRequest {
+            after_sequence,
+            tracking_number,
+        })
+        .await
+        .expect("feed")
+        .into_inner()
+}
+
+/// GetShipment by tracking number.
+pub async fn get_shipment(
+    tracking: &mut TrackingClient,
+    tracking_number: &str,
+) -> Result<pb::Shipment, tonic::Status> {
+    tracking
+        .get_shipment(pb::GetShipmentRequest {
+            tracking_number: tracking_number.to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// Collects `n` changes from a feed stream, failing after a timeout.
 pub async fn take_changes(
     stream: &mut tonic::Streaming<pb::StatusChange>,
