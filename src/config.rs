@@ -219,6 +219,9 @@ pub struct KafkaSourceConfig {
     pub topic_encodings: BTreeMap<String, Encoding>,
     /// Records that cannot be decoded, and rejected scans, go here with the reason in headers.
     pub dead_letter_topic: String,
+    /// Compacted topic replicating the state of each partition's shipments to its next owner;
+    /// needs at least as many partitions as the scans topics.
+    pub changelog_topic: String,
     /// Most records in one ingest batch.
     pub batch_max_records: usize,
     /// Longest wait for a batch to fill once its first record arrived.
@@ -235,6 +238,7 @@ impl Default for KafkaSourceConfig {
             encoding: Encoding::Protobuf,
             topic_encodings: BTreeMap::new(),
             dead_letter_topic: "scans.dlq".to_owned(),
+            changelog_topic: "scand.changelog".to_owned(),
             batch_max_records: 2000,
             batch_max_wait: Duration::from_millis(20),
         }

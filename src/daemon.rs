@@ -14,6 +14,7 @@ use tonic::transport::{server::TcpIncoming, Server};
 use crate::api::{message_limit, pb, tracking::TrackingService, FILE_DESCRIPTOR_SET};
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::ingest::changelog;
 use crate::ingest::gateway::Gateway;
 use crate::ingest::kafka::KafkaSource;
 use crate::ingest::{grpc::ScanIngestService, validate::Validator, Destination, Ingestor};
@@ -79,11 +80,29 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             path: config.store.path.display().to_string(),
             source,
         })?;
+    let kafka = &config.kafka;
+    let mut kafka_tasks = Vec::new();
+    // Shipments owned by a Kafka source partition are replicated for the partition's next owner.
+    let changelog = if kafka.source.enabled {
+        let (tx, rx) = tokio::sync::mpsc::channel(config.store.queue_batches * 64);
+        let producer = crate::kafka::idempotent_producer(kafka)
+            .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+        kafka_tasks.push(tokio::spawn(changelog::run(
+            rx,
+            producer,
+            kafka.source.changelog_topic.clone(),
+            shutdown.clone(),
+        )));
+        Some(tx)
+    } else {
+        None
+    };
     let (writer, committed, writer_thread) = writer::spawn(
         store.clone(),
         Engine::new(config.dedup.window),
         config.store.queue_batches,
         config.store.group_commit_batches,
+        changelog,
     )
     .map_err(|source| DaemonError::Store {
         path: config.store.path.display().to_string(),
@@ -91,8 +110,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     })?;
 
     let validator = Validator::new(config.ingest.max_future_skew, config.ingest.max_age);
-    let kafka = &config.kafka;
-    let mut kafka_tasks = Vec::new();
     if kafka.source.enabled {
         let source = KafkaSource::new(kafka, store.clone(), validator.clone(), writer.clone())
             .map_err(|e| DaemonError::Kafka(e.to_string()))?;

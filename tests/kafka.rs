@@ -23,7 +23,12 @@ fn kafka_config(broker: &Broker, source: bool, sink: bool) -> String {
 
 async fn topics(broker: &Broker) {
     broker
-        .create_topics(&[("scans.raw", 3), ("scans.dlq", 1), ("shipments.status", 3)])
+        .create_topics(&[
+            ("scans.raw", 3),
+            ("scans.dlq", 1),
+            ("shipments.status", 3),
+            ("scand.changelog", 3),
+        ])
         .await;
 }
 
@@ -396,4 +401,95 @@ async fn gateway_forwards_grpc_scans_to_the_partition_owner() {
         local.expect_err("not stored on the gateway").code(),
         tonic::Code::NotFound
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_moving_to_a_new_instance_takes_its_shipments_state_along() {
+    let broker = Broker::start();
+    topics(&broker).await;
+    let n = 30;
+    let mut early: Vec<Record> = Vec::new();
+    let mut late: Vec<Record> = Vec::new();
+    for s in 0..n {
+        let number = format!("KRB{s:06}");
+        for (i, scan) in journey(&number, &number).into_iter().enumerate() {
+            let record = (number.clone(), scan.encode_to_vec(), vec![]);
+            if i < 4 {
+                early.push(record)
+            } else {
+                late.push(record)
+            }
+        }
+    }
+    broker.produce("scans.raw", &early).await;
+    let config = kafka_config(&broker, true, true);
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&dir_a.path().join("data"), &config);
+    let mut tracking_a = a.tracking().await;
+    for s in 0..n {
+        let number = format!("KRB{s:06}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while get_shipment(&mut tracking_a, &number)
+            .await
+            .map(|x| x.timeline.len())
+            .unwrap_or(0)
+            < 4
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{number}: first half not applied by A"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // B joins the group: the partitions it takes bring their shipments' state from A.
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = Daemon::start(&dir_b.path().join("data"), &config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let owned_a = metric_value(&a.metrics(), "scand_kafka_partitions_assigned");
+        let owned_b = metric_value(&b.metrics(), "scand_kafka_partitions_assigned");
+        if owned_b > 0 && owned_a + owned_b == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rebalance: A owns {owned_a}, B owns {owned_b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        metric_value(&b.metrics(), "scand_kafka_restored_shipments_total") > 0,
+        "B restored nothing"
+    );
+    broker.produce("scans.raw", &late).await;
+
+    // Every shipment completes on its owner, history included, versions continuing across owners.
+    let mut tracking_b = b.tracking().await;
+    let mut versions = HashMap::new();
+    for s in 0..n {
+        let number = format!("KRB{s:06}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let on_b = get_shipment(&mut tracking_b, &number)
+                .await
+                .ok()
+                .filter(|x| x.timeline.len() == JOURNEY.len());
+            let on_a = get_shipment(&mut tracking_a, &number)
+                .await
+                .ok()
+                .filter(|x| x.timeline.len() == JOURNEY.len());
+            if let Some(done) = on_b.or(on_a) {
+                assert_eq!(done.status, pb::Status::Delivered as i32, "{number}");
+                versions.insert(number.clone(), done.version);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{number} not complete on its owner"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    check_status_topic(&broker, &versions);
 }

@@ -24,11 +24,12 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::changelog;
 use super::codec::{self, Encoding};
 use super::validate::Validator;
 use crate::config::{KafkaConfig, KafkaSourceConfig};
 use crate::kafka::{self as client, LoggingContext};
-use crate::store::writer::{SourceOffset, WriterHandle};
+use crate::store::writer::{Origin, SourceOffset, WriterHandle};
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics as m;
 
@@ -51,6 +52,7 @@ pub enum KafkaSourceError {
 /// `auto.offset.reset`.
 pub struct SourceContext {
     store: Store,
+    kafka: KafkaConfig,
 }
 
 impl ClientContext for SourceContext {
@@ -72,6 +74,20 @@ impl ConsumerContext for SourceContext {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let assigned: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                match changelog::restore(&self.kafka, &self.store, &assigned) {
+                    Ok(n) => {
+                        metrics::counter!(m::KAFKA_RESTORED_SHIPMENTS_TOTAL).increment(n as u64);
+                        tracing::info!(shipments = n, "state restored from the changelog");
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "changelog restore failed; resuming from local state")
+                    }
+                }
                 let mut positions = Vec::new();
                 for elem in tpl.elements() {
                     match self.store.source_offset(elem.topic(), elem.partition()) {
@@ -95,14 +111,16 @@ impl ConsumerContext for SourceContext {
                         tracing::error!(%error, topic, partition, "cannot set start offset");
                     }
                 }
-                if let Err(error) = consumer.assign(tpl) {
-                    tracing::error!(%error, "assign failed");
+                match consumer.assign(tpl) {
+                    Ok(()) => metrics::gauge!(m::KAFKA_PARTITIONS_ASSIGNED).set(tpl.count() as f64),
+                    Err(error) => tracing::error!(%error, "assign failed"),
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(revoked = ?tpl, "partitions revoked");
-                if let Err(error) = consumer.unassign() {
-                    tracing::error!(%error, "unassign failed");
+                match consumer.unassign() {
+                    Ok(()) => metrics::gauge!(m::KAFKA_PARTITIONS_ASSIGNED).set(0.0),
+                    Err(error) => tracing::error!(%error, "unassign failed"),
                 }
             }
             other => tracing::error!(error = ?other, "rebalance error"),
@@ -144,7 +162,10 @@ impl KafkaSource {
                 ("statistics.interval.ms", "5000"),
             ],
         )
-        .create_with_context(SourceContext { store })?;
+        .create_with_context(SourceContext {
+            store,
+            kafka: kafka.clone(),
+        })?;
         let topics: Vec<&str> = kafka.source.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(Self {
@@ -229,7 +250,13 @@ impl KafkaSource {
                     record,
                 }),
                 Ok(scan) => match self.validator.validate(scan, now) {
-                    Ok(valid) => scans.push(valid),
+                    Ok(mut valid) => {
+                        valid.origin = Some(Origin {
+                            topic: record.topic().to_owned(),
+                            partition: record.partition(),
+                        });
+                        scans.push(valid);
+                    }
                     Err(rejection) => {
                         metrics::counter!(m::SCANS_REJECTED_TOTAL, "reason" => rejection.code())
                             .increment(1);

@@ -135,6 +135,7 @@ impl Validator {
             event_time,
             facility,
             wire: scan,
+            origin: None,
         })
     }
 

@@ -211,6 +211,91 @@ impl Store {
         Ok(())
     }
 
+    /// The stored scans of one shipment, encoded, in timeline order.
+    pub fn timeline_values(
+        &self,
+        tracking_number: &TrackingNumber,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let (start, end) = keys::timeline_range(tracking_number);
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(end);
+        self.db
+            .iterator_cf_opt(
+                self.cf(keys::EVENTS),
+                read,
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .map(|item| item.map(|(_, v)| v.to_vec()).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Installs shipments replicated from a partition's previous owner, replacing what is
+    /// stored for them, and moves the partition's stored offset to where that state ends.
+    /// Only snapshots beyond the locally stored offset are newer than the local state.
+    pub fn restore(&self, snapshots: &[writer::Snapshot]) -> Result<usize, StoreError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut offsets: std::collections::HashMap<(&str, i32), i64> =
+            std::collections::HashMap::new();
+        let mut restored = 0;
+        for snapshot in snapshots {
+            let local = self
+                .source_offset(&snapshot.topic, snapshot.partition)?
+                .unwrap_or(-1);
+            if snapshot.next_offset <= local {
+                continue;
+            }
+            let number = TrackingNumber::parse(&snapshot.tracking_number).map_err(|e| {
+                StoreError::Corrupt {
+                    key: snapshot.tracking_number.clone(),
+                    what: e.to_string(),
+                }
+            })?;
+            let (start, end) = keys::timeline_range(&number);
+            batch.delete_range_cf(self.cf(keys::EVENTS), start, end);
+            for bytes in &snapshot.events {
+                let scan = pb::Scan::decode(bytes.as_slice()).map_err(|e| StoreError::Corrupt {
+                    key: snapshot.tracking_number.clone(),
+                    what: e.to_string(),
+                })?;
+                let scan_id = crate::domain::ScanId::from_stored(scan.scan_id.clone());
+                let micros = scan
+                    .event_time
+                    .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+                batch.put_cf(
+                    self.cf(keys::EVENTS),
+                    keys::event_key(&number, crate::domain::EventTime(micros), &scan_id),
+                    bytes,
+                );
+                batch.put_cf(
+                    self.cf(keys::DEDUP),
+                    keys::dedup_key(&scan_id),
+                    keys::dedup_value(&number, now_unix_secs()),
+                );
+            }
+            batch.put_cf(
+                self.cf(keys::SHIPMENTS),
+                keys::shipment_key(&number),
+                &snapshot.record,
+            );
+            let entry = offsets
+                .entry((&snapshot.topic, snapshot.partition))
+                .or_insert(local);
+            *entry = (*entry).max(snapshot.next_offset);
+            restored += 1;
+        }
+        for ((topic, partition), next) in offsets {
+            batch.put_cf(
+                self.cf(keys::META),
+                keys::source_offset_key(topic, partition),
+                next.to_be_bytes(),
+            );
+        }
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync)?;
+        Ok(restored)
+    }
+
     /// A shipment with its timeline in order, read from one snapshot.
     pub fn shipment(
         &self,

@@ -31,6 +31,36 @@ pub struct StoreScan {
     pub event_time: EventTime,
     pub facility: u64,
     pub wire: pb::Scan,
+    /// The source partition that owns this shipment (Kafka source), for the changelog.
+    pub origin: Option<Origin>,
+}
+
+/// A source partition.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// A shipment's whole stored state after a durable write, for replication to a new owner of
+/// its partition: the shipment record, every stored scan, and the partition position the
+/// state covers.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Snapshot {
+    #[prost(string, tag = "1")]
+    pub tracking_number: String,
+    #[prost(string, tag = "2")]
+    pub topic: String,
+    #[prost(int32, tag = "3")]
+    pub partition: i32,
+    /// Next offset of the partition that this state includes everything before.
+    #[prost(int64, tag = "4")]
+    pub next_offset: i64,
+    #[prost(bytes = "vec", tag = "5")]
+    pub record: Vec<u8>,
+    /// Encoded `scand.v1.Scan`s, timeline order.
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub events: Vec<Vec<u8>>,
 }
 
 /// A consumed source position, stored in the same write as the scans it carried, so a
@@ -86,6 +116,7 @@ pub fn spawn(
     engine: Engine,
     queue_batches: usize,
     group_commit_batches: usize,
+    changelog: Option<mpsc::Sender<Snapshot>>,
 ) -> Result<
     (
         WriterHandle,
@@ -103,6 +134,7 @@ pub fn spawn(
         last_sequence: last,
         sequence_tx,
         group_commit_batches,
+        changelog,
     };
     let thread = std::thread::Builder::new()
         .name("scand-writer".into())
@@ -116,6 +148,8 @@ struct Writer {
     last_sequence: Sequence,
     sequence_tx: watch::Sender<Sequence>,
     group_commit_batches: usize,
+    /// Where shipments owned by a source partition are replicated after each write.
+    changelog: Option<mpsc::Sender<Snapshot>>,
 }
 
 impl Writer {
@@ -297,6 +331,9 @@ impl Writer {
         db.write_opt(batch, &sync)?;
 
         self.last_sequence = sequence;
+        if let Some(changelog) = &self.changelog {
+            self.replicate(changelog, group, &scans, &states)?;
+        }
         self.sequence_tx.send_replace(sequence);
         metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(sequence.0 as f64);
         record_metrics(&outcomes, &changes, after_terminal);
@@ -307,6 +344,49 @@ impl Writer {
             per_request.push(outcomes.by_ref().take(request.scans.len()).collect());
         }
         Ok(per_request)
+    }
+}
+
+impl Writer {
+    /// Sends the new state of every shipment a source partition owns to the changelog.
+    /// Waits when the changelog is behind (bounded channel): backpressure, not buffering.
+    fn replicate(
+        &self,
+        changelog: &mpsc::Sender<Snapshot>,
+        group: &[Request],
+        scans: &[&StoreScan],
+        states: &HashMap<TrackingNumber, ShipmentState>,
+    ) -> Result<(), StoreError> {
+        let mut owned: HashMap<&TrackingNumber, &Origin> = HashMap::new();
+        for scan in scans {
+            if let Some(origin) = &scan.origin {
+                owned.insert(&scan.tracking_number, origin);
+            }
+        }
+        for (number, origin) in owned {
+            let Some(state) = states.get(number) else {
+                continue;
+            };
+            let next_offset = group
+                .iter()
+                .flat_map(|r| &r.offsets)
+                .filter(|o| o.topic == origin.topic && o.partition == origin.partition)
+                .map(|o| o.next)
+                .max()
+                .unwrap_or_default();
+            let snapshot = Snapshot {
+                tracking_number: number.to_string(),
+                topic: origin.topic.clone(),
+                partition: origin.partition,
+                next_offset,
+                record: records::encode_shipment(state),
+                events: self.store.timeline_values(number)?,
+            };
+            if changelog.blocking_send(snapshot).is_err() {
+                tracing::warn!("changelog stopped; state is no longer replicated");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -24,6 +24,8 @@ pub const KAFKA_RECORDS_TOTAL: &str = "scand_kafka_records_total";
 pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "scand_kafka_dead_letters_total";
 pub const KAFKA_DEAD_LETTER_ERRORS_TOTAL: &str = "scand_kafka_dead_letter_errors_total";
 pub const KAFKA_CONSUMER_LAG: &str = "scand_kafka_consumer_lag";
+pub const KAFKA_PARTITIONS_ASSIGNED: &str = "scand_kafka_partitions_assigned";
+pub const KAFKA_RESTORED_SHIPMENTS_TOTAL: &str = "scand_kafka_restored_shipments_total";
 pub const OUTBOX_PENDING: &str = "scand_outbox_pending";
 pub const PUBLISH_TOTAL: &str = "scand_publish_total";
 pub const PUBLISH_LATENCY_SECONDS: &str = "scand_publish_latency_seconds";
@@ -65,6 +67,15 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        KAFKA_PARTITIONS_ASSIGNED,
+        "Source partitions this instance owns."
+    );
+    describe_counter!(
+        KAFKA_RESTORED_SHIPMENTS_TOTAL,
+        Unit::Count,
+        "Shipments installed from the changelog on partition assignment."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; labels carry the version.");
     describe_gauge!(
         READY,

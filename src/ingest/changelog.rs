@@ -1,0 +1,133 @@
+//! Partition state replication for scale-out: after each durable write, the store writer hands
+//! over the new state of every shipment a Kafka source partition owns (a [`Snapshot`]); this
+//! task produces it to a compacted changelog topic, keyed by tracking number, on the same
+//! partition number as its scans. When a partition is assigned, the new owner reads that
+//! changelog partition to its end and installs every snapshot newer than its own state
+//! (`Store::restore`), then resumes consuming scans where the snapshots end.
+//!
+//! Invariant: the changelog may lag the store (it is written after durability), never lead it.
+//! A new owner restored from a lagging changelog resumes from an earlier offset and applies the
+//! missing scans itself; scans it already has are duplicates. Nothing is lost or applied twice.
+
+use std::time::Duration;
+
+use prost::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+use crate::kafka::{self as client, LoggingContext};
+use crate::store::writer::Snapshot;
+use crate::store::{Store, StoreError};
+
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("changelog: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("changelog: {0}")]
+    Store(#[from] StoreError),
+    #[error("changelog record at {partition}:{offset} is not a snapshot: {reason}")]
+    Decode {
+        partition: i32,
+        offset: i64,
+        reason: String,
+    },
+}
+
+/// Produces snapshots in order until the writer stops sending them.
+pub async fn run(
+    mut snapshots: mpsc::Receiver<Snapshot>,
+    producer: FutureProducer<LoggingContext>,
+    topic: String,
+    shutdown: CancellationToken,
+) {
+    while let Some(snapshot) = snapshots.recv().await {
+        let payload = snapshot.encode_to_vec();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let record = FutureRecord::to(&topic)
+                .key(snapshot.tracking_number.as_bytes())
+                .partition(snapshot.partition)
+                .payload(&payload);
+            match producer.send(record, Duration::from_secs(5)).await {
+                Ok(_) => break,
+                Err((error, _)) if !shutdown.is_cancelled() => {
+                    tracing::warn!(%error, "changelog write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err((error, _)) => {
+                    // The next owner resumes from an earlier offset instead; nothing is lost.
+                    tracing::warn!(%error, "changelog write abandoned at shutdown");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the changelog partitions matching `assigned` (scans topic, partition) to their end and
+/// installs what is newer than the local state. Blocking: runs inside the rebalance callback,
+/// before consumption of those partitions starts.
+pub fn restore(
+    kafka: &KafkaConfig,
+    store: &Store,
+    assigned: &[(String, i32)],
+) -> Result<usize, RestoreError> {
+    let topic = &kafka.source.changelog_topic;
+    let consumer: BaseConsumer = client::client_config(
+        kafka,
+        &kafka.consumer,
+        &[
+            ("group.id", "scand-changelog-restore"),
+            ("enable.auto.commit", "false"),
+        ],
+    )
+    .create()?;
+    let timeout = Duration::from_secs(10);
+    let mut restored = 0;
+    for (source_topic, partition) in assigned {
+        let (low, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(low))?;
+        consumer.assign(&tpl)?;
+        let mut snapshots = Vec::new();
+        let mut next = low;
+        while next < high {
+            let Some(message) = consumer.poll(timeout) else {
+                tracing::warn!(
+                    partition,
+                    next,
+                    high,
+                    "changelog read timed out; restoring what was read"
+                );
+                break;
+            };
+            let message = message?;
+            next = message.offset() + 1;
+            let snapshot =
+                Snapshot::decode(message.payload().unwrap_or_default()).map_err(|e| {
+                    RestoreError::Decode {
+                        partition: *partition,
+                        offset: message.offset(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            if snapshot.topic == *source_topic {
+                snapshots.push(snapshot);
+            }
+        }
+        restored += store.restore(&snapshots)?;
+    }
+    Ok(restored)
+}
