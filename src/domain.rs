@@ -88,6 +88,16 @@ impl fmt::Display for ScanId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventTime(pub i64);
 
+impl EventTime {
+    /// From a protobuf timestamp's parts; `None` when out of the representable range.
+    pub fn from_parts(seconds: i64, nanos: i32) -> Option<Self> {
+        seconds
+            .checked_mul(1_000_000)
+            .and_then(|us| us.checked_add(i64::from(nanos / 1000)))
+            .map(EventTime)
+    }
+}
+
 /// What a scan records. Numbering matches `scand.v1.ScanType`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(i32)]

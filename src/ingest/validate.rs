@@ -151,13 +151,9 @@ impl Validator {
                 t.nanos
             )));
         }
-        let micros = t
-            .seconds
-            .checked_mul(1_000_000)
-            .and_then(|us| us.checked_add(i64::from(t.nanos / 1000)))
-            .ok_or_else(|| {
-                Rejection::InvalidEventTime(format!("seconds {} out of range", t.seconds))
-            })?;
+        let event_time = EventTime::from_parts(t.seconds, t.nanos).ok_or_else(|| {
+            Rejection::InvalidEventTime(format!("seconds {} out of range", t.seconds))
+        })?;
         let event =
             SystemTime::try_from(*t).map_err(|e| Rejection::InvalidEventTime(e.to_string()))?;
         match event.duration_since(now) {
@@ -165,12 +161,12 @@ impl Validator {
                 ahead_secs: ahead.as_secs(),
                 limit_secs: self.max_future_skew.as_secs(),
             }),
-            Ok(_) => Ok(EventTime(micros)),
+            Ok(_) => Ok(event_time),
             Err(behind) if behind.duration() > self.max_age => Err(Rejection::EventTimeTooOld {
                 age_secs: behind.duration().as_secs(),
                 limit_secs: self.max_age.as_secs(),
             }),
-            Err(_) => Ok(EventTime(micros)),
+            Err(_) => Ok(event_time),
         }
     }
 }

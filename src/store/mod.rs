@@ -258,12 +258,16 @@ impl Store {
                     what: e.to_string(),
                 })?;
                 let scan_id = crate::domain::ScanId::from_stored(scan.scan_id.clone());
-                let micros = scan
+                let event_time = scan
                     .event_time
-                    .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+                    .and_then(|t| crate::domain::EventTime::from_parts(t.seconds, t.nanos))
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: snapshot.tracking_number.clone(),
+                        what: format!("scan {} has no valid event time", scan.scan_id),
+                    })?;
                 batch.put_cf(
                     self.cf(keys::EVENTS),
-                    keys::event_key(&number, crate::domain::EventTime(micros), &scan_id),
+                    keys::event_key(&number, event_time, &scan_id),
                     bytes,
                 );
                 batch.put_cf(
