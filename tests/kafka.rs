@@ -493,3 +493,49 @@ async fn a_partition_moving_to_a_new_instance_takes_its_shipments_state_along() 
     }
     check_status_topic(&broker, &versions);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_dead_letter_topic_holds_the_partition_instead_of_dropping() {
+    let broker = Broker::start();
+    topics(&broker).await;
+    let number = "KDL000000";
+    let mut records: Vec<Record> = vec![(number.into(), b"poison".to_vec(), vec![])];
+    records.extend(
+        journey(number, "dl")
+            .iter()
+            .map(|s| (number.to_owned(), s.encode_to_vec(), vec![])),
+    );
+    broker.produce("scans.raw", &records).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let broken = kafka_config(&broker, true, false).replace(
+        "batch_max_wait = \"10ms\"",
+        "batch_max_wait = \"10ms\"\ndead_letter_topic = \"no such topic!\"",
+    ) + "[kafka.producer.properties]\n\"message.timeout.ms\" = \"500\"\n";
+    let mut daemon = Daemon::start(&data, &broken);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_value(&daemon.metrics(), "scand_kafka_dead_letter_errors_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "dead-letter failure not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The batch holding the poison waits: nothing behind it is applied or committed.
+    let mut tracking = daemon.tracking().await;
+    let held = get_shipment(&mut tracking, number).await;
+    assert_eq!(
+        held.expect_err("held behind the poison").code(),
+        tonic::Code::NotFound
+    );
+    daemon.kill();
+
+    // With a writable dead-letter topic, the poison goes there and the rest is applied.
+    let daemon = Daemon::start(&data, &kafka_config(&broker, true, false));
+    let versions = wait_all_delivered(&daemon, "KDL", 1, Duration::from_secs(60)).await;
+    assert_eq!(versions[number], 7);
+    let dead = broker.consume_until("scans.dlq", Duration::from_secs(30), |m| !m.is_empty());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload(), Some(b"poison".as_slice()));
+}
