@@ -375,6 +375,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dedup_memory_expires_at_compaction_after_the_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            path: dir.path().to_owned(),
+            ..StoreConfig::default()
+        };
+        let store = Store::open(&config, std::time::Duration::from_secs(86_400)).expect("opens");
+        let number = TrackingNumber::parse("PARCEL0001").expect("valid");
+        let old = crate::domain::ScanId::from_stored("old".into());
+        let fresh = crate::domain::ScanId::from_stored("fresh".into());
+        let dedup = store.cf(keys::DEDUP);
+        let now = now_unix_secs();
+        store
+            .db
+            .put_cf(
+                dedup,
+                keys::dedup_key(&old),
+                keys::dedup_value(&number, now - 2 * 86_400),
+            )
+            .expect("put");
+        store
+            .db
+            .put_cf(
+                dedup,
+                keys::dedup_key(&fresh),
+                keys::dedup_value(&number, now - 3600),
+            )
+            .expect("put");
+        store.db.flush_cf(dedup).expect("flush");
+        store
+            .db
+            .compact_range_cf(dedup, None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(
+            store.db.get_cf(dedup, keys::dedup_key(&old)).expect("get"),
+            None
+        );
+        assert!(store
+            .db
+            .get_cf(dedup, keys::dedup_key(&fresh))
+            .expect("get")
+            .is_some());
+    }
+
+    #[test]
     fn reopening_keeps_schema_and_refuses_another() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = StoreConfig {
