@@ -253,15 +253,23 @@ impl Writer {
         let mut batch = WriteBatch::default();
         let now_secs = super::now_unix_secs();
         let received_time = prost_types::Timestamp::from(SystemTime::now());
+        // Protobuf merges concatenated encodings, so the stamp is appended to each stored scan
+        // instead of cloning the scan to set it.
+        let stamp = pb::Scan {
+            received_time: Some(received_time),
+            ..Default::default()
+        }
+        .encode_to_vec();
         let mut touched: Vec<&TrackingNumber> = Vec::new();
         for &index in &stored {
             let scan = scans[index];
-            let mut wire = scan.wire.clone();
-            wire.received_time = Some(received_time);
+            let mut value = Vec::with_capacity(scan.wire.encoded_len() + stamp.len());
+            scan.wire.encode_raw(&mut value);
+            value.extend_from_slice(&stamp);
             batch.put_cf(
                 events_cf,
                 keys::event_key(&scan.tracking_number, scan.event_time, &scan.scan_id),
-                wire.encode_to_vec(),
+                value,
             );
             batch.put_cf(
                 dedup_cf,
