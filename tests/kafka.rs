@@ -16,7 +16,7 @@ use scand::api::pb::{self, Outcome, ScanType};
 fn kafka_config(broker: &Broker, source: bool, sink: bool) -> String {
     format!(
         "[kafka]\nbrokers = \"{}\"\n[kafka.source]\nenabled = {source}\nbatch_max_wait = \"10ms\"\n\
-         [kafka.sink]\nenabled = {sink}\n[kafka.consumer.properties]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"8000\"\n",
+         [kafka.sink]\nenabled = {sink}\n[kafka.consumer.properties]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"8000\"\n\"statistics.interval.ms\" = \"500\"\n",
         broker.bootstrap
     )
 }
@@ -264,6 +264,8 @@ async fn journeys_from_kafka_are_applied_dead_lettered_and_published_in_version_
         .into_inner();
     assert_eq!(outcomes(&ack), vec![Outcome::Duplicate]);
 
+    // librdkafka reports lag with its statistics (every 500 ms here).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let metrics = daemon.metrics();
     for line in [
         "scand_kafka_dead_letters_total{reason=\"protobuf_decode\"} 2",
@@ -273,6 +275,8 @@ async fn journeys_from_kafka_are_applied_dead_lettered_and_published_in_version_
         "scand_kafka_records_total{topic=\"scans.raw\"}",
         "scand_publish_total{sink=\"kafka\",result=\"ok\"}",
         "scand_publish_latency_seconds_bucket",
+        "scand_kafka_consumer_lag{topic=\"scans.raw\",partition=\"0\"} 0",
+        "scand_kafka_partitions_assigned 3",
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
