@@ -340,7 +340,11 @@ impl Writer {
 
         self.last_sequence = sequence;
         if let Some(changelog) = &self.changelog {
-            self.replicate(changelog, group, &scans, &states)?;
+            // The batch is durable whatever happens here: a missed snapshot only means the next
+            // owner resumes earlier and re-applies those scans itself.
+            if let Err(error) = self.replicate(changelog, group, &scans, &states) {
+                tracing::error!(%error, "changelog snapshot not sent");
+            }
         }
         self.sequence_tx.send_replace(sequence);
         metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(sequence.0 as f64);
