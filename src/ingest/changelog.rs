@@ -1,13 +1,14 @@
 //! Partition state replication for scale-out: after each durable write, the store writer hands
-//! over the new state of every shipment a Kafka source partition owns (a [`Snapshot`]); this
-//! task produces it to a compacted changelog topic, keyed by tracking number, on the same
-//! partition number as its scans. When a partition is assigned, the new owner reads that
-//! changelog partition to its end and installs every snapshot newer than its own state
-//! (`Store::restore`), then resumes consuming scans where the snapshots end.
+//! over the new state of every shipment a Kafka source partition owns (a [`Snapshot`]), then a
+//! marker per partition ("complete up to offset N"); this task produces them, in order, to a
+//! compacted changelog topic on the same partition number as their scans. When a partition is
+//! assigned, the new owner reads that changelog partition to its end, installs every snapshot
+//! newer than its own state (`Store::restore`) and resumes consuming scans at the last marker.
 //!
-//! Invariant: the changelog may lag the store (it is written after durability), never lead it.
-//! A new owner restored from a lagging changelog resumes from an earlier offset and applies the
-//! missing scans itself; scans it already has are duplicates. Nothing is lost or applied twice.
+//! Invariant: the changelog may lag the store (it is written after durability), never lead it,
+//! and the resume point is a marker, so it never passes a snapshot that was not written. A new
+//! owner re-applies the scans after the marker; those it already holds are duplicates. Nothing is
+//! lost or applied twice.
 
 use std::time::Duration;
 
@@ -52,8 +53,9 @@ pub async fn run(
         let payload = snapshot.encode_to_vec();
         let mut backoff = Duration::from_millis(100);
         loop {
+            let key = snapshot.key();
             let record = FutureRecord::to(&topic)
-                .key(snapshot.tracking_number.as_bytes())
+                .key(key.as_bytes())
                 .partition(snapshot.partition)
                 .payload(&payload);
             match producer.send(record, Duration::from_secs(5)).await {
@@ -102,6 +104,9 @@ pub fn restore(
         tpl.add_partition_offset(topic, *partition, Offset::Offset(low))?;
         consumer.assign(&tpl)?;
         let mut snapshots = Vec::new();
+        // Without any marker, nothing is known complete: resume from the partition's start.
+        let mut resume = 0;
+        let mut seen = false;
         let mut next = low;
         while next < high {
             let Some(message) = consumer.poll(timeout) else {
@@ -123,11 +128,19 @@ pub fn restore(
                         reason: e.to_string(),
                     }
                 })?;
-            if snapshot.topic == *source_topic {
+            if snapshot.topic != *source_topic {
+                continue;
+            }
+            seen = true;
+            if snapshot.is_marker() {
+                resume = snapshot.next_offset;
+            } else {
                 snapshots.push(snapshot);
             }
         }
-        restored += store.restore(&snapshots)?;
+        if seen {
+            restored += store.restore(source_topic, *partition, &snapshots, resume)?;
+        }
     }
     Ok(restored)
 }

@@ -229,41 +229,38 @@ impl Store {
             .collect()
     }
 
-    /// Installs shipments replicated from a partition's previous owner, replacing what is
-    /// stored for them, and moves the partition's stored offset to where that state ends.
-    /// Only snapshots beyond the locally stored offset are newer than the local state.
-    pub fn restore(&self, snapshots: &[writer::Snapshot]) -> Result<usize, StoreError> {
+    /// Installs shipments of one source partition replicated from its previous owner: every
+    /// snapshot newer than the local state replaces what is stored for its shipment, and the
+    /// partition resumes at `resume` (the last complete-state marker) unless the local state is
+    /// further along. One synced write.
+    pub fn restore(
+        &self,
+        topic: &str,
+        partition: i32,
+        snapshots: &[writer::Snapshot],
+        resume: i64,
+    ) -> Result<usize, StoreError> {
+        let local = self.source_offset(topic, partition)?.unwrap_or(-1);
         let mut batch = rocksdb::WriteBatch::default();
-        let mut offsets: std::collections::HashMap<(&str, i32), i64> =
-            std::collections::HashMap::new();
         let mut restored = 0;
-        for snapshot in snapshots {
-            let local = self
-                .source_offset(&snapshot.topic, snapshot.partition)?
-                .unwrap_or(-1);
-            if snapshot.next_offset <= local {
-                continue;
-            }
-            let number = TrackingNumber::parse(&snapshot.tracking_number).map_err(|e| {
-                StoreError::Corrupt {
-                    key: snapshot.tracking_number.clone(),
-                    what: e.to_string(),
-                }
-            })?;
+        for snapshot in snapshots.iter().filter(|s| s.next_offset > local) {
+            let corrupt = |what: String| StoreError::Corrupt {
+                key: snapshot.tracking_number.clone(),
+                what,
+            };
+            let number = TrackingNumber::parse(&snapshot.tracking_number)
+                .map_err(|e| corrupt(e.to_string()))?;
             let (start, end) = keys::timeline_range(&number);
             batch.delete_range_cf(self.cf(keys::EVENTS), start, end);
             for bytes in &snapshot.events {
-                let scan = pb::Scan::decode(bytes.as_slice()).map_err(|e| StoreError::Corrupt {
-                    key: snapshot.tracking_number.clone(),
-                    what: e.to_string(),
-                })?;
+                let scan =
+                    pb::Scan::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
                 let scan_id = crate::domain::ScanId::from_stored(scan.scan_id.clone());
                 let event_time = scan
                     .event_time
                     .and_then(|t| crate::domain::EventTime::from_parts(t.seconds, t.nanos))
-                    .ok_or_else(|| StoreError::Corrupt {
-                        key: snapshot.tracking_number.clone(),
-                        what: format!("scan {} has no valid event time", scan.scan_id),
+                    .ok_or_else(|| {
+                        corrupt(format!("scan {} has no valid event time", scan.scan_id))
                     })?;
                 batch.put_cf(
                     self.cf(keys::EVENTS),
@@ -281,19 +278,13 @@ impl Store {
                 keys::shipment_key(&number),
                 &snapshot.record,
             );
-            let entry = offsets
-                .entry((&snapshot.topic, snapshot.partition))
-                .or_insert(local);
-            *entry = (*entry).max(snapshot.next_offset);
             restored += 1;
         }
-        for ((topic, partition), next) in offsets {
-            batch.put_cf(
-                self.cf(keys::META),
-                keys::source_offset_key(topic, partition),
-                next.to_be_bytes(),
-            );
-        }
+        batch.put_cf(
+            self.cf(keys::META),
+            keys::source_offset_key(topic, partition),
+            resume.max(local).to_be_bytes(),
+        );
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
         self.db.write_opt(batch, &sync)?;
@@ -416,6 +407,82 @@ mod tests {
             .get_cf(dedup, keys::dedup_key(&fresh))
             .expect("get")
             .is_some());
+    }
+
+    fn snapshot(number: &str, next_offset: i64, scan_ids: &[&str]) -> writer::Snapshot {
+        let state = crate::engine::ShipmentState::default();
+        writer::Snapshot {
+            tracking_number: number.into(),
+            topic: "scans.raw".into(),
+            partition: 1,
+            next_offset,
+            record: records::encode_shipment(&state),
+            events: scan_ids
+                .iter()
+                .map(|id| {
+                    pb::Scan {
+                        scan_id: (*id).into(),
+                        tracking_number: number.into(),
+                        event_time: Some(prost_types::Timestamp {
+                            seconds: 60,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }
+                    .encode_to_vec()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            path: dir.path().to_owned(),
+            ..StoreConfig::default()
+        };
+        let store = Store::open(&config, std::time::Duration::from_secs(3600)).expect("opens");
+        let n = |s: &str| TrackingNumber::parse(s).expect("valid");
+        // Fresh owner: everything installed, resume at the marker (not beyond a later snapshot).
+        let restored = store
+            .restore(
+                "scans.raw",
+                1,
+                &[
+                    snapshot("PARCEL0001", 10, &["a", "b"]),
+                    snapshot("PARCEL0002", 30, &["c"]),
+                ],
+                20,
+            )
+            .expect("restore");
+        assert_eq!(restored, 2);
+        assert_eq!(
+            store.source_offset("scans.raw", 1).expect("offset"),
+            Some(20)
+        );
+        assert_eq!(
+            store
+                .timeline_values(&n("PARCEL0001"))
+                .expect("events")
+                .len(),
+            2
+        );
+        // A previous owner coming back further along keeps its own newer state and position.
+        store
+            .restore("scans.raw", 1, &[snapshot("PARCEL0001", 5, &["x"])], 5)
+            .expect("restore");
+        assert_eq!(
+            store.source_offset("scans.raw", 1).expect("offset"),
+            Some(20)
+        );
+        assert_eq!(
+            store
+                .timeline_values(&n("PARCEL0001"))
+                .expect("events")
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -63,6 +63,31 @@ pub struct Snapshot {
     pub events: Vec<Vec<u8>>,
 }
 
+impl Snapshot {
+    /// Marks a partition's state complete up to `next_offset` (no shipment: empty number).
+    pub fn marker(topic: &str, partition: i32, next_offset: i64) -> Self {
+        Snapshot {
+            topic: topic.to_owned(),
+            partition,
+            next_offset,
+            ..Snapshot::default()
+        }
+    }
+
+    pub fn is_marker(&self) -> bool {
+        self.tracking_number.is_empty()
+    }
+
+    /// The compaction key: the shipment, or one marker key per source topic.
+    pub fn key(&self) -> String {
+        if self.is_marker() {
+            format!("\u{0}marker\u{0}{}", self.topic)
+        } else {
+            self.tracking_number.clone()
+        }
+    }
+}
+
 /// A consumed source position, stored in the same write as the scans it carried, so a
 /// restart resumes exactly after them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -375,27 +400,45 @@ impl Writer {
                 owned.insert(&scan.tracking_number, origin);
             }
         }
+        let next_offset = |topic: &str, partition: i32| {
+            group
+                .iter()
+                .flat_map(|r| &r.offsets)
+                .filter(|o| o.topic == topic && o.partition == partition)
+                .map(|o| o.next)
+                .max()
+                .unwrap_or_default()
+        };
         for (number, origin) in owned {
             let Some(state) = states.get(number) else {
                 continue;
             };
-            let next_offset = group
-                .iter()
-                .flat_map(|r| &r.offsets)
-                .filter(|o| o.topic == origin.topic && o.partition == origin.partition)
-                .map(|o| o.next)
-                .max()
-                .unwrap_or_default();
             let snapshot = Snapshot {
                 tracking_number: number.to_string(),
                 topic: origin.topic.clone(),
                 partition: origin.partition,
-                next_offset,
+                next_offset: next_offset(&origin.topic, origin.partition),
                 record: records::encode_shipment(state),
                 events: self.store.timeline_values(number)?,
             };
             if changelog.blocking_send(snapshot).is_err() {
                 tracing::warn!("changelog stopped; state is no longer replicated");
+                return Ok(());
+            }
+        }
+        // After every snapshot of the group: a marker saying the partition's state is complete
+        // up to here. A new owner resumes at the last marker, never beyond a missing snapshot.
+        let mut partitions: Vec<(&str, i32)> = group
+            .iter()
+            .flat_map(|r| &r.offsets)
+            .map(|o| (o.topic.as_str(), o.partition))
+            .collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        for (topic, partition) in partitions {
+            let marker = Snapshot::marker(topic, partition, next_offset(topic, partition));
+            if changelog.blocking_send(marker).is_err() {
+                return Ok(());
             }
         }
         Ok(())
