@@ -365,14 +365,20 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[test]
-    fn dedup_memory_expires_at_compaction_after_the_retention() {
+    fn temp_store(retention_secs: u64) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = StoreConfig {
             path: dir.path().to_owned(),
             ..StoreConfig::default()
         };
-        let store = Store::open(&config, std::time::Duration::from_secs(86_400)).expect("opens");
+        let store =
+            Store::open(&config, std::time::Duration::from_secs(retention_secs)).expect("opens");
+        (dir, store)
+    }
+
+    #[test]
+    fn dedup_memory_expires_at_compaction_after_the_retention() {
+        let (_dir, store) = temp_store(86_400);
         let number = TrackingNumber::parse("PARCEL0001").expect("valid");
         let old = crate::domain::ScanId::from_stored("old".into());
         let fresh = crate::domain::ScanId::from_stored("fresh".into());
@@ -437,12 +443,7 @@ mod tests {
 
     #[test]
     fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = StoreConfig {
-            path: dir.path().to_owned(),
-            ..StoreConfig::default()
-        };
-        let store = Store::open(&config, std::time::Duration::from_secs(3600)).expect("opens");
+        let (_dir, store) = temp_store(3600);
         let n = |s: &str| TrackingNumber::parse(s).expect("valid");
         // Fresh owner: everything installed, resume at the marker (not beyond a later snapshot).
         let restored = store
