@@ -20,6 +20,7 @@ fn scans(n: usize, shipments: usize) -> Vec<Incoming> {
             event_time: EventTime(i as i64 * 61_000_000),
             facility: facility_hash(&format!("hub-{}", i % 7)),
             scan_id_known: false,
+            clock_skewed: false,
         })
         .collect()
 }

@@ -33,6 +33,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub dedup: DedupConfig,
     pub feed: FeedConfig,
+    pub stall: StallConfig,
     pub kafka: KafkaConfig,
     pub log: LogConfig,
 }
@@ -126,6 +127,12 @@ pub struct IngestConfig {
     /// A scan older than this is rejected.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Accepted scans further ahead of the server clock than this are flagged as clock skew.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew_flag_ahead: Duration,
+    /// Accepted scans further behind the server clock than this are flagged as clock skew.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew_flag_behind: Duration,
 }
 
 impl Default for IngestConfig {
@@ -134,7 +141,78 @@ impl Default for IngestConfig {
             max_batch_scans: 10_000,
             max_future_skew: Duration::from_secs(5 * 60),
             max_age: Duration::from_secs(90 * 24 * 3600),
+            clock_skew_flag_ahead: Duration::from_secs(60),
+            clock_skew_flag_behind: Duration::from_secs(24 * 3600),
         }
+    }
+}
+
+/// Stalled shipments: no scan for longer than the threshold of the shipment's status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StallConfig {
+    /// How often the deadline index is swept for shipments that stalled.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    pub thresholds: StallThresholds,
+}
+
+/// Per status; "0s" = never stalls in that status. Terminal statuses never stall.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StallThresholds {
+    #[serde(with = "humantime_serde")]
+    pub label_created: Duration,
+    #[serde(with = "humantime_serde")]
+    pub picked_packed: Duration,
+    #[serde(with = "humantime_serde")]
+    pub in_transit: Duration,
+    #[serde(with = "humantime_serde")]
+    pub out_for_delivery: Duration,
+    #[serde(with = "humantime_serde")]
+    pub delivery_attempted: Duration,
+    #[serde(with = "humantime_serde")]
+    pub available_for_pickup: Duration,
+    #[serde(with = "humantime_serde")]
+    pub exception: Duration,
+}
+
+impl Default for StallConfig {
+    fn default() -> Self {
+        Self {
+            sweep_interval: Duration::from_secs(60),
+            thresholds: StallThresholds::default(),
+        }
+    }
+}
+
+impl Default for StallThresholds {
+    fn default() -> Self {
+        const HOUR: u64 = 3600;
+        Self {
+            label_created: Duration::from_secs(7 * 24 * HOUR),
+            picked_packed: Duration::from_secs(72 * HOUR),
+            in_transit: Duration::from_secs(48 * HOUR),
+            out_for_delivery: Duration::from_secs(12 * HOUR),
+            delivery_attempted: Duration::from_secs(48 * HOUR),
+            available_for_pickup: Duration::from_secs(7 * 24 * HOUR),
+            exception: Duration::from_secs(72 * HOUR),
+        }
+    }
+}
+
+impl StallThresholds {
+    pub fn policy(&self) -> crate::engine::stall::StallPolicy {
+        use crate::domain::Status;
+        crate::engine::stall::StallPolicy::new([
+            (Status::LabelCreated, self.label_created),
+            (Status::PickedPacked, self.picked_packed),
+            (Status::InTransit, self.in_transit),
+            (Status::OutForDelivery, self.out_for_delivery),
+            (Status::DeliveryAttempted, self.delivery_attempted),
+            (Status::AvailableForPickup, self.available_for_pickup),
+            (Status::Exception, self.exception),
+        ])
     }
 }
 
@@ -353,6 +431,12 @@ impl Config {
                     reason: "must be at least 1".to_owned(),
                 });
             }
+        }
+        if self.stall.sweep_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "stall.sweep_interval",
+                reason: "must be longer than 0s".to_owned(),
+            });
         }
         if self.dedup.window.is_zero() {
             return Err(ConfigError::Invalid {

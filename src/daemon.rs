@@ -100,6 +100,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (writer, committed, writer_thread) = writer::spawn(
         store.clone(),
         Engine::new(config.dedup.window),
+        config.stall.thresholds.policy(),
         config.store.queue_batches,
         config.store.group_commit_batches,
         changelog,
@@ -109,7 +110,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         source,
     })?;
 
-    let validator = Validator::new(config.ingest.max_future_skew, config.ingest.max_age);
+    let sweeper = tokio::spawn(writer::run_stall_sweeper(
+        writer.clone(),
+        config.stall.sweep_interval,
+        std::time::SystemTime::now,
+        shutdown.clone(),
+    ));
+    let validator = Validator::new(&config.ingest);
     if kafka.source.enabled {
         let source = KafkaSource::new(kafka, store.clone(), validator.clone(), writer.clone())
             .map_err(|e| DaemonError::Kafka(e.to_string()))?;
@@ -231,7 +238,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    for task in kafka_tasks {
+    for task in kafka_tasks.into_iter().chain([sweeper]) {
         if tokio::time::timeout(grace, task).await.is_err() {
             tracing::warn!("a Kafka task still busy after the grace period");
         }

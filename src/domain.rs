@@ -96,6 +96,15 @@ impl EventTime {
             .and_then(|us| us.checked_add(i64::from(nanos / 1000)))
             .map(EventTime)
     }
+
+    /// A server clock reading on the same scale (saturating far outside any real clock).
+    pub fn from_system_time(t: std::time::SystemTime) -> Self {
+        let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        match t.duration_since(std::time::SystemTime::UNIX_EPOCH) {
+            Ok(after) => EventTime(micros(after)),
+            Err(before) => EventTime(-micros(before.duration())),
+        }
+    }
 }
 
 /// What a scan records. Numbering matches `scand.v1.ScanType`.
@@ -224,6 +233,11 @@ impl Status {
         }
     }
 
+    /// Delivered or returned: no scan moves it on (except a return after delivery).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Delivered | Status::ReturnedToSender)
+    }
+
     /// Position in the forward lifecycle; `None` for statuses outside it (exception, stalled),
     /// which are never a regression to enter or to leave.
     pub fn lifecycle_rank(self) -> Option<u8> {
@@ -253,6 +267,13 @@ pub struct Version(pub u64);
 /// Position in the global change log: gapless, strictly increasing, starting at 1.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Sequence(pub u64);
+
+/// A source partition (Kafka): the one that orders the shipments keyed to it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+}
 
 #[cfg(test)]
 mod tests {

@@ -30,11 +30,24 @@ impl From<ScanType> for pb::ScanType {
 }
 
 /// The wire pair (status, sub_status) of a status point; absent = UNSPECIFIED.
+/// A stalled point reads as STALLED with the sub-status it stalled in.
 pub fn status_fields(point: Option<StatusPoint>) -> (i32, i32) {
     match point {
         None => (0, 0),
-        Some(p) => (p.status.as_i32(), p.sub_status.map_or(0, ScanType::as_i32)),
+        Some(p) => (
+            if p.stalled {
+                Status::Stalled.as_i32()
+            } else {
+                p.status.as_i32()
+            },
+            p.sub_status.map_or(0, ScanType::as_i32),
+        ),
     }
+}
+
+/// The wire `stalled_status`: the status a stalled point stalled in, else UNSPECIFIED.
+pub fn stalled_status(point: Option<StatusPoint>) -> i32 {
+    point.filter(|p| p.stalled).map_or(0, |p| p.status.as_i32())
 }
 
 #[cfg(test)]

@@ -8,11 +8,12 @@
 //! - Applying the same batch twice changes nothing the second time.
 //! - Each change of (status, sub-status) bumps the shipment's version by exactly one.
 
+pub mod stall;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
 
-use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, Version};
+use crate::domain::{EventTime, Origin, ScanId, ScanType, TrackingNumber, Version};
 use status::{Derived, StatusPoint};
 
 /// One scan the engine should place, already validated.
@@ -28,6 +29,8 @@ pub struct Incoming {
     pub facility: u64,
     /// The scan id is in the long-term scan id index (a replay or a retry).
     pub scan_id_known: bool,
+    /// Its event time was far from the time scand received it (counted on the shipment).
+    pub clock_skewed: bool,
 }
 
 /// One scan of a shipment's timeline: enough to deduplicate and derive status without reading
@@ -53,6 +56,43 @@ pub struct ShipmentState {
     pub timeline: Vec<Entry>,
     pub derived: Derived,
     pub version: Version,
+    /// No scan for longer than its status's threshold (see [`stall`]); published as STALLED.
+    pub stalled: bool,
+    /// The deadline indexed for this shipment, so the index entry can be replaced exactly.
+    pub stall_deadline: Option<EventTime>,
+    pub flags: Flags,
+    /// The source partition that orders this shipment, when it came from Kafka.
+    pub owner: Option<Origin>,
+}
+
+/// What ops want to see on a shipment besides its status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// Status changes that went backwards in the lifecycle.
+    pub regressions: u32,
+    /// Stored scans whose event time was far from the time they were received.
+    pub clock_skewed_scans: u32,
+    /// Carrier check of the tracking number, from the first scan (see `ingest::carrier`).
+    pub tracking_number: NumberCheck,
+}
+
+/// The carrier recognised from the tracking number, or why it was not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NumberCheck {
+    pub carrier: String,
+    pub service: String,
+    /// Empty when valid or unchecked; else the reason (`tracking_number_check_digit`, ...).
+    pub issue: String,
+}
+
+impl ShipmentState {
+    /// The published status point: the derived one, marked stalled while the shipment is.
+    pub fn point(&self) -> Option<StatusPoint> {
+        self.derived.point.map(|p| StatusPoint {
+            stalled: self.stalled,
+            ..p
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,8 +123,8 @@ pub struct Change {
     pub version: Version,
     pub previous: Option<StatusPoint>,
     pub current: StatusPoint,
-    /// `Incoming::index` of the scan that caused it.
-    pub cause: usize,
+    /// `Incoming::index` of the scan that caused it; `None` for a stall (no scan came).
+    pub cause: Option<usize>,
     pub regression: bool,
     /// The cause was placed before the latest scan already known: history was rewritten.
     pub correction: bool,
@@ -109,6 +149,13 @@ pub fn facility_hash(facility_id: &str) -> u64 {
     facility_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// The incoming scan being placed, as `insert` needs it.
+#[derive(Clone, Copy)]
+struct Placed {
+    index: usize,
+    clock_skewed: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -185,6 +232,10 @@ impl Engine {
             facility: scan.facility,
         };
         let tracking_number = scan.tracking_number;
+        let placed = Placed {
+            index,
+            clock_skewed: scan.clock_skewed,
+        };
         if let Some(pos) = state
             .timeline
             .iter()
@@ -202,7 +253,7 @@ impl Engine {
             ));
             self.insert(
                 tracking_number,
-                index,
+                placed,
                 entry,
                 true,
                 state,
@@ -213,7 +264,7 @@ impl Engine {
         }
         self.insert(
             tracking_number,
-            index,
+            placed,
             entry,
             false,
             state,
@@ -229,7 +280,10 @@ impl Engine {
     fn insert(
         &self,
         tracking_number: TrackingNumber,
-        index: usize,
+        Placed {
+            index,
+            clock_skewed,
+        }: Placed,
         entry: Entry,
         replaced: bool,
         state: &mut ShipmentState,
@@ -244,6 +298,9 @@ impl Engine {
         let scan_type = entry.scan_type;
         state.timeline.insert(pos, entry);
         effects.stored.push(index);
+        if clock_skewed {
+            state.flags.clock_skewed_scans += 1;
+        }
 
         let derived = if appended && !replaced {
             state.derived.step(scan_type)
@@ -253,22 +310,31 @@ impl Engine {
         effects.after_terminal += derived
             .scans_after_terminal
             .saturating_sub(state.derived.scans_after_terminal);
-        let previous = state.derived.point;
+        let previous = state.point();
         state.derived = derived;
-        let Some(current) = derived.point else {
+        // Only a scan after the latest one wakes a stalled shipment: a late upload of older
+        // reads says nothing about where the parcel is now.
+        if appended {
+            state.stalled = false;
+        }
+        let Some(current) = state.point() else {
             return;
         };
         if previous == Some(current) {
             return;
         }
         state.version = Version(state.version.0 + 1);
+        let regression = previous.is_some_and(|p| p.status.is_regression_to(current.status));
+        if regression {
+            state.flags.regressions += 1;
+        }
         effects.changes.push(Change {
             tracking_number,
             version: state.version,
             previous,
             current,
-            cause: index,
-            regression: previous.is_some_and(|p| p.status.is_regression_to(current.status)),
+            cause: Some(index),
+            regression,
             correction: !appended,
         });
     }

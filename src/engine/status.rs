@@ -12,6 +12,8 @@ use crate::domain::{ScanType, Status};
 pub struct StatusPoint {
     pub status: Status,
     pub sub_status: Option<ScanType>,
+    /// Published as STALLED, with `status` as the status it stalled in.
+    pub stalled: bool,
 }
 
 /// The fold's accumulator: the status so far and how many scans a terminal status ignored.
@@ -37,7 +39,11 @@ impl Derived {
         }
         let (status, sub_status) = scan_type.status();
         Derived {
-            point: Some(StatusPoint { status, sub_status }),
+            point: Some(StatusPoint {
+                status,
+                sub_status,
+                stalled: false,
+            }),
             ..self
         }
     }
@@ -66,7 +72,8 @@ mod tests {
             d.point,
             Some(StatusPoint {
                 status: Status::InTransit,
-                sub_status: Some(Sorted)
+                sub_status: Some(Sorted),
+                stalled: false,
             })
         );
     }

@@ -33,6 +33,7 @@ fn scan(
         event_time: EventTime(minute * MINUTE),
         facility: facility_hash(facility),
         scan_id_known: false,
+        clock_skewed: false,
     }
 }
 
@@ -107,7 +108,7 @@ fn journey_publishes_each_milestone_in_order() {
     assert!(h.changes.iter().all(|c| !c.correction && !c.regression));
     assert_eq!(
         h.changes.iter().map(|c| c.cause).collect::<Vec<_>>(),
-        vec![3, 2, 1, 0]
+        vec![Some(3), Some(2), Some(1), Some(0)]
     );
 }
 
@@ -328,6 +329,7 @@ fn deliveries(reads: &[Read], extra: &[(usize, bool, i64)]) -> Vec<Incoming> {
         event_time: EventTime(second * 1_000_000),
         facility: facility_hash(FACILITIES[r.facility]),
         scan_id_known: false,
+        clock_skewed: false,
     };
     let mut out: Vec<Incoming> = reads
         .iter()

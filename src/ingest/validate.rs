@@ -5,6 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::api::pb;
+use crate::config::IngestConfig;
 use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, TrackingNumberError};
 use crate::engine::facility_hash;
 use crate::store::writer::StoreScan;
@@ -91,14 +92,27 @@ impl Rejection {
 pub struct Validator {
     max_future_skew: Duration,
     max_age: Duration,
+    skew_flag_ahead: Duration,
+    skew_flag_behind: Duration,
 }
 
 impl Validator {
-    pub fn new(max_future_skew: Duration, max_age: Duration) -> Self {
+    pub fn new(config: &IngestConfig) -> Self {
         Self {
-            max_future_skew,
-            max_age,
+            max_future_skew: config.max_future_skew,
+            max_age: config.max_age,
+            skew_flag_ahead: config.clock_skew_flag_ahead,
+            skew_flag_behind: config.clock_skew_flag_behind,
         }
+    }
+
+    /// Accepted, but far enough from `now` that the device clock (or a very late upload)
+    /// deserves a look.
+    fn clock_skewed(&self, event_time: EventTime, now: SystemTime) -> bool {
+        let now = EventTime::from_system_time(now);
+        let ahead = event_time.0.saturating_sub(now.0);
+        let limit = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        ahead > limit(self.skew_flag_ahead) || -ahead > limit(self.skew_flag_behind)
     }
 
     /// Checks and normalizes one scan against the server clock `now`.
@@ -136,6 +150,8 @@ impl Validator {
             facility,
             wire: scan,
             origin: None,
+            clock_skewed: self.clock_skewed(event_time, now),
+            number_check: None,
         })
     }
 
@@ -233,7 +249,7 @@ mod tests {
     }
 
     fn validator() -> Validator {
-        Validator::new(Duration::from_secs(300), Duration::from_secs(90 * 86_400))
+        Validator::new(&IngestConfig::default())
     }
 
     fn good() -> pb::Scan {

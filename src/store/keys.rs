@@ -18,14 +18,20 @@ pub const DEDUP: &str = "dedup";
 pub const CHANGES: &str = "changes";
 /// Small named values (see the `META_*` keys).
 pub const META: &str = "meta";
+/// `deadline ␀ tracking_number` → empty: shipments by the time they stall, so a sweep reads
+/// only the ones due, never every shipment.
+pub const STALL_DEADLINES: &str = "stall_deadlines";
 
-pub const ALL_COLUMN_FAMILIES: [&str; 5] = [EVENTS, SHIPMENTS, DEDUP, CHANGES, META];
+pub const ALL_COLUMN_FAMILIES: [&str; 6] =
+    [EVENTS, SHIPMENTS, DEDUP, CHANGES, META, STALL_DEADLINES];
 
 /// Highest sequence written to `changes`.
 pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
 /// Layout version of this data directory.
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub const SCHEMA_VERSION: u32 = 1;
+/// Shipments currently stalled (u64 BE), kept in the same writes that stall and wake them.
+pub const META_STALLED_SHIPMENTS: &[u8] = b"stalled_shipments";
 
 /// Next offset to consume of a source partition: `source_offset ␀ topic ␀ partition(i32 BE)`.
 pub fn source_offset_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -94,6 +100,29 @@ pub fn dedup_value_stored_secs(value: &[u8]) -> Option<u64> {
     value.get(..8)?.try_into().ok().map(u64::from_be_bytes)
 }
 
+pub fn stall_key(deadline: EventTime, tracking_number: &TrackingNumber) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + tracking_number.as_str().len());
+    key.extend_from_slice(&ordered_i64(deadline.0));
+    key.push(SEPARATOR);
+    key.extend_from_slice(tracking_number.as_str().as_bytes());
+    key
+}
+
+/// The exclusive upper bound of the stall keys due at `now`.
+pub fn stall_keys_due(now: EventTime) -> Vec<u8> {
+    ordered_i64(now.0.saturating_add(1)).to_vec()
+}
+
+/// `None` for a key this module did not build.
+pub fn decode_stall_key(key: &[u8]) -> Option<(EventTime, TrackingNumber)> {
+    let deadline = u64::from_be_bytes(key.get(..8)?.try_into().ok()?) ^ (1 << 63);
+    let number = std::str::from_utf8(key.get(9..)?).ok()?;
+    Some((
+        EventTime(deadline as i64),
+        TrackingNumber::parse(number).ok()?,
+    ))
+}
+
 pub fn change_key(sequence: Sequence) -> [u8; 8] {
     sequence.0.to_be_bytes()
 }
@@ -155,6 +184,17 @@ mod tests {
         assert_ne!(source_offset_key("a", 1), source_offset_key("a", 2));
         assert_ne!(source_offset_key("a\u{1}", 0), source_offset_key("a", 1));
         assert!(!sink_cursor_key("kafka").starts_with(META_LAST_SEQUENCE));
+    }
+
+    #[test]
+    fn stall_keys_sort_by_deadline_and_round_trip() {
+        let a = stall_key(EventTime(-1), &tn("ZZZ00001"));
+        let b = stall_key(EventTime(5), &tn("AAA00001"));
+        assert!(a < b);
+        assert!(b.as_slice() < stall_keys_due(EventTime(5)).as_slice());
+        assert!(b.as_slice() >= stall_keys_due(EventTime(4)).as_slice());
+        assert_eq!(decode_stall_key(&b), Some((EventTime(5), tn("AAA00001"))));
+        assert_eq!(decode_stall_key(b"short"), None);
     }
 
     #[test]

@@ -106,6 +106,7 @@ impl Store {
             ColumnFamilyDescriptor::new(keys::DEDUP, dedup),
             cf(keys::CHANGES, false),
             cf(keys::META, false),
+            cf(keys::STALL_DEADLINES, false),
         ];
         let db = DB::open_cf_descriptors(&db_opts, &config.path, descriptors)?;
         let store = Store { db: Arc::new(db) };
@@ -169,6 +170,23 @@ impl Store {
             key: "last_sequence".into(),
             what: format!("{} bytes", v.len()),
         })
+    }
+
+    /// Shipments currently stalled, as counted by the writes that stall and wake them.
+    pub fn stalled_shipments(&self) -> Result<u64, StoreError> {
+        let Some(v) = self
+            .db
+            .get_cf(self.cf(keys::META), keys::META_STALLED_SHIPMENTS)?
+        else {
+            return Ok(0);
+        };
+        v.as_slice()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt {
+                key: "stalled_shipments".into(),
+                what: format!("{} bytes", v.len()),
+            })
     }
 
     /// The next offset to consume from a source partition, as stored with the state it produced.
@@ -278,6 +296,15 @@ impl Store {
                 keys::shipment_key(&number),
                 &snapshot.record,
             );
+            // The deadline index is local: rebuild this shipment's entry from its record.
+            let state = records::decode_shipment(keys::shipment_key(&number), &snapshot.record)?;
+            if let Some(deadline) = state.stall_deadline {
+                batch.put_cf(
+                    self.cf(keys::STALL_DEADLINES),
+                    keys::stall_key(deadline, &number),
+                    [],
+                );
+            }
             restored += 1;
         }
         batch.put_cf(
@@ -320,7 +347,9 @@ impl Store {
                 })?,
             );
         }
-        let (status, sub_status) = crate::api::status_fields(state.derived.point);
+        let (status, sub_status) = crate::api::status_fields(state.point());
+        let stalled_status = crate::api::stalled_status(state.point());
+        let flags = state.flags;
         Ok(Some(pb::Shipment {
             tracking_number: tracking_number.to_string(),
             status,
@@ -328,6 +357,12 @@ impl Store {
             version: state.version.0,
             timeline,
             scans_after_terminal: state.derived.scans_after_terminal,
+            stalled_status,
+            regressions: flags.regressions,
+            clock_skewed_scans: flags.clock_skewed_scans,
+            carrier: flags.tracking_number.carrier,
+            carrier_service: flags.tracking_number.service,
+            tracking_number_issue: flags.tracking_number.issue,
         }))
     }
 
@@ -362,10 +397,10 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn temp_store(retention_secs: u64) -> (tempfile::TempDir, Store) {
+    pub(crate) fn temp_store(retention_secs: u64) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = StoreConfig {
             path: dir.path().to_owned(),

@@ -3,9 +3,9 @@
 
 use prost::Message;
 
-use crate::domain::{EventTime, ScanId, ScanType, Status, Version};
+use crate::domain::{EventTime, Origin, ScanId, ScanType, Status, Version};
 use crate::engine::status::{Derived, StatusPoint};
-use crate::engine::{Entry, ShipmentState};
+use crate::engine::{Entry, Flags, NumberCheck, ShipmentState};
 
 use super::StoreError;
 
@@ -22,6 +22,26 @@ pub struct ShipmentRecord {
     /// Ordered by (event_time, scan_id), like the `events` keys.
     #[prost(message, repeated, tag = "5")]
     pub timeline: Vec<EntryRecord>,
+    #[prost(bool, tag = "6")]
+    pub stalled: bool,
+    /// The key this shipment has in the stall deadline index, if any.
+    #[prost(sint64, optional, tag = "7")]
+    pub stall_deadline: Option<i64>,
+    #[prost(uint32, tag = "8")]
+    pub regressions: u32,
+    #[prost(uint32, tag = "9")]
+    pub clock_skewed_scans: u32,
+    #[prost(string, tag = "10")]
+    pub carrier: String,
+    #[prost(string, tag = "11")]
+    pub carrier_service: String,
+    #[prost(string, tag = "12")]
+    pub tracking_number_issue: String,
+    /// The owning source partition (Kafka), or empty.
+    #[prost(string, tag = "13")]
+    pub owner_topic: String,
+    #[prost(int32, tag = "14")]
+    pub owner_partition: i32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -53,6 +73,19 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
                 facility: e.facility,
             })
             .collect(),
+        stalled: state.stalled,
+        stall_deadline: state.stall_deadline.map(|t| t.0),
+        regressions: state.flags.regressions,
+        clock_skewed_scans: state.flags.clock_skewed_scans,
+        carrier: state.flags.tracking_number.carrier.clone(),
+        carrier_service: state.flags.tracking_number.service.clone(),
+        tracking_number_issue: state.flags.tracking_number.issue.clone(),
+        owner_topic: state
+            .owner
+            .as_ref()
+            .map(|o| o.topic.clone())
+            .unwrap_or_default(),
+        owner_partition: state.owner.as_ref().map_or(0, |o| o.partition),
     }
     .encode_to_vec()
 }
@@ -71,6 +104,7 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
                 0 => None,
                 n => Some(ScanType::from_i32(n).ok_or_else(|| corrupt("unknown sub-status"))?),
             },
+            stalled: false,
         }),
     };
     let timeline = record
@@ -93,6 +127,21 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
             scans_after_terminal: record.scans_after_terminal,
         },
         version: Version(record.version),
+        stalled: record.stalled,
+        stall_deadline: record.stall_deadline.map(EventTime),
+        flags: Flags {
+            regressions: record.regressions,
+            clock_skewed_scans: record.clock_skewed_scans,
+            tracking_number: NumberCheck {
+                carrier: record.carrier,
+                service: record.carrier_service,
+                issue: record.tracking_number_issue,
+            },
+        },
+        owner: (!record.owner_topic.is_empty()).then_some(Origin {
+            topic: record.owner_topic,
+            partition: record.owner_partition,
+        }),
     })
 }
 
@@ -121,10 +170,26 @@ mod tests {
                 point: Some(StatusPoint {
                     status: Status::Delivered,
                     sub_status: None,
+                    stalled: false,
                 }),
                 scans_after_terminal: 2,
             },
             version: Version(4),
+            stalled: true,
+            stall_deadline: Some(EventTime(-77)),
+            flags: Flags {
+                regressions: 1,
+                clock_skewed_scans: 3,
+                tracking_number: NumberCheck {
+                    carrier: "ups".into(),
+                    service: "UPS United States Ground".into(),
+                    issue: String::new(),
+                },
+            },
+            owner: Some(Origin {
+                topic: "scans.raw".into(),
+                partition: 3,
+            }),
         };
         let bytes = encode_shipment(&state);
         assert_eq!(decode_shipment(b"k", &bytes).expect("decodes"), state);

@@ -10,17 +10,24 @@
 //! - The queue is bounded: when the disk is the bottleneck, callers wait (backpressure).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use prost::Message;
-use rocksdb::{WriteBatch, WriteOptions};
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{keys, records, Store, StoreError};
-use crate::api::{pb, status_fields};
-use crate::domain::{EventTime, ScanId, ScanType, Sequence, TrackingNumber};
-use crate::engine::{Effects, Engine, Incoming, Outcome, ShipmentState};
+use crate::api::{pb, stalled_status, status_fields};
+pub use crate::domain::Origin;
+use crate::domain::{EventTime, ScanId, ScanType, Sequence, Status, TrackingNumber};
+use crate::engine::stall::StallPolicy;
+use crate::engine::{Change, Effects, Engine, Incoming, NumberCheck, Outcome, ShipmentState};
 use crate::telemetry::metrics as m;
+
+/// Most shipments one sweep stalls in one write; the rest are due at the next sweep, which
+/// follows at once.
+const SWEEP_LIMIT: usize = 10_000;
 
 /// A validated scan, with its wire form as it will be stored.
 #[derive(Clone, Debug)]
@@ -33,13 +40,10 @@ pub struct StoreScan {
     pub wire: pb::Scan,
     /// The source partition that owns this shipment (Kafka source), for the changelog.
     pub origin: Option<Origin>,
-}
-
-/// A source partition.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Origin {
-    pub topic: String,
-    pub partition: i32,
+    /// Event time far from receipt time (flagged on the shipment, not rejected).
+    pub clock_skewed: bool,
+    /// The carrier check of the tracking number, when the policy checks it.
+    pub number_check: Option<Arc<NumberCheck>>,
 }
 
 /// A shipment's whole stored state after a durable write, for replication to a new owner of
@@ -105,10 +109,28 @@ struct Request {
     reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
 }
 
+/// What the writer thread is asked to do, in queue order.
+enum Job {
+    Ingest(Request),
+    /// Stall the shipments whose deadline is at or before `now`.
+    Sweep {
+        now: EventTime,
+        reply: oneshot::Sender<Result<Swept, StoreError>>,
+    },
+}
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Swept {
+    pub stalled: usize,
+    /// More shipments are due than one sweep handles: sweep again now.
+    pub more_due: bool,
+}
+
 /// The ingest side's handle on the writer.
 #[derive(Clone)]
 pub struct WriterHandle {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl WriterHandle {
@@ -122,15 +144,64 @@ impl WriterHandle {
     ) -> Result<oneshot::Receiver<Result<Vec<Outcome>, StoreError>>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Request {
+            .send(Job::Ingest(Request {
                 scans,
                 offsets,
                 received,
                 reply,
-            })
+            }))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         Ok(answer)
+    }
+
+    /// Publishes STALLED for every shipment whose stall deadline is at or before `now`, once
+    /// durable. Queued behind the batches already waiting.
+    pub async fn sweep(&self, now: EventTime) -> Result<Swept, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job::Sweep { now, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+/// Sweeps the stall deadline index every `interval` (and again at once while more are due)
+/// until `shutdown`. `clock` is the server clock; tests pass their own.
+pub async fn run_stall_sweeper(
+    writer: WriterHandle,
+    interval: std::time::Duration,
+    clock: fn() -> SystemTime,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        loop {
+            let started = Instant::now();
+            let swept = writer.sweep(EventTime::from_system_time(clock())).await;
+            metrics::histogram!(m::STALL_SWEEP_SECONDS).record(started.elapsed().as_secs_f64());
+            match swept {
+                Ok(Swept { stalled, more_due }) => {
+                    if stalled > 0 {
+                        tracing::info!(stalled, "shipments stalled");
+                    }
+                    if !more_due || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(StoreError::WriterGone) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "stall sweep failed; retrying at the next interval");
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -139,6 +210,7 @@ impl WriterHandle {
 pub fn spawn(
     store: Store,
     engine: Engine,
+    stall: StallPolicy,
     queue_batches: usize,
     group_commit_batches: usize,
     changelog: Option<mpsc::Sender<Snapshot>>,
@@ -151,12 +223,16 @@ pub fn spawn(
     StoreError,
 > {
     let last = store.last_sequence()?;
+    let stalled_shipments = store.stalled_shipments()?;
+    metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
     let (tx, rx) = mpsc::channel(queue_batches);
     let (sequence_tx, sequence_rx) = watch::channel(last);
     let writer = Writer {
         store,
         engine,
+        stall,
         last_sequence: last,
+        stalled_shipments,
         sequence_tx,
         group_commit_batches,
         changelog,
@@ -170,7 +246,10 @@ pub fn spawn(
 struct Writer {
     store: Store,
     engine: Engine,
+    stall: StallPolicy,
     last_sequence: Sequence,
+    /// Mirrors `META_STALLED_SHIPMENTS`: moves only with a successful write.
+    stalled_shipments: u64,
     sequence_tx: watch::Sender<Sequence>,
     group_commit_batches: usize,
     /// Where shipments owned by a source partition are replicated after each write.
@@ -178,12 +257,29 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        while let Some(first) = rx.blocking_recv() {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut held: Option<Job> = None;
+        while let Some(job) = held.take().or_else(|| rx.blocking_recv()) {
+            let first = match job {
+                Job::Ingest(request) => request,
+                Job::Sweep { now, reply } => {
+                    let result = self.sweep(now);
+                    if let Err(error) = &result {
+                        metrics::counter!(m::STORE_WRITE_ERRORS_TOTAL).increment(1);
+                        tracing::error!(%error, "stall sweep failed; nothing stalled");
+                    }
+                    let _ = reply.send(result);
+                    continue;
+                }
+            };
             let mut group = vec![first];
             while group.len() < self.group_commit_batches {
                 match rx.try_recv() {
-                    Ok(next) => group.push(next),
+                    Ok(Job::Ingest(next)) => group.push(next),
+                    Ok(sweep) => {
+                        held = Some(sweep);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -265,7 +361,13 @@ impl Writer {
                 event_time: s.event_time,
                 facility: s.facility,
                 scan_id_known,
+                clock_skewed: s.clock_skewed,
             })
+            .collect();
+        let stalled_before: Vec<TrackingNumber> = states
+            .iter()
+            .filter(|(_, state)| state.stalled)
+            .map(|(number, _)| number.clone())
             .collect();
         let Effects {
             outcomes,
@@ -288,6 +390,9 @@ impl Writer {
         let mut touched: Vec<&TrackingNumber> = Vec::new();
         for &index in &stored {
             let scan = scans[index];
+            if let Some(state) = states.get_mut(&scan.tracking_number) {
+                annotate(state, scan);
+            }
             let mut value = Vec::with_capacity(scan.wire.encoded_len() + stamp.len());
             scan.wire.encode_raw(&mut value);
             value.extend_from_slice(&stamp);
@@ -308,8 +413,13 @@ impl Writer {
         }
         touched.sort_unstable();
         touched.dedup();
+        let mut woken = 0u64;
         for number in touched {
-            if let Some(state) = states.get(number) {
+            if let Some(state) = states.get_mut(number) {
+                if !state.stalled && stalled_before.contains(number) {
+                    woken += 1;
+                }
+                self.index_stall_deadline(&mut batch, number, state);
                 batch.put_cf(
                     shipments_cf,
                     keys::shipment_key(number),
@@ -320,28 +430,26 @@ impl Writer {
         let mut sequence = self.last_sequence;
         for change in &changes {
             sequence = Sequence(sequence.0 + 1);
-            let cause = scans[change.cause];
-            let (previous_status, previous_sub_status) = status_fields(change.previous);
-            let (status, sub_status) = status_fields(Some(change.current));
-            let record = pb::StatusChange {
-                sequence: sequence.0,
-                tracking_number: change.tracking_number.to_string(),
-                version: change.version.0,
-                previous_status,
-                status,
-                sub_status,
-                cause_scan_id: cause.scan_id.to_string(),
-                event_time: cause.wire.event_time,
-                location: cause.wire.location.clone(),
-                regression: change.regression,
-                previous_sub_status,
-                correction: change.correction,
-                committed_time: Some(received_time),
-            };
+            let cause = change.cause.map(|index| scans[index]);
+            let record = change_record(
+                sequence,
+                change,
+                cause,
+                states.get(&change.tracking_number),
+                received_time,
+            );
             batch.put_cf(
                 changes_cf,
                 keys::change_key(sequence),
                 record.encode_to_vec(),
+            );
+        }
+        let stalled_shipments = self.stalled_shipments.saturating_sub(woken);
+        if woken > 0 {
+            batch.put_cf(
+                self.store.cf(keys::META),
+                keys::META_STALLED_SHIPMENTS,
+                stalled_shipments.to_be_bytes(),
             );
         }
         for offset in group.iter().flat_map(|r| &r.offsets) {
@@ -364,6 +472,8 @@ impl Writer {
         db.write_opt(batch, &sync)?;
 
         self.last_sequence = sequence;
+        self.stalled_shipments = stalled_shipments;
+        metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
         if let Some(changelog) = &self.changelog {
             // The batch is durable whatever happens here: a missed snapshot only means the next
             // owner resumes earlier and re-applies those scans itself.
@@ -381,6 +491,214 @@ impl Writer {
             per_request.push(outcomes.by_ref().take(request.scans.len()).collect());
         }
         Ok(per_request)
+    }
+}
+
+impl Writer {
+    /// Keeps the deadline index in step with the state, in the same write.
+    fn index_stall_deadline(
+        &self,
+        batch: &mut WriteBatch,
+        number: &TrackingNumber,
+        state: &mut ShipmentState,
+    ) {
+        let deadline = self.stall.deadline(state);
+        if deadline == state.stall_deadline {
+            return;
+        }
+        let index = self.store.cf(keys::STALL_DEADLINES);
+        if let Some(old) = state.stall_deadline {
+            batch.delete_cf(index, keys::stall_key(old, number));
+        }
+        if let Some(new) = deadline {
+            batch.put_cf(index, keys::stall_key(new, number), []);
+        }
+        state.stall_deadline = deadline;
+    }
+
+    /// Stalls the shipments due at `now`: reads only the due part of the deadline index,
+    /// checks each against its stored state (an entry a later scan superseded is dropped), and
+    /// writes the STALLED changes, the states and the index edits as one synced write.
+    fn sweep(&mut self, now: EventTime) -> Result<Swept, StoreError> {
+        let db = &self.store.db;
+        let index = self.store.cf(keys::STALL_DEADLINES);
+        let shipments_cf = self.store.cf(keys::SHIPMENTS);
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(keys::stall_keys_due(now));
+        let mut due = Vec::new();
+        for item in db.iterator_cf_opt(index, read, IteratorMode::Start) {
+            let (key, _) = item?;
+            due.push(key);
+            if due.len() == SWEEP_LIMIT {
+                break;
+            }
+        }
+        if due.is_empty() {
+            return Ok(Swept {
+                stalled: 0,
+                more_due: false,
+            });
+        }
+        let mut batch = WriteBatch::default();
+        let mut entries = Vec::with_capacity(due.len());
+        for key in &due {
+            batch.delete_cf(index, key);
+            match keys::decode_stall_key(key) {
+                Some(entry) => entries.push(entry),
+                None => tracing::warn!(key = ?key, "unreadable stall index key dropped"),
+            }
+        }
+        let values = db.batched_multi_get_cf(
+            shipments_cf,
+            entries.iter().map(|(_, number)| keys::shipment_key(number)),
+            false,
+        );
+        let committed = prost_types::Timestamp::from(SystemTime::now());
+        let mut sequence = self.last_sequence;
+        let mut stalled = Vec::new();
+        for ((deadline, number), value) in entries.into_iter().zip(values) {
+            let Some(bytes) = value? else { continue };
+            let mut state = records::decode_shipment(keys::shipment_key(&number), &bytes)?;
+            if state.stall_deadline != Some(deadline) {
+                continue;
+            }
+            let Some(change) = self
+                .engine
+                .stall(&self.stall, number.clone(), &mut state, now)
+            else {
+                continue;
+            };
+            state.stall_deadline = None;
+            sequence = Sequence(sequence.0 + 1);
+            let mut record = change_record(sequence, &change, None, Some(&state), committed);
+            record.event_time = Some(timestamp(deadline));
+            batch.put_cf(
+                self.store.cf(keys::CHANGES),
+                keys::change_key(sequence),
+                record.encode_to_vec(),
+            );
+            batch.put_cf(
+                shipments_cf,
+                keys::shipment_key(&number),
+                records::encode_shipment(&state),
+            );
+            metrics::counter!(m::SHIPMENTS_STALLED_TOTAL, "status" => change.current.status.label())
+                .increment(1);
+            metrics::counter!(m::STATUS_CHANGES_TOTAL, "status" => Status::Stalled.label())
+                .increment(1);
+            stalled.push((number, state));
+        }
+        let stalled_shipments = self.stalled_shipments + stalled.len() as u64;
+        if !stalled.is_empty() {
+            let meta = self.store.cf(keys::META);
+            batch.put_cf(meta, keys::META_LAST_SEQUENCE, keys::change_key(sequence));
+            batch.put_cf(
+                meta,
+                keys::META_STALLED_SHIPMENTS,
+                stalled_shipments.to_be_bytes(),
+            );
+        }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        db.write_opt(batch, &sync)?;
+
+        self.last_sequence = sequence;
+        self.stalled_shipments = stalled_shipments;
+        if let Some(changelog) = &self.changelog {
+            if let Err(error) = self.replicate_owned(changelog, &stalled) {
+                tracing::error!(%error, "changelog snapshot of a stall not sent");
+            }
+        }
+        self.sequence_tx.send_replace(sequence);
+        metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(sequence.0 as f64);
+        metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
+        Ok(Swept {
+            stalled: stalled.len(),
+            more_due: due.len() == SWEEP_LIMIT,
+        })
+    }
+
+    /// Sends stalled shipments that a source partition owns to the changelog, positioned at
+    /// the partition's stored offset (the state includes everything before it).
+    fn replicate_owned(
+        &self,
+        changelog: &mpsc::Sender<Snapshot>,
+        shipments: &[(TrackingNumber, ShipmentState)],
+    ) -> Result<(), StoreError> {
+        for (number, state) in shipments {
+            let Some(owner) = &state.owner else { continue };
+            let next_offset = self
+                .store
+                .source_offset(&owner.topic, owner.partition)?
+                .unwrap_or_default();
+            let snapshot = Snapshot {
+                tracking_number: number.to_string(),
+                topic: owner.topic.clone(),
+                partition: owner.partition,
+                next_offset,
+                record: records::encode_shipment(state),
+                events: self.store.timeline_values(number)?,
+            };
+            if changelog.blocking_send(snapshot).is_err() {
+                tracing::warn!("changelog stopped; state is no longer replicated");
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a stored scan tells about its shipment beyond the timeline: who owns it and which
+/// carrier its number belongs to (from the first scan that says).
+fn annotate(state: &mut ShipmentState, scan: &StoreScan) {
+    if let Some(origin) = &scan.origin {
+        if state.owner.as_ref() != Some(origin) {
+            state.owner = Some(origin.clone());
+        }
+    }
+    if let Some(check) = &scan.number_check {
+        if state.flags.tracking_number == NumberCheck::default() {
+            state.flags.tracking_number = NumberCheck::clone(check);
+        }
+    }
+}
+
+fn timestamp(t: EventTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.0.div_euclid(1_000_000),
+        nanos: (t.0.rem_euclid(1_000_000) * 1_000) as i32,
+    }
+}
+
+/// The published form of a change. `cause` is the scan behind it (none for a stall).
+fn change_record(
+    sequence: Sequence,
+    change: &Change,
+    cause: Option<&StoreScan>,
+    state: Option<&ShipmentState>,
+    committed: prost_types::Timestamp,
+) -> pb::StatusChange {
+    let (previous_status, previous_sub_status) = status_fields(change.previous);
+    let (status, sub_status) = status_fields(Some(change.current));
+    let number_check = state.map(|s| &s.flags.tracking_number);
+    pb::StatusChange {
+        sequence: sequence.0,
+        tracking_number: change.tracking_number.to_string(),
+        version: change.version.0,
+        previous_status,
+        status,
+        sub_status,
+        cause_scan_id: cause.map(|c| c.scan_id.to_string()).unwrap_or_default(),
+        event_time: cause.and_then(|c| c.wire.event_time),
+        location: cause.and_then(|c| c.wire.location.clone()),
+        regression: change.regression,
+        previous_sub_status,
+        correction: change.correction,
+        committed_time: Some(committed),
+        stalled_status: stalled_status(Some(change.current)),
+        carrier: number_check.map(|c| c.carrier.clone()).unwrap_or_default(),
+        carrier_service: number_check.map(|c| c.service.clone()).unwrap_or_default(),
+        previous_stalled_status: stalled_status(change.previous),
     }
 }
 
@@ -445,11 +763,7 @@ impl Writer {
     }
 }
 
-fn record_metrics(
-    outcomes: &[(usize, Outcome)],
-    changes: &[crate::engine::Change],
-    after_terminal: u32,
-) {
+fn record_metrics(outcomes: &[(usize, Outcome)], changes: &[Change], after_terminal: u32) {
     let mut accepted = 0u64;
     let mut by_kind: HashMap<&'static str, u64> = HashMap::new();
     for (_, outcome) in outcomes {
@@ -465,6 +779,189 @@ fn record_metrics(
     for change in changes {
         metrics::counter!(m::STATUS_CHANGES_TOTAL, "status" => change.current.status.label())
             .increment(1);
+        if change.regression {
+            metrics::counter!(m::STATUS_REGRESSIONS_TOTAL).increment(1);
+        }
     }
     metrics::counter!(m::SCANS_AFTER_TERMINAL_TOTAL).increment(u64::from(after_terminal));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Status;
+    use std::time::Duration;
+
+    const HOUR: i64 = 3_600_000_000;
+
+    fn policy() -> StallPolicy {
+        StallPolicy::new([
+            (Status::InTransit, Duration::from_secs(48 * 3600)),
+            (Status::OutForDelivery, Duration::from_secs(12 * 3600)),
+        ])
+    }
+
+    fn scan(number: &str, id: &str, scan_type: ScanType, hours: i64) -> StoreScan {
+        let event_time = EventTime(hours * HOUR);
+        StoreScan {
+            tracking_number: TrackingNumber::parse(number).expect("valid"),
+            scan_id: ScanId::parse(id).expect("valid"),
+            scan_type,
+            event_time,
+            facility: 1,
+            wire: pb::Scan {
+                scan_id: id.into(),
+                tracking_number: number.into(),
+                scan_type: scan_type.as_i32(),
+                event_time: Some(timestamp(event_time)),
+                ..Default::default()
+            },
+            origin: None,
+            clock_skewed: false,
+            number_check: None,
+        }
+    }
+
+    async fn ingest(writer: &WriterHandle, scans: Vec<StoreScan>) {
+        let answer = writer
+            .enqueue(scans, Vec::new(), Instant::now())
+            .await
+            .expect("queued");
+        answer.await.expect("answered").expect("durable");
+    }
+
+    fn shipment(store: &Store, number: &str) -> pb::Shipment {
+        store
+            .shipment(&TrackingNumber::parse(number).expect("valid"))
+            .expect("read")
+            .expect("exists")
+    }
+
+    #[tokio::test]
+    async fn shipments_stall_at_their_deadline_once_and_a_later_scan_moves_them_on() {
+        let (_dir, store) = crate::store::tests::temp_store(86_400);
+        let (writer, _, thread) = spawn(
+            store.clone(),
+            Engine::new(Duration::from_secs(60)),
+            policy(),
+            4,
+            4,
+            None,
+        )
+        .expect("spawns");
+        ingest(
+            &writer,
+            vec![
+                scan("TRANSIT001", "a1", ScanType::Sorted, 0),
+                scan("COURIER001", "b1", ScanType::OutForDelivery, 0),
+                scan("DONE000001", "c1", ScanType::Delivered, 0),
+            ],
+        )
+        .await;
+        let sweep = |hours: i64| {
+            let writer = writer.clone();
+            async move { writer.sweep(EventTime(hours * HOUR)).await.expect("sweeps") }
+        };
+        assert_eq!(sweep(11).await.stalled, 0);
+        assert_eq!(
+            sweep(12).await.stalled,
+            1,
+            "out for delivery stalls after 12 h"
+        );
+        assert_eq!(sweep(47).await.stalled, 0);
+        assert_eq!(sweep(1000).await.stalled, 1, "in transit stalls after 48 h");
+        assert_eq!(
+            sweep(2000).await.stalled,
+            0,
+            "stalled once, delivered never"
+        );
+        assert_eq!(store.stalled_shipments().expect("count"), 2);
+
+        let transit = shipment(&store, "TRANSIT001");
+        assert_eq!(transit.status, pb::Status::Stalled as i32);
+        assert_eq!(transit.stalled_status, pb::Status::InTransit as i32);
+        assert_eq!(transit.sub_status, pb::ScanType::Sorted as i32);
+        assert_eq!(transit.version, 2);
+        let changes = store.changes_after(Sequence(0), 100).expect("changes");
+        let stalls: Vec<_> = changes
+            .iter()
+            .filter(|c| c.status == pb::Status::Stalled as i32)
+            .map(|c| {
+                (
+                    c.tracking_number.as_str(),
+                    c.version,
+                    c.stalled_status,
+                    c.event_time.map(|t| t.seconds),
+                    c.cause_scan_id.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            stalls,
+            vec![
+                (
+                    "COURIER001",
+                    2,
+                    pb::Status::OutForDelivery as i32,
+                    Some(12 * 3600),
+                    ""
+                ),
+                (
+                    "TRANSIT001",
+                    2,
+                    pb::Status::InTransit as i32,
+                    Some(48 * 3600),
+                    ""
+                ),
+            ]
+        );
+
+        ingest(
+            &writer,
+            vec![scan("TRANSIT001", "a0", ScanType::PickedUp, -5)],
+        )
+        .await;
+        assert_eq!(
+            shipment(&store, "TRANSIT001").status,
+            pb::Status::Stalled as i32,
+            "an older scan uploaded late does not wake it"
+        );
+        ingest(
+            &writer,
+            vec![scan("TRANSIT001", "a2", ScanType::Sorted, 50)],
+        )
+        .await;
+        let woken = store.changes_after(Sequence(5), 100).expect("changes");
+        let [change] = woken.as_slice() else {
+            panic!("one change: {woken:?}")
+        };
+        assert_eq!(
+            (
+                change.previous_status,
+                change.previous_stalled_status,
+                change.status,
+                change.sub_status,
+                change.version,
+                change.cause_scan_id.as_str()
+            ),
+            (
+                pb::Status::Stalled as i32,
+                pb::Status::InTransit as i32,
+                pb::Status::InTransit as i32,
+                pb::ScanType::Sorted as i32,
+                3,
+                "a2"
+            )
+        );
+        assert_eq!(store.stalled_shipments().expect("count"), 1);
+        assert_eq!(
+            sweep(97).await.stalled,
+            0,
+            "its deadline moved to 50 h + 48 h"
+        );
+        assert_eq!(sweep(98).await.stalled, 1);
+
+        drop(writer);
+        thread.join().expect("writer stops");
+    }
 }

@@ -30,6 +30,12 @@ pub const OUTBOX_PENDING: &str = "scand_outbox_pending";
 pub const PUBLISH_TOTAL: &str = "scand_publish_total";
 pub const PUBLISH_LATENCY_SECONDS: &str = "scand_publish_latency_seconds";
 pub const GATEWAY_FORWARDED_TOTAL: &str = "scand_gateway_forwarded_total";
+pub const SHIPMENTS_STALLED: &str = "scand_shipments_stalled";
+pub const SHIPMENTS_STALLED_TOTAL: &str = "scand_shipments_stalled_total";
+pub const STALL_SWEEP_SECONDS: &str = "scand_stall_sweep_seconds";
+pub const STATUS_REGRESSIONS_TOTAL: &str = "scand_status_regressions_total";
+pub const SCANS_CLOCK_SKEW_TOTAL: &str = "scand_scans_clock_skew_total";
+pub const TRACKING_NUMBERS_FLAGGED_TOTAL: &str = "scand_tracking_numbers_flagged_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -62,6 +68,14 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     // Gauges read as 0 from the start, so dashboards and alerts see them before first use.
     metrics::gauge!(FEED_SUBSCRIBERS).set(0.0);
     metrics::gauge!(CHANGE_LOG_SEQUENCE).set(0.0);
+    metrics::gauge!(SHIPMENTS_STALLED).set(0.0);
+    for counter in [
+        STATUS_REGRESSIONS_TOTAL,
+        SCANS_CLOCK_SKEW_TOTAL,
+        STORE_WRITE_ERRORS_TOTAL,
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
     Ok(handle)
 }
 
@@ -138,6 +152,35 @@ fn describe() {
         "Failed RocksDB writes (nothing acknowledged)."
     );
     describe_gauge!(CHANGE_LOG_SEQUENCE, "Highest sequence in the change log.");
+    describe_gauge!(
+        SHIPMENTS_STALLED,
+        "Shipments currently stalled (no scan for longer than their status's threshold)."
+    );
+    describe_counter!(
+        SHIPMENTS_STALLED_TOTAL,
+        Unit::Count,
+        "STALLED changes published, by the status the shipment stalled in."
+    );
+    describe_histogram!(
+        STALL_SWEEP_SECONDS,
+        Unit::Seconds,
+        "One stall sweep: read the due deadlines, write the STALLED changes."
+    );
+    describe_counter!(
+        STATUS_REGRESSIONS_TOTAL,
+        Unit::Count,
+        "Status changes that went backwards in the lifecycle."
+    );
+    describe_counter!(
+        SCANS_CLOCK_SKEW_TOTAL,
+        Unit::Count,
+        "Scans whose event time was far from the time scand received them (accepted, flagged)."
+    );
+    describe_counter!(
+        TRACKING_NUMBERS_FLAGGED_TOTAL,
+        Unit::Count,
+        "Scans whose tracking number failed the carrier check under the flag policy, by reason."
+    );
     describe_gauge!(FEED_SUBSCRIBERS, "Open WatchStatusChanges streams.");
     describe_counter!(
         FEED_CHANGES_SENT_TOTAL,
