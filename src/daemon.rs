@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{server::TcpIncoming, Server};
 
+use crate::api::operations::OperationsService;
 use crate::api::{message_limit, pb, tracking::TrackingService, FILE_DESCRIPTOR_SET};
 use crate::config::Config;
 use crate::engine::Engine;
@@ -156,6 +157,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let tracking_service =
         pb::tracking_server::TrackingServer::new(TrackingService::new(store.clone(), feed))
             .max_decoding_message_size(max_message);
+    let sinks = if kafka.sink.enabled {
+        vec![crate::publish::kafka::SINK]
+    } else {
+        Vec::new()
+    };
+    let operations_service =
+        pb::operations_server::OperationsServer::new(OperationsService::new(store.clone(), sinks));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -163,6 +171,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .await;
     health_reporter
         .set_serving::<pb::tracking_server::TrackingServer<TrackingService>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::operations_server::OperationsServer<OperationsService>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -194,6 +205,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .add_service(reflection_v1alpha)
         .add_service(ingest_service)
         .add_service(tracking_service)
+        .add_service(operations_service)
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small acks wait for delayed-ACK timers (~40 ms a round trip).
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),

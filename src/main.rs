@@ -1,4 +1,4 @@
-//! The `scand` command: run the daemon, or check a config file.
+//! The `scand` command: run the daemon, check a config file, or talk to a running daemon.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +30,8 @@ enum Command {
         #[arg(long, short, env = "SCAND_CONFIG", default_value = "config/scand.toml")]
         config: PathBuf,
     },
+    /// Operator commands against a running daemon: get a shipment, tail changes, stats.
+    Ctl(scand::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Ctl(args) => ctl(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,6 +54,15 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     Config::load(Some(path))
         .with_context(|| format!("{} is not a valid scand config", path.display()))?;
     println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn ctl(args: scand::ctl::CtlArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(scand::ctl::run(args))?;
     Ok(())
 }
 

@@ -27,6 +27,14 @@ fn help_documents_every_subcommand() {
         help.contains("check-config") && help.contains("Validate a config file"),
         "{help}"
     );
+    assert!(
+        help.contains("ctl") && help.contains("Operator commands against a running daemon"),
+        "{help}"
+    );
+    let ctl_help = text(&scand(&["ctl", "--help"]).stdout);
+    for sub in ["get", "tail", "stats", "--target"] {
+        assert!(ctl_help.contains(sub), "ctl --help lacks {sub}: {ctl_help}");
+    }
     for sub in ["run", "check-config"] {
         let out = scand(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help");

@@ -2,7 +2,9 @@
 //! served by reflection, and the thin service adapters (`tracking`). Scan ingestion's service
 //! lives with the other ingest adapters in `ingest::grpc`.
 
+pub mod json;
 pub mod message_limit;
+pub mod operations;
 pub mod tracking;
 
 /// Generated from proto/scand/v1/scand.proto.

@@ -207,46 +207,10 @@ pub fn content_type(encoding: Encoding) -> &'static str {
 pub fn encode(change: &pb::StatusChange, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Protobuf => change.encode_to_vec(),
-        Encoding::Json => json(change).to_string().into_bytes(),
+        Encoding::Json => crate::api::json::status_change(change)
+            .to_string()
+            .into_bytes(),
     }
-}
-
-fn rfc3339(t: Option<prost_types::Timestamp>) -> Option<String> {
-    t.and_then(|t| SystemTime::try_from(t).ok())
-        .map(|t| humantime::format_rfc3339_nanos(t).to_string())
-}
-
-fn json(c: &pb::StatusChange) -> serde_json::Value {
-    let status = |n: i32| {
-        pb::Status::try_from(n)
-            .unwrap_or(pb::Status::Unspecified)
-            .as_str_name()
-    };
-    let scan_type = |n: i32| {
-        pb::ScanType::try_from(n)
-            .unwrap_or(pb::ScanType::Unspecified)
-            .as_str_name()
-    };
-    serde_json::json!({
-        "sequence": c.sequence,
-        "tracking_number": c.tracking_number,
-        "version": c.version,
-        "previous_status": status(c.previous_status),
-        "previous_sub_status": scan_type(c.previous_sub_status),
-        "status": status(c.status),
-        "sub_status": scan_type(c.sub_status),
-        "cause_scan_id": c.cause_scan_id,
-        "event_time": rfc3339(c.event_time),
-        "location": c.location.as_ref().map(|l| serde_json::json!({
-            "facility_id": l.facility_id,
-            "kind": pb::LocationKind::try_from(l.kind).unwrap_or(pb::LocationKind::Unspecified).as_str_name(),
-            "latitude": l.latitude,
-            "longitude": l.longitude,
-        })),
-        "regression": c.regression,
-        "correction": c.correction,
-        "committed_time": rfc3339(c.committed_time),
-    })
 }
 
 #[cfg(test)]

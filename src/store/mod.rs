@@ -172,6 +172,19 @@ impl Store {
         })
     }
 
+    /// RocksDB's estimate of the keys in a column family.
+    pub fn estimate_keys(&self, cf: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .property_int_value_cf(self.cf(cf), "rocksdb.estimate-num-keys")?
+            .unwrap_or(0))
+    }
+
+    /// An integer RocksDB property of one column family (`None` when RocksDB has no value).
+    pub fn cf_property(&self, cf: &str, property: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.db.property_int_value_cf(self.cf(cf), property)?)
+    }
+
     /// Shipments currently stalled, as counted by the writes that stall and wake them.
     pub fn stalled_shipments(&self) -> Result<u64, StoreError> {
         let Some(v) = self

@@ -484,6 +484,8 @@ impl Writer {
         self.sequence_tx.send_replace(sequence);
         metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(sequence.0 as f64);
         record_metrics(&outcomes, &changes, after_terminal);
+        let clock_skewed = stored.iter().filter(|&&i| scans[i].clock_skewed).count();
+        metrics::counter!(m::SCANS_CLOCK_SKEW_TOTAL).increment(clock_skewed as u64);
 
         let mut per_request = Vec::with_capacity(group.len());
         let mut outcomes = outcomes.into_iter().map(|(_, o)| o);

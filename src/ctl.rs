@@ -1,0 +1,404 @@
+//! `scand ctl`: the operator's client for a running daemon, over its public gRPC API.
+//! `get` shows one shipment, `tail` follows the change feed, `stats` summarises the instance.
+//! Output is a readable table, or JSON (`--json`, one object per line for `tail`) for scripts.
+//!
+//! Errors name what failed and where (the target address), so "daemon not running" and
+//! "unknown tracking number" read differently.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::json;
+use crate::api::pb::{self, operations_client::OperationsClient, tracking_client::TrackingClient};
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The daemon's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "SCAND_TARGET",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub target: String,
+    /// How long to wait for the daemon to answer a connection.
+    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Show a shipment: status, carrier, flags and its timeline in order.
+    Get {
+        tracking_number: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the change feed: status changes as they are committed.
+    Tail {
+        /// Start at this sequence (inclusive): `--from 1` replays the whole history.
+        /// Without it, only changes committed from now on are shown.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Only this shipment's changes.
+        #[arg(long)]
+        tracking_number: Option<String>,
+        /// Stop after this many changes (default: follow until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A short summary of the daemon: changes recorded, shipments, stalled, sink backlog.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("invalid --target {target}: {reason}")]
+    Target { target: String, reason: String },
+    #[error("cannot reach scand at {target}: {reason} (is the daemon running? set --target or SCAND_TARGET)")]
+    Unreachable { target: String, reason: String },
+    #[error("no scans recorded for tracking number {0}")]
+    NotFound(String),
+    #[error("scand at {target} answered {code:?}: {message}")]
+    Rpc {
+        target: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Runs one `ctl` command. A closed stdout (e.g. piped into `head`) ends it quietly.
+pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
+    let channel = connect(&args.target, args.connect_timeout).await?;
+    let rpc_error = |status: tonic::Status| CtlError::Rpc {
+        target: args.target.clone(),
+        code: status.code(),
+        message: status.message().to_owned(),
+    };
+    let mut out = std::io::stdout().lock();
+    let result = match args.command {
+        CtlCommand::Get {
+            tracking_number,
+            json,
+        } => {
+            let reply = TrackingClient::new(channel)
+                .get_shipment(pb::GetShipmentRequest {
+                    tracking_number: tracking_number.clone(),
+                })
+                .await;
+            let shipment = match reply {
+                Ok(reply) => reply.into_inner(),
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    return Err(CtlError::NotFound(tracking_number))
+                }
+                Err(status) => return Err(rpc_error(status)),
+            };
+            if json {
+                writeln!(out, "{}", json::shipment(&shipment))
+            } else {
+                write_shipment(&mut out, &shipment)
+            }
+        }
+        CtlCommand::Tail {
+            from,
+            tracking_number,
+            count,
+            json,
+        } => {
+            let after_sequence = match from {
+                Some(first) => first.saturating_sub(1),
+                None => {
+                    OperationsClient::new(channel.clone())
+                        .get_stats(pb::GetStatsRequest {})
+                        .await
+                        .map_err(rpc_error)?
+                        .into_inner()
+                        .last_sequence
+                }
+            };
+            let mut stream = TrackingClient::new(channel)
+                .watch_status_changes(pb::WatchRequest {
+                    after_sequence,
+                    tracking_number,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let mut shown = 0;
+            loop {
+                if count.is_some_and(|n| shown >= n) {
+                    break Ok(());
+                }
+                let Some(change) = stream.message().await.map_err(rpc_error)? else {
+                    break Ok(());
+                };
+                shown += 1;
+                let written = if json {
+                    writeln!(out, "{}", json::status_change(&change))
+                } else {
+                    writeln!(out, "{}", change_line(&change))
+                };
+                if let Err(error) = written.and_then(|()| out.flush()) {
+                    break Err(error);
+                }
+            }
+        }
+        CtlCommand::Stats { json } => {
+            let stats = OperationsClient::new(channel)
+                .get_stats(pb::GetStatsRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if json {
+                writeln!(out, "{}", stats_json(&stats))
+            } else {
+                write_stats(&mut out, &stats)
+            }
+        }
+    };
+    match result {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+async fn connect(target: &str, timeout: Duration) -> Result<Channel, CtlError> {
+    let endpoint = Endpoint::from_shared(target.to_owned()).map_err(|e| CtlError::Target {
+        target: target.to_owned(),
+        reason: e.to_string(),
+    })?;
+    endpoint
+        .connect_timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| CtlError::Unreachable {
+            target: target.to_owned(),
+            reason: source_chain(&e),
+        })
+}
+
+/// tonic's transport errors say only "transport error"; the cause is further down.
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+fn short_status(n: i32) -> &'static str {
+    json::status_name(n).trim_start_matches("STATUS_")
+}
+
+fn short_scan_type(n: i32) -> &'static str {
+    json::scan_type_name(n).trim_start_matches("SCAN_TYPE_")
+}
+
+/// `IN_TRANSIT (SORTED)`, `STALLED in OUT_FOR_DELIVERY`.
+fn status_text(status: i32, sub_status: i32, stalled_status: i32) -> String {
+    let mut text = if status == pb::Status::Stalled as i32 {
+        format!("STALLED in {}", short_status(stalled_status))
+    } else {
+        short_status(status).to_owned()
+    };
+    if sub_status != 0 {
+        text = format!("{text} ({})", short_scan_type(sub_status));
+    }
+    text
+}
+
+fn time_text(t: Option<prost_types::Timestamp>) -> String {
+    t.and_then(|t| SystemTime::try_from(t).ok()).map_or_else(
+        || "-".to_owned(),
+        |t| humantime::format_rfc3339_seconds(t).to_string(),
+    )
+}
+
+fn write_shipment(out: &mut impl Write, s: &pb::Shipment) -> std::io::Result<()> {
+    let carrier = match (s.carrier.as_str(), s.tracking_number_issue.as_str()) {
+        ("", "") => "not recognised".to_owned(),
+        ("", issue) => format!("not recognised ({issue})"),
+        (carrier, "") if s.carrier_service.is_empty() => carrier.to_owned(),
+        (carrier, "") => format!("{carrier}, {}", s.carrier_service),
+        (carrier, issue) => format!("{carrier}? ({issue})"),
+    };
+    writeln!(out, "Tracking number  {}", s.tracking_number)?;
+    writeln!(
+        out,
+        "Status           {}",
+        status_text(s.status, s.sub_status, s.stalled_status)
+    )?;
+    writeln!(out, "Version          {}", s.version)?;
+    writeln!(out, "Carrier          {carrier}")?;
+    writeln!(
+        out,
+        "Flags            {} after terminal, {} regressions, {} clock-skewed scans",
+        s.scans_after_terminal, s.regressions, s.clock_skewed_scans
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:>3}  {:<20}  {:<20}  {:<16}  {:<12}  {:<8}  SCAN ID",
+        "#", "EVENT TIME (UTC)", "SCAN TYPE", "FACILITY", "DEVICE", "SOURCE"
+    )?;
+    for (i, scan) in s.timeline.iter().enumerate() {
+        let facility = scan
+            .location
+            .as_ref()
+            .map_or("-", |l| l.facility_id.as_str());
+        let source = pb::Source::try_from(scan.source)
+            .unwrap_or(pb::Source::Unspecified)
+            .as_str_name()
+            .trim_start_matches("SOURCE_");
+        writeln!(
+            out,
+            "{:>3}  {:<20}  {:<20}  {:<16}  {:<12}  {:<8}  {}",
+            i + 1,
+            time_text(scan.event_time),
+            short_scan_type(scan.scan_type),
+            facility,
+            scan.device_id,
+            source,
+            scan.scan_id
+        )?;
+    }
+    Ok(())
+}
+
+fn change_line(c: &pb::StatusChange) -> String {
+    let previous = if c.previous_status == 0 {
+        "(new)".to_owned()
+    } else {
+        status_text(
+            c.previous_status,
+            c.previous_sub_status,
+            c.previous_stalled_status,
+        )
+    };
+    let mut line = format!(
+        "#{}  {}  {}  v{}  {} -> {}",
+        c.sequence,
+        time_text(c.event_time),
+        c.tracking_number,
+        c.version,
+        previous,
+        status_text(c.status, c.sub_status, c.stalled_status),
+    );
+    if !c.cause_scan_id.is_empty() {
+        line.push_str(&format!("  scan {}", c.cause_scan_id));
+    }
+    if c.regression {
+        line.push_str("  [regression]");
+    }
+    if c.correction {
+        line.push_str("  [correction]");
+    }
+    line
+}
+
+fn stats_json(s: &pb::Stats) -> serde_json::Value {
+    serde_json::json!({
+        "version": s.version,
+        "uptime_seconds": s.uptime_seconds,
+        "last_sequence": s.last_sequence,
+        "shipments_estimate": s.shipments_estimate,
+        "stored_scans_estimate": s.stored_scans_estimate,
+        "stalled_shipments": s.stalled_shipments,
+        "data_bytes": s.data_bytes,
+        "sinks": s.sinks.iter().map(|k| serde_json::json!({
+            "name": k.name,
+            "delivered_sequence": k.delivered_sequence,
+            "pending": k.pending,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn write_stats(out: &mut impl Write, s: &pb::Stats) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "scand {}, up {}",
+        s.version,
+        humantime::format_duration(Duration::from_secs(s.uptime_seconds))
+    )?;
+    writeln!(out, "status changes     {}", s.last_sequence)?;
+    writeln!(out, "shipments          ~{}", s.shipments_estimate)?;
+    writeln!(out, "stored scans       ~{}", s.stored_scans_estimate)?;
+    writeln!(out, "stalled shipments  {}", s.stalled_shipments)?;
+    writeln!(
+        out,
+        "data               {} MiB",
+        s.data_bytes / (1024 * 1024)
+    )?;
+    if s.sinks.is_empty() {
+        writeln!(out, "sinks              none (change feed only)")?;
+    }
+    for sink in &s.sinks {
+        writeln!(
+            out,
+            "sink {:<13} delivered up to {}, {} pending",
+            sink.name, sink.delivered_sequence, sink.pending
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_as_operators_say_them() {
+        assert_eq!(
+            status_text(pb::Status::InTransit as i32, pb::ScanType::Sorted as i32, 0),
+            "IN_TRANSIT (SORTED)"
+        );
+        assert_eq!(
+            status_text(
+                pb::Status::Stalled as i32,
+                0,
+                pb::Status::OutForDelivery as i32
+            ),
+            "STALLED in OUT_FOR_DELIVERY"
+        );
+    }
+
+    #[test]
+    fn a_change_is_one_line_with_its_flags() {
+        let line = change_line(&pb::StatusChange {
+            sequence: 9,
+            tracking_number: "PARCEL0001".into(),
+            version: 4,
+            previous_status: pb::Status::OutForDelivery as i32,
+            status: pb::Status::InTransit as i32,
+            sub_status: pb::ScanType::Sorted as i32,
+            cause_scan_id: "s9".into(),
+            regression: true,
+            event_time: Some(prost_types::Timestamp {
+                seconds: 1_795_594_500,
+                nanos: 0,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            line,
+            "#9  2026-11-25T08:15:00Z  PARCEL0001  v4  OUT_FOR_DELIVERY -> IN_TRANSIT (SORTED)  scan s9  [regression]"
+        );
+    }
+}
