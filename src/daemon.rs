@@ -213,6 +213,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         );
     let mut server = tokio::spawn(server);
 
+    if let Err(error) = store.record_metrics() {
+        tracing::warn!(%error, "RocksDB metrics not read");
+    }
+    let store_metrics = tokio::spawn(export_store_metrics(store.clone(), shutdown.clone()));
     readiness.set(true);
     tracing::info!(
         grpc = %config.grpc.listen,
@@ -250,7 +254,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    for task in kafka_tasks.into_iter().chain([sweeper]) {
+    for task in kafka_tasks.into_iter().chain([sweeper, store_metrics]) {
         if tokio::time::timeout(grace, task).await.is_err() {
             tracing::warn!("a Kafka task still busy after the grace period");
         }
@@ -268,6 +272,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     drop(store);
     tracing::info!("scand stopped");
     Ok(())
+}
+
+/// RocksDB's figures change slowly; reading its properties every few seconds is enough.
+async fn export_store_metrics(store: Store, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.record_metrics()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "RocksDB metrics not read"),
+            Err(error) => tracing::warn!(%error, "RocksDB metrics task failed"),
+        }
+    }
 }
 
 async fn shutdown_signal() -> std::io::Result<()> {

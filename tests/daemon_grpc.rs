@@ -367,6 +367,16 @@ async fn health_and_reflection_are_served_and_metrics_are_exported() {
         "scand_ingest_latency_seconds_bucket",
         "scand_ingest_batch_scans_bucket",
         "scand_feed_subscribers",
+        "scand_rocksdb_size_bytes{cf=\"events\"}",
+        "scand_rocksdb_memtable_bytes{cf=\"shipments\"}",
+        "scand_rocksdb_pending_compaction_bytes",
+        "scand_rocksdb_running_compactions",
+        "scand_rocksdb_write_stall_seconds_total",
+        "scand_rocksdb_block_cache_usage_bytes",
+        "scand_rocksdb_block_cache_capacity_bytes 134217728",
+        "scand_rocksdb_block_cache_hits_total",
+        "scand_rocksdb_block_cache_misses_total",
+        "scand_shipments_stalled 0",
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }

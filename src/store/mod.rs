@@ -45,6 +45,14 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
+    /// Holds RocksDB's statistics (tickers) and the block cache, for metrics.
+    telemetry: Arc<StoreTelemetry>,
+}
+
+struct StoreTelemetry {
+    options: Options,
+    cache: Cache,
+    cache_capacity: usize,
 }
 
 fn now_unix_secs() -> u64 {
@@ -100,6 +108,9 @@ impl Store {
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(4);
+        // Tickers only (cache hits, stall time): timers and histograms cost on every write.
+        db_opts.enable_statistics();
+        db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
         let descriptors = vec![
             cf(keys::EVENTS, false),
             cf(keys::SHIPMENTS, true),
@@ -109,7 +120,14 @@ impl Store {
             cf(keys::STALL_DEADLINES, false),
         ];
         let db = DB::open_cf_descriptors(&db_opts, &config.path, descriptors)?;
-        let store = Store { db: Arc::new(db) };
+        let store = Store {
+            db: Arc::new(db),
+            telemetry: Arc::new(StoreTelemetry {
+                options: db_opts,
+                cache,
+                cache_capacity: config.block_cache_bytes,
+            }),
+        };
         store.check_schema()?;
         Ok(store)
     }
@@ -170,6 +188,40 @@ impl Store {
             key: "last_sequence".into(),
             what: format!("{} bytes", v.len()),
         })
+    }
+
+    /// Exports RocksDB's own figures as metrics: size and memtables per column family,
+    /// pending compaction, running compactions, write stall time, block cache use and hits.
+    pub fn record_metrics(&self) -> Result<(), StoreError> {
+        use crate::telemetry::metrics as m;
+        use rocksdb::statistics::Ticker;
+        let mut pending_compaction = 0;
+        for cf in keys::ALL_COLUMN_FAMILIES {
+            let size = self.cf_property(cf, "rocksdb.live-sst-files-size")?;
+            let memtables = self.cf_property(cf, "rocksdb.cur-size-all-mem-tables")?;
+            metrics::gauge!(m::ROCKSDB_SIZE_BYTES, "cf" => cf).set(size.unwrap_or(0) as f64);
+            metrics::gauge!(m::ROCKSDB_MEMTABLE_BYTES, "cf" => cf)
+                .set(memtables.unwrap_or(0) as f64);
+            pending_compaction += self
+                .cf_property(cf, "rocksdb.estimate-pending-compaction-bytes")?
+                .unwrap_or(0);
+        }
+        metrics::gauge!(m::ROCKSDB_PENDING_COMPACTION_BYTES).set(pending_compaction as f64);
+        let running = self
+            .db
+            .property_int_value("rocksdb.num-running-compactions")?
+            .unwrap_or(0);
+        metrics::gauge!(m::ROCKSDB_RUNNING_COMPACTIONS).set(running as f64);
+        let telemetry = &self.telemetry;
+        let stall_micros = telemetry.options.get_ticker_count(Ticker::StallMicros);
+        metrics::gauge!(m::ROCKSDB_WRITE_STALL_SECONDS_TOTAL).set(stall_micros as f64 / 1e6);
+        metrics::gauge!(m::ROCKSDB_BLOCK_CACHE_USAGE_BYTES).set(telemetry.cache.get_usage() as f64);
+        metrics::gauge!(m::ROCKSDB_BLOCK_CACHE_CAPACITY_BYTES).set(telemetry.cache_capacity as f64);
+        metrics::counter!(m::ROCKSDB_BLOCK_CACHE_HITS_TOTAL)
+            .absolute(telemetry.options.get_ticker_count(Ticker::BlockCacheHit));
+        metrics::counter!(m::ROCKSDB_BLOCK_CACHE_MISSES_TOTAL)
+            .absolute(telemetry.options.get_ticker_count(Ticker::BlockCacheMiss));
+        Ok(())
     }
 
     /// RocksDB's estimate of the keys in a column family.

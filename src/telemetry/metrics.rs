@@ -30,6 +30,15 @@ pub const OUTBOX_PENDING: &str = "scand_outbox_pending";
 pub const PUBLISH_TOTAL: &str = "scand_publish_total";
 pub const PUBLISH_LATENCY_SECONDS: &str = "scand_publish_latency_seconds";
 pub const GATEWAY_FORWARDED_TOTAL: &str = "scand_gateway_forwarded_total";
+pub const ROCKSDB_SIZE_BYTES: &str = "scand_rocksdb_size_bytes";
+pub const ROCKSDB_MEMTABLE_BYTES: &str = "scand_rocksdb_memtable_bytes";
+pub const ROCKSDB_PENDING_COMPACTION_BYTES: &str = "scand_rocksdb_pending_compaction_bytes";
+pub const ROCKSDB_RUNNING_COMPACTIONS: &str = "scand_rocksdb_running_compactions";
+pub const ROCKSDB_WRITE_STALL_SECONDS_TOTAL: &str = "scand_rocksdb_write_stall_seconds_total";
+pub const ROCKSDB_BLOCK_CACHE_USAGE_BYTES: &str = "scand_rocksdb_block_cache_usage_bytes";
+pub const ROCKSDB_BLOCK_CACHE_CAPACITY_BYTES: &str = "scand_rocksdb_block_cache_capacity_bytes";
+pub const ROCKSDB_BLOCK_CACHE_HITS_TOTAL: &str = "scand_rocksdb_block_cache_hits_total";
+pub const ROCKSDB_BLOCK_CACHE_MISSES_TOTAL: &str = "scand_rocksdb_block_cache_misses_total";
 pub const SHIPMENTS_STALLED: &str = "scand_shipments_stalled";
 pub const SHIPMENTS_STALLED_TOTAL: &str = "scand_shipments_stalled_total";
 pub const STALL_SWEEP_SECONDS: &str = "scand_stall_sweep_seconds";
@@ -152,6 +161,47 @@ fn describe() {
         "Failed RocksDB writes (nothing acknowledged)."
     );
     describe_gauge!(CHANGE_LOG_SEQUENCE, "Highest sequence in the change log.");
+    describe_gauge!(
+        ROCKSDB_SIZE_BYTES,
+        Unit::Bytes,
+        "Live SST files per column family."
+    );
+    describe_gauge!(
+        ROCKSDB_MEMTABLE_BYTES,
+        Unit::Bytes,
+        "Memtables (active and immutable) per column family."
+    );
+    describe_gauge!(
+        ROCKSDB_PENDING_COMPACTION_BYTES,
+        Unit::Bytes,
+        "Bytes RocksDB estimates compaction must rewrite; growth precedes write stalls."
+    );
+    describe_gauge!(ROCKSDB_RUNNING_COMPACTIONS, "Compactions running now.");
+    describe_gauge!(
+        ROCKSDB_WRITE_STALL_SECONDS_TOTAL,
+        Unit::Seconds,
+        "Time writes were delayed or stopped by RocksDB (monotonic; use rate())."
+    );
+    describe_gauge!(
+        ROCKSDB_BLOCK_CACHE_USAGE_BYTES,
+        Unit::Bytes,
+        "Block cache in use."
+    );
+    describe_gauge!(
+        ROCKSDB_BLOCK_CACHE_CAPACITY_BYTES,
+        Unit::Bytes,
+        "Block cache capacity (store.block_cache_bytes)."
+    );
+    describe_counter!(
+        ROCKSDB_BLOCK_CACHE_HITS_TOTAL,
+        Unit::Count,
+        "Block cache hits."
+    );
+    describe_counter!(
+        ROCKSDB_BLOCK_CACHE_MISSES_TOTAL,
+        Unit::Count,
+        "Block cache misses (reads from disk)."
+    );
     describe_gauge!(
         SHIPMENTS_STALLED,
         "Shipments currently stalled (no scan for longer than their status's threshold)."
