@@ -497,7 +497,9 @@ impl Writer {
 }
 
 impl Writer {
-    /// Keeps the deadline index in step with the state, in the same write.
+    /// Indexes the shipment's new deadline in the same write as its state. The entry of the
+    /// old deadline is left for the sweep to drop when it comes due (it no longer matches the
+    /// record): one key per moved deadline on the ingest path instead of two.
     fn index_stall_deadline(
         &self,
         batch: &mut WriteBatch,
@@ -508,12 +510,12 @@ impl Writer {
         if deadline == state.stall_deadline {
             return;
         }
-        let index = self.store.cf(keys::STALL_DEADLINES);
-        if let Some(old) = state.stall_deadline {
-            batch.delete_cf(index, keys::stall_key(old, number));
-        }
         if let Some(new) = deadline {
-            batch.put_cf(index, keys::stall_key(new, number), []);
+            batch.put_cf(
+                self.store.cf(keys::STALL_DEADLINES),
+                keys::stall_key(new, number),
+                [],
+            );
         }
         state.stall_deadline = deadline;
     }
