@@ -78,6 +78,10 @@ impl Store {
         let cf = |name: &str, bloom: bool| {
             let mut o = Options::default();
             o.set_write_buffer_size(config.memtable_bytes);
+            if bloom {
+                o.set_memtable_whole_key_filtering(true);
+                o.set_memtable_prefix_bloom_ratio(0.05);
+            }
             o.set_block_based_table_factory(&table(bloom));
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             ColumnFamilyDescriptor::new(name, o)
@@ -85,6 +89,8 @@ impl Store {
         let mut dedup = {
             let mut o = Options::default();
             o.set_write_buffer_size(config.memtable_bytes);
+            o.set_memtable_whole_key_filtering(true);
+            o.set_memtable_prefix_bloom_ratio(0.05);
             o.set_block_based_table_factory(&table(true));
             let retention_secs = dedup_retention.as_secs();
             // Expiry is lazy, at compaction; periodic compaction makes sure old files are
