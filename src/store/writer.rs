@@ -497,32 +497,38 @@ impl Writer {
 }
 
 impl Writer {
-    /// Indexes the shipment's new deadline in the same write as its state. The entry of the
-    /// old deadline is left for the sweep to drop when it comes due (it no longer matches the
-    /// record): one key per moved deadline on the ingest path instead of two.
+    /// Keeps the deadline index a lower bound of the shipment's deadline, in the same write as
+    /// its state. A scan usually moves the deadline later: then nothing is written, and the
+    /// sweep, finding the old entry due, re-indexes the shipment at its real deadline. Only an
+    /// earlier deadline (a status with a shorter threshold) or a first one writes an entry, so
+    /// the ingest path rarely pays a key for stall tracking.
     fn index_stall_deadline(
         &self,
         batch: &mut WriteBatch,
         number: &TrackingNumber,
         state: &mut ShipmentState,
     ) {
-        let deadline = self.stall.deadline(state);
-        if deadline == state.stall_deadline {
+        let Some(deadline) = self.stall.deadline(state) else {
+            return;
+        };
+        if state
+            .stall_deadline
+            .is_some_and(|indexed| indexed <= deadline)
+        {
             return;
         }
-        if let Some(new) = deadline {
-            batch.put_cf(
-                self.store.cf(keys::STALL_DEADLINES),
-                keys::stall_key(new, number),
-                [],
-            );
-        }
-        state.stall_deadline = deadline;
+        batch.put_cf(
+            self.store.cf(keys::STALL_DEADLINES),
+            keys::stall_key(deadline, number),
+            [],
+        );
+        state.stall_deadline = Some(deadline);
     }
 
     /// Stalls the shipments due at `now`: reads only the due part of the deadline index,
-    /// checks each against its stored state (an entry a later scan superseded is dropped), and
-    /// writes the STALLED changes, the states and the index edits as one synced write.
+    /// checks each against its stored state (a stale entry is dropped, one whose shipment had
+    /// later scans is moved to its real deadline), and writes the STALLED changes, the states
+    /// and the index edits as one synced write.
     fn sweep(&mut self, now: EventTime) -> Result<Swept, StoreError> {
         let db = &self.store.db;
         let index = self.store.cf(keys::STALL_DEADLINES);
@@ -570,6 +576,17 @@ impl Writer {
                 .engine
                 .stall(&self.stall, number.clone(), &mut state, now)
             else {
+                // Not due after all: later scans moved its deadline (index it there), or it
+                // can no longer stall (forget the entry).
+                state.stall_deadline = self.stall.deadline(&state);
+                if let Some(later) = state.stall_deadline {
+                    batch.put_cf(index, keys::stall_key(later, &number), []);
+                }
+                batch.put_cf(
+                    shipments_cf,
+                    keys::shipment_key(&number),
+                    records::encode_shipment(&state),
+                );
                 continue;
             };
             state.stall_deadline = None;
@@ -859,7 +876,14 @@ mod tests {
                 scan("TRANSIT001", "a1", ScanType::Sorted, 0),
                 scan("COURIER001", "b1", ScanType::OutForDelivery, 0),
                 scan("DONE000001", "c1", ScanType::Delivered, 0),
+                scan("MOVING0001", "d1", ScanType::Sorted, 0),
+                scan("MOVING0001", "d2", ScanType::Sorted, 10),
             ],
+        )
+        .await;
+        ingest(
+            &writer,
+            vec![scan("MOVING0001", "d3", ScanType::Loaded, 20)],
         )
         .await;
         let sweep = |hours: i64| {
@@ -873,13 +897,22 @@ mod tests {
             "out for delivery stalls after 12 h"
         );
         assert_eq!(sweep(47).await.stalled, 0);
-        assert_eq!(sweep(1000).await.stalled, 1, "in transit stalls after 48 h");
+        assert_eq!(
+            sweep(67).await.stalled,
+            1,
+            "TRANSIT001 stalls at 48 h; MOVING0001's latest scan (20 h) moved it to 68 h"
+        );
+        assert_eq!(
+            sweep(68).await.stalled,
+            1,
+            "MOVING0001 at its real deadline"
+        );
         assert_eq!(
             sweep(2000).await.stalled,
             0,
             "stalled once, delivered never"
         );
-        assert_eq!(store.stalled_shipments().expect("count"), 2);
+        assert_eq!(store.stalled_shipments().expect("count"), 3);
 
         let transit = shipment(&store, "TRANSIT001");
         assert_eq!(transit.status, pb::Status::Stalled as i32);
@@ -917,6 +950,13 @@ mod tests {
                     Some(48 * 3600),
                     ""
                 ),
+                (
+                    "MOVING0001",
+                    3,
+                    pb::Status::InTransit as i32,
+                    Some(68 * 3600),
+                    ""
+                ),
             ]
         );
 
@@ -935,7 +975,7 @@ mod tests {
             vec![scan("TRANSIT001", "a2", ScanType::Sorted, 50)],
         )
         .await;
-        let woken = store.changes_after(Sequence(5), 100).expect("changes");
+        let woken = store.changes_after(Sequence(8), 100).expect("changes");
         let [change] = woken.as_slice() else {
             panic!("one change: {woken:?}")
         };
@@ -957,7 +997,7 @@ mod tests {
                 "a2"
             )
         );
-        assert_eq!(store.stalled_shipments().expect("count"), 1);
+        assert_eq!(store.stalled_shipments().expect("count"), 2);
         assert_eq!(
             sweep(97).await.stalled,
             0,
