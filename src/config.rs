@@ -102,6 +102,8 @@ pub struct StoreConfig {
     pub queue_batches: usize,
     /// Most ingest batches the writer combines into one synced write (group commit).
     pub group_commit_batches: usize,
+    /// Shipments whose state the writer keeps decoded in memory (0 = none); ~1 KiB each.
+    pub shipment_cache_entries: usize,
 }
 
 impl Default for StoreConfig {
@@ -112,6 +114,7 @@ impl Default for StoreConfig {
             memtable_bytes: 64 * 1024 * 1024,
             queue_batches: 64,
             group_commit_batches: 32,
+            shipment_cache_entries: 100_000,
         }
     }
 }

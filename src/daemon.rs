@@ -102,8 +102,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         store.clone(),
         Engine::new(config.dedup.window),
         config.stall.thresholds.policy(),
-        config.store.queue_batches,
-        config.store.group_commit_batches,
+        &config.store,
         changelog,
     )
     .map_err(|source| DaemonError::Store {

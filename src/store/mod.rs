@@ -9,6 +9,7 @@
 //!   memory, status changes and sequence counter land in one WriteBatch with the WAL synced.
 //! - Reads that must agree (a shipment record and its timeline) use one snapshot.
 
+pub mod cache;
 pub mod keys;
 pub mod records;
 pub mod writer;
@@ -47,6 +48,8 @@ pub struct Store {
     db: Arc<DB>,
     /// Holds RocksDB's statistics (tickers) and the block cache, for metrics.
     telemetry: Arc<StoreTelemetry>,
+    /// Bumped by every write of shipment state that bypasses the writer (changelog restore).
+    restore_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct StoreTelemetry {
@@ -133,6 +136,7 @@ impl Store {
                 cache,
                 cache_capacity: config.block_cache_bytes,
             }),
+            restore_epoch: Arc::default(),
         };
         store.check_schema()?;
         Ok(store)
@@ -228,6 +232,11 @@ impl Store {
         metrics::counter!(m::ROCKSDB_BLOCK_CACHE_MISSES_TOTAL)
             .absolute(telemetry.options.get_ticker_count(Ticker::BlockCacheMiss));
         Ok(())
+    }
+
+    /// Changes whenever shipment state was written behind the writer (see `cache`).
+    pub fn restore_epoch(&self) -> u64 {
+        self.restore_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// RocksDB's estimate of the keys in a column family.
@@ -386,6 +395,8 @@ impl Store {
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
         self.db.write_opt(batch, &sync)?;
+        self.restore_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(restored)
     }
 

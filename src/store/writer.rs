@@ -17,6 +17,7 @@ use prost::Message;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::cache::ShipmentCache;
 use super::{keys, records, Store, StoreError};
 use crate::api::{pb, stalled_status, status_fields};
 pub use crate::domain::Origin;
@@ -211,8 +212,7 @@ pub fn spawn(
     store: Store,
     engine: Engine,
     stall: StallPolicy,
-    queue_batches: usize,
-    group_commit_batches: usize,
+    config: &crate::config::StoreConfig,
     changelog: Option<mpsc::Sender<Snapshot>>,
 ) -> Result<
     (
@@ -225,16 +225,17 @@ pub fn spawn(
     let last = store.last_sequence()?;
     let stalled_shipments = store.stalled_shipments()?;
     metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
-    let (tx, rx) = mpsc::channel(queue_batches);
+    let (tx, rx) = mpsc::channel(config.queue_batches);
     let (sequence_tx, sequence_rx) = watch::channel(last);
     let writer = Writer {
-        store,
         engine,
         stall,
         last_sequence: last,
         stalled_shipments,
         sequence_tx,
-        group_commit_batches,
+        group_commit_batches: config.group_commit_batches,
+        cache: ShipmentCache::new(config.shipment_cache_entries, store.restore_epoch()),
+        store,
         changelog,
     };
     let thread = std::thread::Builder::new()
@@ -252,6 +253,7 @@ struct Writer {
     stalled_shipments: u64,
     sequence_tx: watch::Sender<Sequence>,
     group_commit_batches: usize,
+    cache: ShipmentCache,
     /// Where shipments owned by a source partition are replicated after each write.
     changelog: Option<mpsc::Sender<Snapshot>>,
 }
@@ -327,8 +329,16 @@ impl Writer {
         let mut numbers: Vec<&TrackingNumber> = scans.iter().map(|s| &s.tracking_number).collect();
         numbers.sort_unstable();
         numbers.dedup();
+        self.cache.check_epoch(self.store.restore_epoch());
         let mut states: HashMap<TrackingNumber, ShipmentState> =
             HashMap::with_capacity(numbers.len());
+        numbers.retain(|number| match self.cache.take(number) {
+            Some(state) => {
+                states.insert((*number).clone(), state);
+                false
+            }
+            None => true,
+        });
         for (number, value) in numbers.iter().zip(db.batched_multi_get_cf(
             shipments_cf,
             numbers.iter().map(|n| keys::shipment_key(n)),
@@ -487,6 +497,11 @@ impl Writer {
         let clock_skewed = stored.iter().filter(|&&i| scans[i].clock_skewed).count();
         metrics::counter!(m::SCANS_CLOCK_SKEW_TOTAL).increment(clock_skewed as u64);
 
+        // Durable: the states are what is stored, so they may serve the next group, unless a
+        // restore wrote shipments behind the writer meanwhile.
+        self.cache.check_epoch(self.store.restore_epoch());
+        self.cache.put_all(states);
+        metrics::gauge!(m::STORE_SHIPMENT_CACHE_ENTRIES).set(self.cache.len() as f64);
         let mut per_request = Vec::with_capacity(group.len());
         let mut outcomes = outcomes.into_iter().map(|(_, o)| o);
         for request in group {
@@ -567,6 +582,8 @@ impl Writer {
         let mut sequence = self.last_sequence;
         let mut stalled = Vec::new();
         for ((deadline, number), value) in entries.into_iter().zip(values) {
+            // The sweep reads and writes records itself; a cached copy would go stale.
+            self.cache.forget(&number);
             let Some(bytes) = value? else { continue };
             let mut state = records::decode_shipment(keys::shipment_key(&number), &bytes)?;
             if state.stall_deadline != Some(deadline) {
@@ -865,8 +882,11 @@ mod tests {
             store.clone(),
             Engine::new(Duration::from_secs(60)),
             policy(),
-            4,
-            4,
+            &crate::config::StoreConfig {
+                queue_batches: 4,
+                group_commit_batches: 4,
+                ..crate::config::StoreConfig::default()
+            },
             None,
         )
         .expect("spawns");

@@ -17,6 +17,7 @@ pub const INGEST_BATCHES_FAILED_TOTAL: &str = "scand_ingest_batches_failed_total
 pub const STORE_WRITE_SECONDS: &str = "scand_store_write_seconds";
 pub const STORE_GROUP_BATCHES: &str = "scand_store_group_batches";
 pub const STORE_WRITE_ERRORS_TOTAL: &str = "scand_store_write_errors_total";
+pub const STORE_SHIPMENT_CACHE_ENTRIES: &str = "scand_store_shipment_cache_entries";
 pub const CHANGE_LOG_SEQUENCE: &str = "scand_change_log_sequence";
 pub const FEED_SUBSCRIBERS: &str = "scand_feed_subscribers";
 pub const FEED_CHANGES_SENT_TOTAL: &str = "scand_feed_changes_sent_total";
@@ -161,6 +162,10 @@ fn describe() {
         "Failed RocksDB writes (nothing acknowledged)."
     );
     describe_gauge!(CHANGE_LOG_SEQUENCE, "Highest sequence in the change log.");
+    describe_gauge!(
+        STORE_SHIPMENT_CACHE_ENTRIES,
+        "Shipments the writer holds decoded in memory (store.shipment_cache_entries)."
+    );
     describe_gauge!(
         ROCKSDB_SIZE_BYTES,
         Unit::Bytes,

@@ -123,14 +123,16 @@ pub fn generate(shape: &Shape) -> Vec<Planned> {
             on_time.push(planned);
         }
     }
-    let mut scans = on_time;
+    let mut uploads = Vec::new();
     for chunk in late.chunks(500) {
-        let at = rng.random_range(0..=scans.len());
-        scans.splice(at..at, chunk.iter().cloned());
+        let at = rng.random_range(0..=on_time.len());
+        uploads.extend(chunk.iter().cloned().map(|p| (at, p)));
     }
+    let scans = insert_at(on_time, uploads);
 
     let extras = |pct: f64| (scans.len() as f64 * pct / 100.0).round() as usize;
     let (duplicates, invalid) = (extras(shape.duplicate_pct), extras(shape.invalid_pct));
+    let mut inserts = Vec::with_capacity(duplicates + invalid);
     for k in 0..duplicates {
         // A copy goes after its original, so the original is answered first.
         let from = rng.random_range(0..scans.len());
@@ -143,8 +145,7 @@ pub fn generate(shape: &Shape) -> Vec<Planned> {
                 t.nanos = 1000;
             }
         }
-        let at = rng.random_range(from + 1..=scans.len());
-        scans.insert(at, copy);
+        inserts.push((rng.random_range(from + 1..=scans.len()), copy));
     }
     for k in 0..invalid {
         let mut bad = scans[rng.random_range(0..scans.len())].clone();
@@ -161,10 +162,25 @@ pub fn generate(shape: &Shape) -> Vec<Planned> {
                 })
             }
         }
-        let at = rng.random_range(0..=scans.len());
-        scans.insert(at, bad);
+        inserts.push((rng.random_range(0..=scans.len()), bad));
     }
-    scans
+    insert_at(scans, inserts)
+}
+
+/// `base` with each `(at, item)` placed before `base[at]` (at the end for `at == len`), items
+/// for one position in the order given. One pass: inserting one by one is quadratic.
+fn insert_at(base: Vec<Planned>, mut inserts: Vec<(usize, Planned)>) -> Vec<Planned> {
+    inserts.sort_by_key(|(at, _)| *at);
+    let mut out = Vec::with_capacity(base.len() + inserts.len());
+    let mut pending = inserts.into_iter().peekable();
+    for (i, item) in base.into_iter().enumerate() {
+        while let Some((_, inserted)) = pending.next_if(|(at, _)| *at <= i) {
+            out.push(inserted);
+        }
+        out.push(item);
+    }
+    out.extend(pending.map(|(_, inserted)| inserted));
+    out
 }
 
 #[cfg(test)]
@@ -190,5 +206,14 @@ mod tests {
             .all(|(x, y)| x.scan.scan_id == y.scan.scan_id && x.expect == y.expect));
         assert!(a.iter().any(|p| p.expect == Outcome::Duplicate));
         assert!(a.iter().any(|p| p.expect == Outcome::Rejected));
+        for (i, p) in a.iter().enumerate() {
+            if p.expect == Outcome::Duplicate && !p.scan.scan_id.ends_with("-again") {
+                let original = a
+                    .iter()
+                    .position(|o| o.scan.scan_id == p.scan.scan_id)
+                    .expect("original");
+                assert!(original < i, "a copy comes after its original");
+            }
+        }
     }
 }
