@@ -1,13 +1,12 @@
 //! Engine throughput without I/O: applying batches of fresh and duplicate-heavy scans, and
 //! deriving status over long timelines. `cargo bench --bench engine`.
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use scand::domain::{EventTime, ScanId, ScanType, TrackingNumber};
-use scand::engine::{facility_hash, status::Derived, Engine, Incoming, ShipmentState};
+use scand::engine::{facility_hash, status::Derived, Engine, Incoming, States};
 
 fn scans(n: usize, shipments: usize) -> Vec<Incoming> {
     (0..n)
@@ -33,11 +32,11 @@ fn apply(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::new("fresh", n), &batch, |b, batch| {
             b.iter(|| {
-                let mut states: HashMap<TrackingNumber, ShipmentState> = HashMap::new();
+                let mut states = States::default();
                 black_box(engine.apply(batch.clone(), &mut states))
             })
         });
-        let mut states = HashMap::new();
+        let mut states = States::default();
         engine.apply(batch.clone(), &mut states);
         let retries: Vec<Incoming> = batch
             .iter()

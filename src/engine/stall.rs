@@ -87,7 +87,6 @@ mod tests {
     use super::*;
     use crate::domain::{ScanId, ScanType};
     use crate::engine::Incoming;
-    use std::collections::HashMap;
 
     const HOUR: i64 = 3_600_000_000;
 
@@ -113,9 +112,9 @@ mod tests {
         }
     }
 
-    fn shipment(scans: Vec<Incoming>) -> (Engine, HashMap<TrackingNumber, ShipmentState>) {
+    fn shipment(scans: Vec<Incoming>) -> (Engine, crate::engine::States) {
         let engine = Engine::new(Duration::from_secs(60));
-        let mut states = HashMap::new();
+        let mut states = crate::engine::States::default();
         engine.apply(scans, &mut states);
         (engine, states)
     }

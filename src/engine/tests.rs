@@ -40,7 +40,7 @@ fn scan(
 /// Feeds batches through the engine with a model of the long-term scan id index.
 struct Harness {
     engine: Engine,
-    states: HashMap<TrackingNumber, ShipmentState>,
+    states: States,
     index: HashSet<ScanId>,
     changes: Vec<Change>,
 }
@@ -49,7 +49,7 @@ impl Harness {
     fn new() -> Self {
         Self {
             engine: engine(),
-            states: HashMap::new(),
+            states: States::default(),
             index: HashSet::new(),
             changes: Vec::new(),
         }

@@ -8,7 +8,8 @@ use crate::api::pb;
 use crate::config::IngestConfig;
 use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, TrackingNumberError};
 use crate::engine::facility_hash;
-use crate::store::writer::StoreScan;
+use crate::store::{keys, writer::StoreScan};
+use prost::Message;
 
 /// Longest facility, device or exception code, in bytes.
 pub const MAX_FIELD_BYTES: usize = 128;
@@ -136,13 +137,15 @@ impl Validator {
         check_sizes(&scan)?;
 
         scan.tracking_number = tracking_number.to_string();
-        scan.received_time = None;
+        scan.received_time = Some(prost_types::Timestamp::from(now));
         let facility = facility_hash(
             scan.location
                 .as_ref()
                 .map_or("", |l| l.facility_id.as_str()),
         );
         Ok(StoreScan {
+            event_key: keys::event_key(&tracking_number, event_time, &scan_id),
+            stored: scan.encode_to_vec(),
             tracking_number,
             scan_id,
             scan_type,

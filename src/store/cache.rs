@@ -10,13 +10,11 @@
 //! - Bounded by entry count; when full, arbitrary entries are evicted (a hash map's order is as
 //!   good as random here, and costs no bookkeeping per access).
 
-use std::collections::HashMap;
-
 use crate::domain::TrackingNumber;
-use crate::engine::ShipmentState;
+use crate::engine::{ShipmentState, States};
 
 pub struct ShipmentCache {
-    entries: HashMap<TrackingNumber, ShipmentState>,
+    entries: States,
     capacity: usize,
     epoch: u64,
 }
@@ -24,7 +22,7 @@ pub struct ShipmentCache {
 impl ShipmentCache {
     pub fn new(capacity: usize, epoch: u64) -> Self {
         Self {
-            entries: HashMap::with_capacity(capacity.min(1 << 16)),
+            entries: States::with_capacity_and_hasher(capacity.min(1 << 16), Default::default()),
             capacity,
             epoch,
         }

@@ -23,7 +23,9 @@ use crate::api::{pb, stalled_status, status_fields};
 pub use crate::domain::Origin;
 use crate::domain::{EventTime, ScanId, ScanType, Sequence, Status, TrackingNumber};
 use crate::engine::stall::StallPolicy;
-use crate::engine::{Change, Effects, Engine, Incoming, NumberCheck, Outcome, ShipmentState};
+use crate::engine::{
+    Change, Effects, Engine, Incoming, NumberCheck, Outcome, ShipmentState, States,
+};
 use crate::telemetry::metrics as m;
 
 /// Most shipments one sweep stalls in one write; the rest are due at the next sweep, which
@@ -43,6 +45,10 @@ pub struct StoreScan {
     pub origin: Option<Origin>,
     /// Event time far from receipt time (flagged on the shipment, not rejected).
     pub clock_skewed: bool,
+    /// Its `events` key and value (the wire form stamped with its receipt time), encoded at
+    /// the edge so the single writer does not spend its time encoding.
+    pub event_key: Vec<u8>,
+    pub stored: Vec<u8>,
     /// The carrier check of the tracking number, when the policy checks it.
     pub number_check: Option<Arc<NumberCheck>>,
 }
@@ -330,8 +336,7 @@ impl Writer {
         numbers.sort_unstable();
         numbers.dedup();
         self.cache.check_epoch(self.store.restore_epoch());
-        let mut states: HashMap<TrackingNumber, ShipmentState> =
-            HashMap::with_capacity(numbers.len());
+        let mut states = States::with_capacity_and_hasher(numbers.len(), Default::default());
         numbers.retain(|number| match self.cache.take(number) {
             Some(state) => {
                 states.insert((*number).clone(), state);
@@ -390,27 +395,13 @@ impl Writer {
         let mut batch = WriteBatch::default();
         let now_secs = super::now_unix_secs();
         let received_time = prost_types::Timestamp::from(SystemTime::now());
-        // Protobuf merges concatenated encodings, so the stamp is appended to each stored scan
-        // instead of cloning the scan to set it.
-        let stamp = pb::Scan {
-            received_time: Some(received_time),
-            ..Default::default()
-        }
-        .encode_to_vec();
         let mut touched: Vec<&TrackingNumber> = Vec::new();
         for &index in &stored {
             let scan = scans[index];
             if let Some(state) = states.get_mut(&scan.tracking_number) {
                 annotate(state, scan);
             }
-            let mut value = Vec::with_capacity(scan.wire.encoded_len() + stamp.len());
-            scan.wire.encode_raw(&mut value);
-            value.extend_from_slice(&stamp);
-            batch.put_cf(
-                events_cf,
-                keys::event_key(&scan.tracking_number, scan.event_time, &scan.scan_id),
-                value,
-            );
+            batch.put_cf(events_cf, &scan.event_key, &scan.stored);
             batch.put_cf(
                 dedup_cf,
                 keys::dedup_key(&scan.scan_id),
@@ -748,7 +739,7 @@ impl Writer {
         changelog: &mpsc::Sender<Snapshot>,
         group: &[Request],
         scans: &[&StoreScan],
-        states: &HashMap<TrackingNumber, ShipmentState>,
+        states: &States,
     ) -> Result<(), StoreError> {
         let mut owned: HashMap<&TrackingNumber, &Origin> = HashMap::new();
         for scan in scans {
@@ -841,19 +832,24 @@ mod tests {
 
     fn scan(number: &str, id: &str, scan_type: ScanType, hours: i64) -> StoreScan {
         let event_time = EventTime(hours * HOUR);
+        let tracking_number = TrackingNumber::parse(number).expect("valid");
+        let scan_id = ScanId::parse(id).expect("valid");
+        let wire = pb::Scan {
+            scan_id: id.into(),
+            tracking_number: number.into(),
+            scan_type: scan_type.as_i32(),
+            event_time: Some(timestamp(event_time)),
+            ..Default::default()
+        };
         StoreScan {
-            tracking_number: TrackingNumber::parse(number).expect("valid"),
-            scan_id: ScanId::parse(id).expect("valid"),
+            event_key: keys::event_key(&tracking_number, event_time, &scan_id),
+            stored: wire.encode_to_vec(),
+            tracking_number,
+            scan_id,
             scan_type,
             event_time,
             facility: 1,
-            wire: pb::Scan {
-                scan_id: id.into(),
-                tracking_number: number.into(),
-                scan_type: scan_type.as_i32(),
-                event_time: Some(timestamp(event_time)),
-                ..Default::default()
-            },
+            wire,
             origin: None,
             clock_skewed: false,
             number_check: None,
