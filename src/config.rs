@@ -136,6 +136,8 @@ pub struct IngestConfig {
     /// Accepted scans further behind the server clock than this are flagged as clock skew.
     #[serde(with = "humantime_serde")]
     pub clock_skew_flag_behind: Duration,
+    /// Carrier formats and check digits of tracking numbers, and what to do when one fails.
+    pub tracking_numbers: crate::ingest::carrier::CarrierConfig,
 }
 
 impl Default for IngestConfig {
@@ -146,6 +148,7 @@ impl Default for IngestConfig {
             max_age: Duration::from_secs(90 * 24 * 3600),
             clock_skew_flag_ahead: Duration::from_secs(60),
             clock_skew_flag_behind: Duration::from_secs(24 * 3600),
+            tracking_numbers: crate::ingest::carrier::CarrierConfig::default(),
         }
     }
 }
@@ -434,6 +437,14 @@ impl Config {
                     reason: "must be at least 1".to_owned(),
                 });
             }
+        }
+        if let Err(error) =
+            crate::ingest::carrier::CarrierRegistry::new(&self.ingest.tracking_numbers)
+        {
+            return Err(ConfigError::Invalid {
+                key: "ingest.tracking_numbers",
+                reason: error.to_string(),
+            });
         }
         if self.stall.sweep_interval.is_zero() {
             return Err(ConfigError::Invalid {

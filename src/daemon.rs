@@ -42,6 +42,8 @@ pub enum DaemonError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error(transparent)]
+    Carrier(#[from] crate::ingest::carrier::CarrierError),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
 }
@@ -116,7 +118,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         std::time::SystemTime::now,
         shutdown.clone(),
     ));
-    let validator = Validator::new(&config.ingest);
+    let validator = Validator::new(&config.ingest)?;
     if kafka.source.enabled {
         let source = KafkaSource::new(kafka, store.clone(), validator.clone(), writer.clone())
             .map_err(|e| DaemonError::Kafka(e.to_string()))?;

@@ -188,3 +188,149 @@ async fn regressions_and_clock_skew_are_flagged_on_the_shipment() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn carriers_are_recognised_and_flagged_numbers_marked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(&dir.path().join("data"), "");
+    let mut ingest = daemon.ingest().await;
+    let mut tracking = daemon.tracking().await;
+    let mut feed = watch(&mut tracking, 0, Some("1Z5R89390357567127".into())).await;
+    let ack = ingest
+        .submit_scans(batch(
+            "b1",
+            vec![
+                scan(
+                    "u1",
+                    "1z5r 8939 0357 5671 27",
+                    ScanType::PickedUp,
+                    minutes_ago(9),
+                    "wh",
+                ),
+                scan(
+                    "u2",
+                    "1Z5R89390357567128",
+                    ScanType::PickedUp,
+                    minutes_ago(9),
+                    "wh",
+                ),
+                scan("u3", "PARCEL0001", ScanType::PickedUp, minutes_ago(9), "wh"),
+            ],
+        ))
+        .await
+        .expect("ack")
+        .into_inner();
+    assert_eq!(outcomes(&ack), vec![Outcome::Accepted; 3], "flag accepts");
+
+    let ups = get_shipment(&mut tracking, "1Z5R89390357567127")
+        .await
+        .expect("found");
+    assert_eq!(
+        (
+            ups.carrier.as_str(),
+            ups.carrier_service.as_str(),
+            ups.tracking_number_issue.as_str()
+        ),
+        ("ups", "UPS Ground", "")
+    );
+    let [change] = take_changes(&mut feed, 1).await.try_into().expect("one");
+    assert_eq!(
+        (change.carrier.as_str(), change.carrier_service.as_str()),
+        ("ups", "UPS Ground")
+    );
+    let typo = get_shipment(&mut tracking, "1Z5R89390357567128")
+        .await
+        .expect("found");
+    assert_eq!(
+        (typo.carrier.as_str(), typo.tracking_number_issue.as_str()),
+        ("ups", "tracking_number_check_digit")
+    );
+    let unknown = get_shipment(&mut tracking, "PARCEL0001")
+        .await
+        .expect("found");
+    assert_eq!(
+        (
+            unknown.carrier.as_str(),
+            unknown.tracking_number_issue.as_str()
+        ),
+        ("", "tracking_number_unknown_format")
+    );
+    let metrics = daemon.metrics();
+    for line in [
+        "scand_tracking_numbers_flagged_total{reason=\"tracking_number_check_digit\"} 1",
+        "scand_tracking_numbers_flagged_total{reason=\"tracking_number_unknown_format\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn the_reject_policy_refuses_bad_numbers_with_the_reason_and_custom_formats_pass() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = "[ingest.tracking_numbers]\npolicy = \"reject\"\n\
+                  [[ingest.tracking_numbers.custom]]\ncarrier = \"acme\"\nname = \"acme_order\"\n\
+                  regex = \"ORD(?<SerialNumber>[0-9]{8})(?<CheckDigit>[0-9])\"\n\
+                  check_digit = { name = \"luhn\" }\n";
+    let daemon = Daemon::start(&dir.path().join("data"), config);
+    let mut ingest = daemon.ingest().await;
+    let mut tracking = daemon.tracking().await;
+    let ack = ingest
+        .submit_scans(batch(
+            "b1",
+            vec![
+                scan(
+                    "r1",
+                    "RB123456785GB",
+                    ScanType::PickedUp,
+                    minutes_ago(9),
+                    "post",
+                ),
+                scan(
+                    "r2",
+                    "1Z5R89390357567128",
+                    ScanType::PickedUp,
+                    minutes_ago(9),
+                    "wh",
+                ),
+                scan("r3", "PARCEL0001", ScanType::PickedUp, minutes_ago(9), "wh"),
+                scan(
+                    "r4",
+                    "ORD123456782",
+                    ScanType::PickedUp,
+                    minutes_ago(9),
+                    "shop",
+                ),
+            ],
+        ))
+        .await
+        .expect("ack")
+        .into_inner();
+    assert_eq!(
+        outcomes(&ack),
+        vec![
+            Outcome::Accepted,
+            Outcome::Rejected,
+            Outcome::Rejected,
+            Outcome::Accepted
+        ]
+    );
+    assert_eq!(
+        ack.results[1].reason,
+        "tracking_number_check_digit: tracking_number has the shape of a ups number but its check digit is wrong"
+    );
+    assert!(
+        ack.results[2]
+            .reason
+            .starts_with("tracking_number_unknown_format: "),
+        "{}",
+        ack.results[2].reason
+    );
+    let s10 = get_shipment(&mut tracking, "RB123456785GB")
+        .await
+        .expect("found");
+    assert_eq!(s10.carrier, "s10");
+    let order = get_shipment(&mut tracking, "ORD123456782")
+        .await
+        .expect("found");
+    assert_eq!(order.carrier, "acme");
+}

@@ -5,6 +5,7 @@
 //! Invariants: one result per scan, in the batch's order; a rejected scan never reaches the
 //! store; an answer is produced only after the writer confirmed the durable write.
 
+pub mod carrier;
 pub mod changelog;
 pub mod codec;
 pub mod gateway;

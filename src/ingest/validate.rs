@@ -4,11 +4,16 @@
 
 use std::time::{Duration, SystemTime};
 
+use std::sync::Arc;
+
+use super::carrier::{CarrierError, CarrierRegistry, Classification, Policy};
 use crate::api::pb;
 use crate::config::IngestConfig;
 use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, TrackingNumberError};
 use crate::engine::facility_hash;
+use crate::engine::NumberCheck;
 use crate::store::{keys, writer::StoreScan};
+use crate::telemetry::metrics as m;
 use prost::Message;
 
 /// Longest facility, device or exception code, in bytes.
@@ -27,6 +32,10 @@ pub enum Rejection {
     MissingTrackingNumber,
     #[error("{0}")]
     InvalidTrackingNumber(TrackingNumberError),
+    #[error("tracking_number has the shape of a {0} number but its check digit is wrong")]
+    TrackingNumberCheckDigit(String),
+    #[error("tracking_number matches no known carrier format")]
+    TrackingNumberUnknownFormat,
     #[error("scan_type is SCAN_TYPE_UNSPECIFIED")]
     UnspecifiedScanType,
     #[error("scan_type {0} is not a known ScanType")]
@@ -71,6 +80,8 @@ impl Rejection {
             Rejection::InvalidTrackingNumber(TrackingNumberError::Character(_)) => {
                 "tracking_number_charset"
             }
+            Rejection::TrackingNumberCheckDigit(_) => "tracking_number_check_digit",
+            Rejection::TrackingNumberUnknownFormat => "tracking_number_unknown_format",
             Rejection::UnspecifiedScanType => "unspecified_scan_type",
             Rejection::UnknownScanType(_) => "unknown_scan_type",
             Rejection::MissingEventTime => "missing_event_time",
@@ -95,16 +106,48 @@ pub struct Validator {
     max_age: Duration,
     skew_flag_ahead: Duration,
     skew_flag_behind: Duration,
+    carriers: Arc<CarrierRegistry>,
+    policy: Policy,
 }
 
 impl Validator {
-    pub fn new(config: &IngestConfig) -> Self {
-        Self {
+    /// Fails only on a bad carrier format in the config (checked by `check-config` too).
+    pub fn new(config: &IngestConfig) -> Result<Self, CarrierError> {
+        Ok(Self {
             max_future_skew: config.max_future_skew,
             max_age: config.max_age,
             skew_flag_ahead: config.clock_skew_flag_ahead,
             skew_flag_behind: config.clock_skew_flag_behind,
+            carriers: Arc::new(CarrierRegistry::new(&config.tracking_numbers)?),
+            policy: config.tracking_numbers.policy,
+        })
+    }
+
+    /// The carrier check under the configured policy: `Err` only under `reject`.
+    fn check_number(&self, number: &TrackingNumber) -> Result<Option<Arc<NumberCheck>>, Rejection> {
+        if self.policy == Policy::Off {
+            return Ok(None);
         }
+        let classification = self.carriers.classify(number.as_str());
+        let (carrier, issue) = match (&classification, self.policy) {
+            (Classification::Valid(c), _) => (Some(c), ""),
+            (Classification::CheckDigitMismatch(c), Policy::Reject) => {
+                return Err(Rejection::TrackingNumberCheckDigit(c.carrier.clone()))
+            }
+            (Classification::UnknownFormat, Policy::Reject) => {
+                return Err(Rejection::TrackingNumberUnknownFormat)
+            }
+            (Classification::CheckDigitMismatch(c), _) => (Some(c), "tracking_number_check_digit"),
+            (Classification::UnknownFormat, _) => (None, "tracking_number_unknown_format"),
+        };
+        if !issue.is_empty() {
+            metrics::counter!(m::TRACKING_NUMBERS_FLAGGED_TOTAL, "reason" => issue).increment(1);
+        }
+        Ok(Some(Arc::new(NumberCheck {
+            carrier: carrier.map(|c| c.carrier.clone()).unwrap_or_default(),
+            service: carrier.and_then(|c| c.service.clone()).unwrap_or_default(),
+            issue: issue.to_owned(),
+        })))
     }
 
     /// Accepted, but far enough from `now` that the device clock (or a very late upload)
@@ -128,6 +171,7 @@ impl Validator {
         }
         let tracking_number = TrackingNumber::parse(&scan.tracking_number)
             .map_err(Rejection::InvalidTrackingNumber)?;
+        let number_check = self.check_number(&tracking_number)?;
         let scan_type = match scan.scan_type {
             0 => return Err(Rejection::UnspecifiedScanType),
             n => ScanType::from_i32(n).ok_or(Rejection::UnknownScanType(n))?,
@@ -154,7 +198,7 @@ impl Validator {
             wire: scan,
             origin: None,
             clock_skewed: self.clock_skewed(event_time, now),
-            number_check: None,
+            number_check,
         })
     }
 
@@ -252,7 +296,7 @@ mod tests {
     }
 
     fn validator() -> Validator {
-        Validator::new(&IngestConfig::default())
+        Validator::new(&IngestConfig::default()).expect("default formats compile")
     }
 
     fn good() -> pb::Scan {

@@ -239,6 +239,19 @@ impl Store {
         self.restore_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// For each scan id, whether the cross-shipment scan id memory (`dedup`) holds it. One
+    /// batched multi-get; bloom filters (memtable and SST) make misses, the common case, cheap.
+    pub fn known_scan_ids<'a>(
+        &self,
+        scan_ids: impl Iterator<Item = &'a crate::domain::ScanId>,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.db
+            .batched_multi_get_cf(self.cf(keys::DEDUP), scan_ids.map(keys::dedup_key), false)
+            .into_iter()
+            .map(|r| r.map(|v| v.is_some()).map_err(StoreError::from))
+            .collect()
+    }
+
     /// RocksDB's estimate of the keys in a column family.
     pub fn estimate_keys(&self, cf: &str) -> Result<u64, StoreError> {
         Ok(self

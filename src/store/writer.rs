@@ -354,15 +354,9 @@ impl Writer {
                 states.insert((*number).clone(), records::decode_shipment(key, &bytes)?);
             }
         }
-        let known: Vec<bool> = db
-            .batched_multi_get_cf(
-                dedup_cf,
-                scans.iter().map(|s| keys::dedup_key(&s.scan_id)),
-                false,
-            )
-            .into_iter()
-            .map(|r| r.map(|v| v.is_some()))
-            .collect::<Result<_, _>>()?;
+        let known = self
+            .store
+            .known_scan_ids(scans.iter().map(|s| &s.scan_id))?;
 
         let incoming = scans
             .iter()

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# End-to-end benchmark, all figures from one run on this machine (see BENCHMARKS.md):
+#   1. raw RocksDB limit: the workload's records in synced WriteBatches, no gRPC, no logic
+#   2. raw transport limit: the workload streamed to a server that accepts without work
+#   3. scand at peak (closed loop) and at half of peak (open loop, latency honest)
+#   4. scand's ratios to (1) and (2)
+# Optional, slower: GROWTH=1 adds throughput/p99 with 1 M and 10 M stored events, peak RSS and
+# restart time after SIGKILL (set GROWTH_EVENTS="1000000 10000000 100000000" for a long run).
+#
+# Usage: benches/e2e.sh            (SHIPMENTS=20000 BATCH=500 STREAMS=4 by default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SHIPMENTS="${SHIPMENTS:-20000}"
+BATCH="${BATCH:-500}"
+STREAMS="${STREAMS:-4}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/scand/target}"
+cargo build --release --locked --bins >&2
+BIN="$CARGO_TARGET_DIR/release"
+WORK="$(mktemp -d)"
+GRPC_PORT="${GRPC_PORT:-50551}"
+ADMIN_PORT="${ADMIN_PORT:-9564}"
+SCAND_PID=""
+cleanup() {
+  if [ -n "$SCAND_PID" ]; then kill -9 "$SCAND_PID" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+load() { "$BIN/scand-load" --shipments "$SHIPMENTS" --batch-size "$BATCH" --streams "$STREAMS" --quiet --json "$@"; }
+
+start_scand() { # $1 = data dir
+  SCAND_STORE__PATH="$1" SCAND_GRPC__LISTEN="127.0.0.1:$GRPC_PORT" SCAND_ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT" \
+    SCAND_LOG__FILTER=warn "$BIN/scand" run --config config/scand.toml &
+  SCAND_PID=$!
+  local started
+  started=$(date +%s.%N)
+  until curl -fs "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1; do sleep 0.05; done
+  READY_S=$(python3 -c "print($(date +%s.%N) - $started)")
+}
+
+stop_scand() {
+  kill -TERM "$SCAND_PID" 2>/dev/null || true
+  wait "$SCAND_PID" 2>/dev/null || true
+  SCAND_PID=""
+}
+
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(d$1)"; }
+
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)" >&2
+echo "== 1. raw RocksDB limit" >&2
+RAW_DB=$(load --mode raw-rocksdb --data "$WORK/raw")
+echo "== 2. raw transport limit" >&2
+RAW_NET=$(load --mode raw-transport)
+echo "== 3a. scand at peak (closed loop)" >&2
+start_scand "$WORK/peak"
+PEAK=$(load --target "http://127.0.0.1:$GRPC_PORT")
+stop_scand
+PEAK_RATE=$(echo "$PEAK" | field "['scans_per_s']")
+HALF_RATE=$(python3 -c "print(round($PEAK_RATE / 2))")
+echo "== 3b. scand at half of peak ($HALF_RATE scans/s offered, open loop)" >&2
+start_scand "$WORK/half"
+HALF=$(load --target "http://127.0.0.1:$GRPC_PORT" --rate "$HALF_RATE")
+stop_scand
+
+python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" <<'EOF'
+import json, sys
+raw_db, raw_net, peak, half = (json.loads(a) for a in sys.argv[1:5])
+def lat(d): l = d["ack_latency_ms"]; return f'p50 {l["p50"]:.1f}  p90 {l["p90"]:.1f}  p99 {l["p99"]:.1f}  p99.9 {l["p999"]:.1f}  max {l["max"]:.1f} ms'
+print(f'{"run":<34} {"scans/s":>10}   latency')
+print(f'{"raw RocksDB (2 keys/scan, synced)":<34} {raw_db["scans_per_s"]:>10.0f}   write p50 {raw_db["write_ms"]["p50"]:.1f}  p99 {raw_db["write_ms"]["p99"]:.1f} ms')
+print(f'{"raw transport (tonic, no work)":<34} {raw_net["scans_per_s"]:>10.0f}   {lat(raw_net)}')
+print(f'{"scand at peak":<34} {peak["scans_per_s"]:>10.0f}   {lat(peak)}')
+print(f'{"scand at half of peak (open loop)":<34} {half["scans_per_s"]:>10.0f}   {lat(half)}')
+print(f'scand / raw RocksDB   = {peak["scans_per_s"] / raw_db["scans_per_s"]:.2f}')
+print(f'scand / raw transport = {peak["scans_per_s"] / raw_net["scans_per_s"]:.2f}')
+ok = peak["ok"] and half["ok"]
+print(f'outcomes as expected: {ok} (unexpected: {peak["mismatched"]} at peak, {half["mismatched"]} at half)')
+sys.exit(0 if ok else 1)
+EOF
+
+if [ "${GROWTH:-0}" = "1" ]; then
+  echo "== growth: throughput and p99 with events already stored" >&2
+  printf '%-14s %10s %10s %12s %10s\n' "stored events" "scans/s" "p99 ms" "peak RSS MiB" "restart s"
+  for events in ${GROWTH_EVENTS:-1000000 10000000}; do
+    start_scand "$WORK/growth"
+    # ~15 scans per shipment; prefill with other seeds than the measured run.
+    "$BIN/scand-load" --target "http://127.0.0.1:$GRPC_PORT" --shipments $((events / 15)) --seed 101 \
+      --batch-size "$BATCH" --streams "$STREAMS" --quiet --json >/dev/null
+    RUN=$(load --target "http://127.0.0.1:$GRPC_PORT" --seed 202)
+    RSS=$(awk '/VmHWM/{print int($2/1024)}' "/proc/$SCAND_PID/status")
+    kill -9 "$SCAND_PID"; wait "$SCAND_PID" 2>/dev/null || true
+    start_scand "$WORK/growth"
+    printf '%-14s %10.0f %10.1f %12s %10.2f\n' "$events" "$(echo "$RUN" | field "['scans_per_s']")" \
+      "$(echo "$RUN" | field "['ack_latency_ms']['p99']")" "$RSS" "$READY_S"
+    stop_scand
+    rm -rf "$WORK/growth"
+  done
+fi

@@ -1,0 +1,121 @@
+//! The ingest path's per-scan costs outside the engine: protobuf decode of a ScanBatch as it
+//! arrives over gRPC, and the scan id memory lookup against a real RocksDB (hits and misses).
+//! `cargo bench --bench ingest`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use prost::Message;
+use scand::api::pb;
+use scand::config::{IngestConfig, StoreConfig};
+use scand::domain::ScanId;
+use scand::engine::{stall::StallPolicy, Engine};
+use scand::ingest::validate::Validator;
+use scand::store::{writer, Store};
+
+fn scan(i: usize) -> pb::Scan {
+    pb::Scan {
+        scan_id: format!("LD0001{i:010}-{}", i % 20),
+        tracking_number: format!("LD0001{:010}", i / 20),
+        scan_type: pb::ScanType::Sorted as i32,
+        event_time: Some(prost_types::Timestamp::from(
+            SystemTime::now() - Duration::from_secs(3600),
+        )),
+        location: Some(pb::Location {
+            facility_id: format!("F2-{}", i % 500),
+            kind: pb::LocationKind::SortingFacility as i32,
+            latitude: Some(52.1),
+            longitude: Some(4.3),
+        }),
+        device_id: format!("dev-{}", i % 5000),
+        source: pb::Source::Handheld as i32,
+        ..Default::default()
+    }
+}
+
+fn decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("scan_batch");
+    for n in [1usize, 100, 1000] {
+        let bytes = pb::ScanBatch {
+            batch_id: "b".into(),
+            scans: (0..n).map(scan).collect(),
+        }
+        .encode_to_vec();
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::new("decode", n), &bytes, |b, bytes| {
+            b.iter(|| black_box(pb::ScanBatch::decode(bytes.as_slice())))
+        });
+        let batch = pb::ScanBatch::decode(bytes.as_slice()).expect("decodes");
+        let validator = Validator::new(&IngestConfig::default()).expect("formats");
+        group.bench_with_input(BenchmarkId::new("validate", n), &batch, |b, batch| {
+            b.iter(|| {
+                let now = SystemTime::now();
+                for s in &batch.scans {
+                    let _ = black_box(validator.validate(s.clone(), now));
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+/// A store holding `n` scans, written through the real writer.
+fn filled_store(n: usize) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig {
+        path: dir.path().to_owned(),
+        ..StoreConfig::default()
+    };
+    let store = Store::open(&config, Duration::from_secs(86_400)).expect("opens");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (handle, _, thread) = writer::spawn(
+        store.clone(),
+        Engine::new(Duration::from_secs(60)),
+        StallPolicy::default(),
+        &config,
+        None,
+    )
+    .expect("writer");
+    let validator = Validator::new(&IngestConfig::default()).expect("formats");
+    runtime.block_on(async {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            let now = SystemTime::now();
+            let scans = chunk
+                .iter()
+                .map(|&i| validator.validate(scan(i), now).expect("valid"))
+                .collect();
+            let answer = handle
+                .enqueue(scans, Vec::new(), Instant::now())
+                .await
+                .expect("queued");
+            answer.await.expect("answered").expect("durable");
+        }
+    });
+    drop(handle);
+    thread.join().expect("writer stops");
+    (dir, store)
+}
+
+fn dedup(c: &mut Criterion) {
+    let stored = 100_000;
+    let (_dir, store) = filled_store(stored);
+    let mut group = c.benchmark_group("scan_id_lookup");
+    let batch = 500;
+    group.throughput(Throughput::Elements(batch as u64));
+    let hits: Vec<ScanId> = (0..batch)
+        .map(|i| ScanId::parse(&scan(i * 97 % stored).scan_id).expect("valid"))
+        .collect();
+    let misses: Vec<ScanId> = (0..batch)
+        .map(|i| ScanId::parse(&format!("never-seen-{i}")).expect("valid"))
+        .collect();
+    for (name, ids) in [("hit", &hits), ("miss", &misses)] {
+        group.bench_function(BenchmarkId::new(name, batch), |b| {
+            b.iter(|| black_box(store.known_scan_ids(ids.iter()).expect("reads")))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode, dedup);
+criterion_main!(benches);

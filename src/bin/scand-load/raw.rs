@@ -1,0 +1,149 @@
+//! The raw limits scand is measured against, on the same workload in the same run:
+//! - RocksDB: the scans' stored records (event key and value, scan id key) written with plain
+//!   `WriteBatch`es, a synced WAL per group, as scand's writer does, with no engine and no gRPC;
+//! - transport: a tonic `ScanIngest` server in this process that answers every scan ACCEPTED
+//!   without doing anything, driven by the same streams scand is driven by.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use scand::api::pb::{self, scan_ingest_server::ScanIngest};
+use scand::config::IngestConfig;
+use scand::ingest::validate::Validator;
+use scand::store::keys;
+use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::workload::Planned;
+
+/// Throughput and per-write latency of the raw RocksDB run.
+pub struct RawStore {
+    pub scans: u64,
+    pub elapsed: Duration,
+    pub write_ms_p50: f64,
+    pub write_ms_p99: f64,
+}
+
+/// Writes the scans as scand stores them: each group of `group_batches` batches is one synced
+/// WriteBatch holding an `events` and a `dedup` key per scan.
+pub fn rocksdb(
+    path: &std::path::Path,
+    planned: &[Planned],
+    batch_size: usize,
+    group_batches: usize,
+    memtable_bytes: usize,
+) -> Result<RawStore, String> {
+    let validator = Validator::new(&IngestConfig::default()).map_err(|e| e.to_string())?;
+    let now = SystemTime::now();
+    let stored: Vec<_> = planned
+        .iter()
+        .filter_map(|p| validator.validate(p.scan.clone(), now).ok())
+        .collect();
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.increase_parallelism(2);
+    let cf = |name: &str| {
+        let mut o = Options::default();
+        o.set_write_buffer_size(memtable_bytes);
+        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        ColumnFamilyDescriptor::new(name, o)
+    };
+    let db = DB::open_cf_descriptors(&options, path, [cf(keys::EVENTS), cf(keys::DEDUP)])
+        .map_err(|e| e.to_string())?;
+    let events = db
+        .cf_handle(keys::EVENTS)
+        .ok_or("no events column family")?;
+    let dedup = db.cf_handle(keys::DEDUP).ok_or("no dedup column family")?;
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    let mut writes = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    for group in stored.chunks(batch_size * group_batches.max(1)) {
+        let write_started = Instant::now();
+        let mut batch = WriteBatch::default();
+        for scan in group {
+            batch.put_cf(events, &scan.event_key, &scan.stored);
+            batch.put_cf(
+                dedup,
+                keys::dedup_key(&scan.scan_id),
+                keys::dedup_value(&scan.tracking_number, 0),
+            );
+        }
+        db.write_opt(batch, &sync).map_err(|e| e.to_string())?;
+        let _ = writes.record(write_started.elapsed().as_micros() as u64);
+    }
+    Ok(RawStore {
+        scans: stored.len() as u64,
+        elapsed: started.elapsed(),
+        write_ms_p50: writes.value_at_quantile(0.5) as f64 / 1000.0,
+        write_ms_p99: writes.value_at_quantile(0.99) as f64 / 1000.0,
+    })
+}
+
+/// Answers every scan ACCEPTED, touching nothing but the decoded message.
+struct NullIngest;
+
+#[tonic::async_trait]
+impl ScanIngest for NullIngest {
+    type StreamScansStream = ReceiverStream<Result<pb::BatchAck, Status>>;
+
+    async fn stream_scans(
+        &self,
+        request: Request<Streaming<pb::ScanBatch>>,
+    ) -> Result<Response<Self::StreamScansStream>, Status> {
+        let mut batches = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(Ok(batch)) = batches.next().await {
+                if tx.send(Ok(accept_all(batch))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn submit_scans(
+        &self,
+        request: Request<pb::ScanBatch>,
+    ) -> Result<Response<pb::BatchAck>, Status> {
+        Ok(Response::new(accept_all(request.into_inner())))
+    }
+}
+
+fn accept_all(batch: pb::ScanBatch) -> pb::BatchAck {
+    pb::BatchAck {
+        batch_id: batch.batch_id,
+        results: batch
+            .scans
+            .into_iter()
+            .map(|s| pb::ScanResult {
+                scan_id: s.scan_id,
+                outcome: pb::Outcome::Accepted as i32,
+                reason: String::new(),
+            })
+            .collect(),
+    }
+}
+
+/// Starts the null server on a free loopback port; returns its URL.
+pub async fn null_server() -> Result<String, String> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let service = pb::scan_ingest_server::ScanIngestServer::new(NullIngest)
+        .max_decoding_message_size(64 * 1024 * 1024);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .add_service(service)
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
+    );
+    Ok(format!("http://{addr}"))
+}

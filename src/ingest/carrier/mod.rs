@@ -1,0 +1,257 @@
+//! Carrier recognition: which carrier's format a tracking number follows, and whether its check
+//! digit is right. Formats are the built-ins (`builtin`), custom ones from config (a retailer's
+//! own order numbers) and, optionally, definition files in the public tracking_number_data
+//! courier schema (`data`), all run by one interpreter: an anchored regex with the named groups
+//! `SerialNumber` and `CheckDigit`, a check-digit scheme (`checksum`), and optional lookups
+//! that name the service a group encodes.
+//!
+//! Invariants: classification is a pure function of the number and the formats; it never
+//! panics on any input; a number is valid when *some* format matches it and its check digit
+//! holds, and is a check-digit mismatch only when formats match its shape but none validates.
+
+mod builtin;
+pub mod checksum;
+mod data;
+
+use std::path::PathBuf;
+
+use fancy_regex::Regex;
+use serde::{Deserialize, Serialize};
+
+pub use checksum::Checksum;
+
+/// What to do with a scan whose tracking number is not a valid number of a known carrier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// REJECTED with reason `tracking_number_check_digit` / `tracking_number_unknown_format`.
+    Reject,
+    /// Accepted, counted and marked on the shipment.
+    #[default]
+    Flag,
+    /// Not checked.
+    Off,
+}
+
+/// `[ingest.tracking_numbers]` in the config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CarrierConfig {
+    pub policy: Policy,
+    /// Extra formats, tried before the built-ins.
+    pub custom: Vec<CustomFormat>,
+    /// Courier files in the tracking_number_data schema (`{"courier_code", "tracking_numbers"}`).
+    pub definition_files: Vec<PathBuf>,
+}
+
+/// A format defined in config, e.g. a retailer's `ORD` + 9 digits with a Luhn check digit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomFormat {
+    pub carrier: String,
+    pub name: String,
+    /// Matched against the whole normalized number (upper case, no spaces or dashes). Name the
+    /// groups `SerialNumber` and `CheckDigit` when there is a check digit.
+    pub regex: String,
+    #[serde(default = "no_checksum")]
+    pub check_digit: Checksum,
+}
+
+fn no_checksum() -> Checksum {
+    Checksum::None
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CarrierError {
+    #[error("tracking number format {format}: bad regex: {reason}")]
+    Regex { format: String, reason: String },
+    #[error("tracking number format {format}: a check digit scheme needs the named groups SerialNumber and CheckDigit in its regex")]
+    Groups { format: String },
+    #[error("tracking number definitions {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// The carrier a number belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Carrier {
+    /// Stable lower-case code: "ups", "fedex", "usps", "s10", "dhl", "sscc", "amazon", ...
+    pub carrier: String,
+    /// The format's id within the carrier, e.g. "fedex_12".
+    pub format: String,
+    /// The service the number encodes, where the format has one.
+    pub service: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Classification {
+    Valid(Carrier),
+    /// The shape of a known format, with a wrong check digit (the closest match).
+    CheckDigitMismatch(Carrier),
+    UnknownFormat,
+}
+
+impl Classification {
+    /// The reason code of a number that is not valid; `None` when valid.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            Classification::Valid(_) => None,
+            Classification::CheckDigitMismatch(_) => Some("tracking_number_check_digit"),
+            Classification::UnknownFormat => Some("tracking_number_unknown_format"),
+        }
+    }
+}
+
+/// A named group's value → service name.
+#[derive(Clone, Debug)]
+struct ServiceLookup {
+    group: String,
+    entries: Vec<(Match, String)>,
+}
+
+#[derive(Clone, Debug)]
+enum Match {
+    Exact(String),
+    Pattern(Regex),
+}
+
+/// One format, compiled.
+#[derive(Clone, Debug)]
+struct Format {
+    carrier: String,
+    id: String,
+    regex: Regex,
+    checksum: Checksum,
+    /// Prepend `content` to the serial when it matches (tracking_number_data `prepend_if`).
+    prepend_if: Option<(Regex, String)>,
+    service: Option<ServiceLookup>,
+    /// A group whose value must appear in this list (S10's country code).
+    must_exist: Option<(String, Vec<String>)>,
+}
+
+impl Format {
+    fn new(carrier: &str, id: &str, regex: &str, checksum: Checksum) -> Result<Self, CarrierError> {
+        let compiled = Regex::new(&format!("^(?:{regex})$")).map_err(|e| CarrierError::Regex {
+            format: id.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if checksum != Checksum::None {
+            let names: Vec<&str> = compiled.capture_names().flatten().collect();
+            if !names.contains(&"SerialNumber") || !names.contains(&"CheckDigit") {
+                return Err(CarrierError::Groups {
+                    format: id.to_owned(),
+                });
+            }
+        }
+        Ok(Format {
+            carrier: carrier.to_owned(),
+            id: id.to_owned(),
+            regex: compiled,
+            checksum,
+            prepend_if: None,
+            service: None,
+            must_exist: None,
+        })
+    }
+
+    /// `None` when the shape does not match; else whether the check digit holds.
+    fn check(&self, number: &str) -> Option<(bool, Carrier)> {
+        let captures = self.regex.captures(number).ok().flatten()?;
+        let group = |name: &str| -> Option<String> {
+            captures
+                .name(name)
+                .map(|m| m.as_str().chars().filter(|c| !c.is_whitespace()).collect())
+        };
+        let mut valid = match (&self.checksum, group("SerialNumber"), group("CheckDigit")) {
+            (Checksum::None, _, _) => true,
+            (scheme, Some(mut serial), Some(check)) => {
+                if let Some((pattern, content)) = &self.prepend_if {
+                    if pattern.is_match(&serial).unwrap_or(false) {
+                        serial.insert_str(0, content);
+                    }
+                }
+                scheme.validates(&serial, &check)
+            }
+            _ => false,
+        };
+        if let Some((name, allowed)) = &self.must_exist {
+            valid &= group(name).is_some_and(|v| allowed.contains(&v));
+        }
+        let service = self.service.as_ref().and_then(|lookup| {
+            let value = group(&lookup.group)?;
+            lookup.entries.iter().find_map(|(m, name)| {
+                let hit = match m {
+                    Match::Exact(s) => *s == value,
+                    Match::Pattern(r) => r.is_match(&value).unwrap_or(false),
+                };
+                hit.then(|| name.clone())
+            })
+        });
+        Some((
+            valid,
+            Carrier {
+                carrier: self.carrier.clone(),
+                format: self.id.clone(),
+                service,
+            },
+        ))
+    }
+}
+
+/// The known formats, in the order they are tried.
+#[derive(Clone, Debug)]
+pub struct CarrierRegistry {
+    formats: Vec<Format>,
+}
+
+impl CarrierRegistry {
+    /// The built-in formats only.
+    pub fn builtin() -> Self {
+        CarrierRegistry {
+            formats: builtin::formats(),
+        }
+    }
+
+    /// Custom formats, then definition files, then the built-ins.
+    pub fn new(config: &CarrierConfig) -> Result<Self, CarrierError> {
+        let mut formats = Vec::new();
+        for custom in &config.custom {
+            formats.push(Format::new(
+                &custom.carrier,
+                &custom.name,
+                &custom.regex,
+                custom.check_digit.clone(),
+            )?);
+        }
+        for path in &config.definition_files {
+            formats.extend(data::load(path)?);
+        }
+        formats.extend(builtin::formats());
+        Ok(CarrierRegistry { formats })
+    }
+
+    /// Formats from one definition file alone (for tests and tools).
+    pub fn from_definition_file(path: &std::path::Path) -> Result<Self, CarrierError> {
+        Ok(CarrierRegistry {
+            formats: data::load(path)?,
+        })
+    }
+
+    /// Classifies a normalized tracking number (upper case, no spaces or dashes).
+    pub fn classify(&self, number: &str) -> Classification {
+        let mut mismatch = None;
+        for format in &self.formats {
+            match format.check(number) {
+                Some((true, carrier)) => return Classification::Valid(carrier),
+                Some((false, carrier)) if mismatch.is_none() => mismatch = Some(carrier),
+                _ => {}
+            }
+        }
+        mismatch.map_or(
+            Classification::UnknownFormat,
+            Classification::CheckDigitMismatch,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;
