@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building scand needs on a Debian machine: libclang for RocksDB's bindgen, cmake,
 # OpenSSL and zlib for librdkafka, and a C++ toolchain. protoc is vendored by a crate; nothing else is needed to run the default.
+# Also Debian's prometheus package, for promtool: CI checks the alert rules and scrape config with it.
 set -euo pipefail
 need=()
 for pkg in libclang-dev cmake libssl-dev zlib1g-dev libcurl4-openssl-dev pkg-config; do
@@ -13,4 +14,11 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  # Only promtool is used; the server's recommended extras are not needed.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus
 fi

@@ -83,6 +83,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         STATUS_REGRESSIONS_TOTAL,
         SCANS_CLOCK_SKEW_TOTAL,
         STORE_WRITE_ERRORS_TOTAL,
+        KAFKA_DEAD_LETTER_ERRORS_TOTAL,
     ] {
         metrics::counter!(counter).absolute(0);
     }

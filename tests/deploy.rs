@@ -1,0 +1,285 @@
+//! The ops kit in deploy/ is valid and true to the daemon: the dashboard, alert rules, scrape
+//! config, Kubernetes manifests, systemd unit and Dockerfile parse and carry what they must, every
+//! alert's runbook link lands on a section of docs/OPERATIONS.md, and every metric the dashboard
+//! and the rules name is exported by a live scand (with Kafka on, against a real broker).
+//! `promtool check rules/config` and `promtool test rules` run in .ci/run.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::kafka::{Broker, Record};
+use common::{batch, journey, minutes_ago, scan, Daemon};
+use prost::Message;
+use scand::api::pb::ScanType;
+use serde::Deserialize;
+
+fn repo(path: &str) -> String {
+    let full = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+fn yaml_documents(path: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(&repo(path))
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .collect()
+}
+
+/// Every `scand_*` metric name in a text (PromQL expressions).
+fn metric_names(text: &str, into: &mut BTreeSet<String>) {
+    let mut rest = text;
+    while let Some(at) = rest.find("scand_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        into.insert(name);
+    }
+}
+
+fn dashboard_exprs() -> Vec<String> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&repo("deploy/grafana/scand-dashboard.json")).expect("dashboard json");
+    assert!(dashboard["schemaVersion"].as_u64() >= Some(39));
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 15, "{} panels", panels.len());
+    panels
+        .iter()
+        .flat_map(|p| {
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+            targets
+                .iter()
+                .map(|t| t["expr"].as_str().expect("expr").to_owned())
+        })
+        .collect()
+}
+
+fn alert_rules() -> Vec<serde_yaml::Value> {
+    let rules = &yaml_documents("deploy/prometheus/alerts.yml")[0];
+    rules["groups"][0]["rules"]
+        .as_sequence()
+        .expect("rules")
+        .clone()
+}
+
+/// GitHub's anchors of the `##`/`###` headings of a markdown file.
+fn anchors(markdown: &str) -> BTreeSet<String> {
+    markdown
+        .lines()
+        .filter(|l| l.starts_with("## ") || l.starts_with("### "))
+        .map(|l| {
+            l.trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_says_what_happened_and_links_its_runbook() {
+    let runbook = anchors(&repo("docs/OPERATIONS.md"));
+    let rules = alert_rules();
+    let names: Vec<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
+    for required in [
+        "ScandIngestStopped",
+        "ScandRejectRateHigh",
+        "ScandOutboxGrowing",
+        "ScandConsumerLagGrowing",
+        "ScandDeadLetters",
+        "ScandWriteStalls",
+        "ScandNotReady",
+    ] {
+        assert!(names.contains(&required), "no alert {required}");
+    }
+    for rule in &rules {
+        let annotations = &rule["annotations"];
+        for key in ["summary", "description", "runbook_url"] {
+            assert!(
+                annotations[key].as_str().is_some(),
+                "{:?} lacks {key}",
+                rule["alert"]
+            );
+        }
+        let url = annotations["runbook_url"].as_str().unwrap_or_default();
+        let anchor = url.rsplit('#').next().unwrap_or_default();
+        assert!(
+            url.contains("docs/OPERATIONS.md#") && runbook.contains(anchor),
+            "{url}: no such section in docs/OPERATIONS.md"
+        );
+    }
+    let scrape = &yaml_documents("deploy/prometheus/scrape.yml")[0];
+    assert_eq!(scrape["rule_files"][0].as_str(), Some("alerts.yml"));
+    assert_eq!(
+        scrape["scrape_configs"][0]["static_configs"][0]["targets"][0].as_str(),
+        Some("127.0.0.1:9464")
+    );
+}
+
+#[test]
+fn kubernetes_manifests_run_scand_with_its_volume_probes_and_ports() {
+    let docs = yaml_documents("deploy/kubernetes/scand.yaml");
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "ConfigMap",
+        "Service",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
+    }
+    let set = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("StatefulSet"))
+        .expect("statefulset");
+    let container = &set["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    let defaults = scand::config::Config::default();
+    let ports: Vec<u64> = container["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["containerPort"].as_u64())
+        .collect();
+    assert_eq!(
+        ports,
+        vec![
+            u64::from(defaults.grpc.listen.port()),
+            u64::from(defaults.admin.listen.port())
+        ]
+    );
+    assert_eq!(
+        set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"].as_str(),
+        container["volumeMounts"][0]["name"].as_str()
+    );
+    let grace = set["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace");
+    assert!(grace > defaults.grpc.shutdown_grace.as_secs());
+    // The ConfigMap's config must load as a scand config.
+    let config = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("ConfigMap"))
+        .and_then(|d| d["data"]["scand.toml"].as_str())
+        .expect("config");
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), config).expect("write");
+    scand::config::Config::load(Some(file.path())).expect("the ConfigMap is a valid config");
+}
+
+#[test]
+fn the_systemd_unit_and_the_image_are_hardened() {
+    let unit = repo("deploy/systemd/scand.service");
+    for line in [
+        "DynamicUser=yes",
+        "StateDirectory=scand",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+        "Restart=on-failure",
+        "ExecStart=/usr/local/bin/scand run --config /etc/scand/scand.toml",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+    let dockerfile = repo("Dockerfile");
+    assert!(
+        dockerfile
+            .lines()
+            .filter(|l| l.starts_with("FROM "))
+            .count()
+            >= 2
+    );
+    assert!(dockerfile.lines().any(|l| l.starts_with("USER ")));
+    assert!(dockerfile.contains("EXPOSE 50051 9464"));
+}
+
+#[tokio::test]
+async fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
+    let mut wanted = BTreeSet::new();
+    for expr in dashboard_exprs() {
+        metric_names(&expr, &mut wanted);
+    }
+    for rule in alert_rules() {
+        metric_names(rule["expr"].as_str().unwrap_or_default(), &mut wanted);
+    }
+
+    let broker = Broker::start();
+    broker
+        .create_topics(&[
+            ("scans.raw", 1),
+            ("scans.dlq", 1),
+            ("shipments.status", 1),
+            ("scand.changelog", 1),
+        ])
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "[stall]\nsweep_interval = \"100ms\"\n[stall.thresholds]\nin_transit = \"1m\"\n\
+         [kafka]\nbrokers = \"{}\"\n[kafka.source]\nenabled = true\nbatch_max_wait = \"10ms\"\n\
+         [kafka.sink]\nenabled = true\n[kafka.consumer.properties]\n\"statistics.interval.ms\" = \"200\"\n",
+        broker.bootstrap
+    );
+    let daemon = Daemon::start(&dir.path().join("data"), &config);
+    let mut ingest = daemon.ingest().await;
+    let mut scans = journey("METRICS01", "m");
+    scans.push(scans[0].clone());
+    scans.push(scan(
+        "stuck",
+        "STUCK0001",
+        ScanType::Sorted,
+        minutes_ago(10),
+        "hub",
+    ));
+    scans.push(scan("bad", "??", ScanType::Sorted, minutes_ago(10), "hub"));
+    ingest.submit_scans(batch("b1", scans)).await.expect("ack");
+    let records: Vec<Record> = vec![
+        ("BROKEN1".into(), vec![0xff, 0x00], vec![]),
+        (
+            "KAFKA0001".into(),
+            scan("k1", "KAFKA0001", ScanType::PickedUp, minutes_ago(5), "wh").encode_to_vec(),
+            vec![],
+        ),
+    ];
+    broker.produce("scans.raw", &records).await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let exported: BTreeSet<String> = daemon
+            .metrics()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect();
+        let missing: Vec<&String> = wanted.iter().filter(|n| !exported.contains(*n)).collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing.into_iter().cloned().collect::<Vec<_>>();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        missing.is_empty(),
+        "named in deploy/ but not exported by scand: {missing:?}"
+    );
+    assert!(
+        wanted.len() > 30,
+        "only {} metric names found",
+        wanted.len()
+    );
+}
