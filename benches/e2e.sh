@@ -3,7 +3,9 @@
 #   1. raw RocksDB limit: the workload's records in synced WriteBatches, no gRPC, no logic
 #   2. raw transport limit: the workload streamed to a server that accepts without work
 #   3. scand at peak (closed loop) and at half of peak (open loop, latency honest)
-#   4. scand's ratios to (1) and (2)
+#   4. the same logic in PostgreSQL (INSERT … ON CONFLICT DO NOTHING + a status upsert per
+#      shipment, one transaction per batch, synchronous commit) at its best batch size
+#   5. scand's ratios to (1), (2) and (4)
 # Optional, slower: GROWTH=1 adds throughput/p99 with 1 M and 10 M stored events, peak RSS and
 # restart time after SIGKILL (set GROWTH_EVENTS="1000000 10000000 100000000" for a long run).
 #
@@ -63,16 +65,39 @@ start_scand "$WORK/half"
 HALF=$(load --target "http://127.0.0.1:$GRPC_PORT" --rate "$HALF_RATE")
 stop_scand
 
-python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" <<'EOF'
+echo "== 4. PostgreSQL baseline (same workload, same logic, best batch size)" >&2
+PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+if [ -z "$PG_BIN" ]; then
+  apt-get install -y -qq postgresql >/dev/null
+  PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+fi
+PG_DIR="$WORK/pg"
+PG_PORT="${PG_PORT:-55432}"
+mkdir -p "$PG_DIR" && chown postgres "$PG_DIR" "$WORK"
+run_pg() { if [ "$(id -u)" -eq 0 ]; then su postgres -c "$*"; else bash -c "$*"; fi; }
+run_pg "$PG_BIN/initdb -D $PG_DIR/data -A trust -U postgres" >/dev/null
+run_pg "$PG_BIN/pg_ctl -D $PG_DIR/data -l $PG_DIR/log -o '-p $PG_PORT -k $PG_DIR -c shared_buffers=512MB -c max_wal_size=4GB' -w start" >/dev/null
+BEST='{"scans_per_s": 0}'
+for size in 100 500 2000; do
+  RUN=$("$BIN/scand-load" --shipments "$SHIPMENTS" --streams "$STREAMS" --quiet --json --mode postgres \
+    --batch-size "$size" --pg-url "host=127.0.0.1 port=$PG_PORT user=postgres")
+  echo "   batch $size: $(echo "$RUN" | field "['scans_per_s']") scans/s" >&2
+  BEST=$(python3 -c "import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); print(json.dumps(a if a['scans_per_s']>=b['scans_per_s'] else b))" "$RUN" "$BEST")
+done
+run_pg "$PG_BIN/pg_ctl -D $PG_DIR/data -m fast stop" >/dev/null
+
+python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" "$BEST" <<'EOF'
 import json, sys
-raw_db, raw_net, peak, half = (json.loads(a) for a in sys.argv[1:5])
+raw_db, raw_net, peak, half, pg = (json.loads(a) for a in sys.argv[1:6])
 def lat(d): l = d["ack_latency_ms"]; return f'p50 {l["p50"]:.1f}  p90 {l["p90"]:.1f}  p99 {l["p99"]:.1f}  p99.9 {l["p999"]:.1f}  max {l["max"]:.1f} ms'
 print(f'{"run":<34} {"scans/s":>10}   latency')
 print(f'{"raw RocksDB (2 keys/scan, synced)":<34} {raw_db["scans_per_s"]:>10.0f}   write p50 {raw_db["write_ms"]["p50"]:.1f}  p99 {raw_db["write_ms"]["p99"]:.1f} ms')
 print(f'{"raw transport (tonic, no work)":<34} {raw_net["scans_per_s"]:>10.0f}   {lat(raw_net)}')
 print(f'{"scand at peak":<34} {peak["scans_per_s"]:>10.0f}   {lat(peak)}')
 print(f'{"scand at half of peak (open loop)":<34} {half["scans_per_s"]:>10.0f}   {lat(half)}')
+print(f'{"PostgreSQL baseline (batch " + str(pg["batch_size"]) + ")":<34} {pg["scans_per_s"]:>10.0f}   commit p50 {pg["commit_ms"]["p50"]:.1f}  p99 {pg["commit_ms"]["p99"]:.1f} ms')
 print(f'scand / raw RocksDB   = {peak["scans_per_s"] / raw_db["scans_per_s"]:.2f}')
+print(f'scand / PostgreSQL    = {peak["scans_per_s"] / pg["scans_per_s"]:.1f}')
 print(f'scand / raw transport = {peak["scans_per_s"] / raw_net["scans_per_s"]:.2f}')
 ok = peak["ok"] and half["ok"]
 print(f'outcomes as expected: {ok} (unexpected: {peak["mismatched"]} at peak, {half["mismatched"]} at half)')

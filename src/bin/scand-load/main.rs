@@ -8,6 +8,7 @@
 //! silently slowing the sender (no coordinated omission).
 
 mod kafka;
+mod postgres;
 mod raw;
 mod workload;
 
@@ -34,6 +35,8 @@ enum Mode {
     RawTransport,
     /// Produce the scans to a Kafka topic (--kafka-brokers, --kafka-topic).
     Kafka,
+    /// The same dedup/order/status logic in PostgreSQL (--pg-url), for comparison.
+    Postgres,
 }
 
 /// Load generator for scand: realistic journeys over gRPC, outcomes checked.
@@ -58,6 +61,9 @@ struct Args {
     /// kafka: the scans topic scand consumes.
     #[arg(long, default_value = "scans.raw")]
     kafka_topic: String,
+    /// postgres: connection string; --streams sessions run concurrently.
+    #[arg(long, default_value = "host=127.0.0.1 port=55432 user=postgres")]
+    pg_url: String,
     /// scand gRPC endpoint.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
@@ -176,6 +182,26 @@ async fn run(args: Args) -> Result<bool, String> {
                 .await;
         }
         Mode::RawTransport => target = raw::null_server().await?,
+        Mode::Postgres => {
+            let pg = postgres::run(&args.pg_url, &planned, args.batch_size, args.streams).await?;
+            let rate = pg.scans as f64 / pg.elapsed.as_secs_f64();
+            let [p50, p99, max] = pg.latency_ms;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "mode": "postgres", "scans": pg.scans, "elapsed_s": pg.elapsed.as_secs_f64(),
+                        "scans_per_s": rate, "batch_size": args.batch_size, "streams": args.streams,
+                        "commit_ms": { "p50": p50, "p99": p99, "max": max },
+                    })
+                );
+            } else {
+                println!("postgres          {:>12} scans", pg.scans);
+                println!("throughput        {rate:>12.0} scans/s");
+                println!("commit (ms)       p50 {p50:.2}  p99 {p99:.2}  max {max:.2}");
+            }
+            return Ok(true);
+        }
     }
     let check_outcomes = args.mode == Mode::Scand;
     let streams = args.streams.max(1);

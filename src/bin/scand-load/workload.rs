@@ -74,7 +74,9 @@ pub fn generate(shape: &Shape) -> Vec<Planned> {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    // Journeys start within the last 7 days, steps 5-180 minutes apart, all in the past.
+    // Journeys start 4-11 days ago with steps 5-180 minutes apart: even the longest (25 steps,
+    // ~75 h) ends in the past, so no step needs clamping to "now" (which would put two steps in
+    // one fingerprint window and make a planned ACCEPTED a duplicate).
     let mut timed: Vec<(i64, Planned)> = Vec::new();
     for s in 0..shape.shipments {
         let number = format!("LD{:04}{:010}", shape.seed % 10_000, s);
@@ -84,10 +86,10 @@ pub fn generate(shape: &Shape) -> Vec<Planned> {
         } else {
             0
         };
-        let mut minute = (now - 8 * 86_400) / 60 + rng.random_range(0..7 * 24 * 60);
+        let mut minute = (now - 11 * 86_400) / 60 + rng.random_range(0..7 * 24 * 60);
         for (step, (scan_type, kind)) in lifecycle(&mut rng).into_iter().enumerate() {
             minute += rng.random_range(5..180);
-            let seconds = (minute * 60 + rng.random_range(0..30)).min(now - 120) + device_skew;
+            let seconds = minute * 60 + rng.random_range(0..30) + device_skew;
             let scan = pb::Scan {
                 scan_id: format!("{number}-{step}"),
                 tracking_number: number.clone(),
