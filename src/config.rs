@@ -57,6 +57,48 @@ pub struct GrpcConfig {
     /// How long shutdown waits for in-flight calls before closing them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+}
+
+/// gRPC over TLS, off unless `cert` and `key` are set. With `client_ca`, mutual TLS: only
+/// clients presenting a certificate issued by that CA get a connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Per-device bearer tokens for `ScanIngest`. With none configured, ingest needs no token.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub tokens: Vec<DeviceToken>,
+}
+
+/// One bearer token and the device ids whose scans it may send (`"*"`: any device).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceToken {
+    pub token: String,
+    pub devices: Vec<String>,
+}
+
+impl std::fmt::Debug for DeviceToken {
+    // A token is a secret: never in logs or error messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceToken")
+            .field("token", &"<redacted>")
+            .field("devices", &self.devices)
+            .finish()
+    }
 }
 
 impl Default for GrpcConfig {
@@ -70,6 +112,9 @@ impl Default for GrpcConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            max_connections: 1024,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -124,6 +169,12 @@ impl Default for StoreConfig {
 pub struct IngestConfig {
     /// Largest batch accepted in one ScanBatch.
     pub max_batch_scans: usize,
+    /// Encoded bytes of scan batches accepted but not yet answered, across all callers. A
+    /// stream beyond it waits (HTTP/2 flow control pushes back on the scanner); a unary call
+    /// waits up to `admission_timeout`, then fails with RESOURCE_EXHAUSTED.
+    pub max_in_flight_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub admission_timeout: Duration,
     /// A scan more than this far ahead of the server clock is rejected.
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,
@@ -144,6 +195,8 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             max_batch_scans: 10_000,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+            admission_timeout: Duration::from_secs(1),
             max_future_skew: Duration::from_secs(5 * 60),
             max_age: Duration::from_secs(90 * 24 * 3600),
             clock_skew_flag_ahead: Duration::from_secs(60),
@@ -248,12 +301,17 @@ impl Default for DedupConfig {
 pub struct FeedConfig {
     /// Changes a WatchStatusChanges stream holds for a subscriber before waiting on it.
     pub subscriber_buffer: usize,
+    /// A subscriber that takes no change for this long while changes wait for it is cut off
+    /// (RESOURCE_EXHAUSTED, with the sequence to resume after).
+    #[serde(with = "humantime_serde")]
+    pub stalled_subscriber_timeout: Duration,
 }
 
 impl Default for FeedConfig {
     fn default() -> Self {
         Self {
             subscriber_buffer: 64,
+            stalled_subscriber_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -424,6 +482,7 @@ impl Config {
             ),
             ("ingest.max_batch_scans", self.ingest.max_batch_scans),
             ("feed.subscriber_buffer", self.feed.subscriber_buffer),
+            ("grpc.max_connections", self.grpc.max_connections),
             (
                 "kafka.source.batch_max_records",
                 self.kafka.source.batch_max_records,
@@ -476,6 +535,20 @@ impl Config {
                 reason: "HTTP/2 windows must be at least 65535 bytes".to_owned(),
             });
         }
+        if self.ingest.max_in_flight_bytes < self.grpc.max_message_bytes {
+            return Err(ConfigError::Invalid {
+                key: "ingest.max_in_flight_bytes",
+                reason: "must be at least grpc.max_message_bytes (one batch must fit)".to_owned(),
+            });
+        }
+        if self.feed.stalled_subscriber_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "feed.stalled_subscriber_timeout",
+                reason: "must be longer than 0s".to_owned(),
+            });
+        }
+        self.grpc.tls.validate()?;
+        self.grpc.auth.validate()?;
         let kafka = &self.kafka;
         if (kafka.source.enabled || kafka.sink.enabled || kafka.gateway.enabled)
             && kafka.brokers.trim().is_empty()
@@ -501,6 +574,69 @@ impl Config {
                 key: "kafka.source.dead_letter_topic",
                 reason: "must not be one of the source topics".to_owned(),
             });
+        }
+        Ok(())
+    }
+}
+
+impl TlsConfig {
+    /// TLS is on when a certificate is configured.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "grpc.tls",
+                    reason: "set both `cert` and `key`, or neither".to_owned(),
+                })
+            }
+            (None, None) if self.client_ca.is_some() => {
+                return Err(ConfigError::Invalid {
+                    key: "grpc.tls.client_ca",
+                    reason: "client certificates need TLS: set `cert` and `key` too".to_owned(),
+                })
+            }
+            _ => {}
+        }
+        let files = [
+            ("grpc.tls.cert", &self.cert),
+            ("grpc.tls.key", &self.key),
+            ("grpc.tls.client_ca", &self.client_ca),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{} is not a readable file", path.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for (position, entry) in self.tokens.iter().enumerate() {
+            let problem = if entry.token.len() < 16 {
+                Some("is shorter than 16 characters")
+            } else if entry.devices.is_empty() {
+                Some("allows no device (list device ids, or \"*\" for any)")
+            } else if !seen.insert(entry.token.as_str()) {
+                Some("is configured twice")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(ConfigError::Invalid {
+                    key: "grpc.auth.tokens",
+                    reason: format!("token #{} {problem}", position + 1),
+                });
+            }
         }
         Ok(())
     }
@@ -588,6 +724,42 @@ mod tests {
             load_in_jail("[kafka.source]\nenabled = true\ndead_letter_topic = \"scans.raw\"\n")
                 .expect_err("loop");
         assert!(err.contains("kafka.source.dead_letter_topic"), "{err}");
+    }
+
+    #[test]
+    fn tls_and_tokens_are_checked_and_tokens_never_printed() {
+        let err = load_in_jail("[grpc.tls]\ncert = \"server.pem\"\n").expect_err("no key");
+        assert_eq!(
+            err,
+            "invalid value for `grpc.tls`: set both `cert` and `key`, or neither"
+        );
+        let err = load_in_jail("[grpc.tls]\ncert = \"missing.pem\"\nkey = \"missing.key\"\n")
+            .expect_err("missing file");
+        assert_eq!(
+            err,
+            "invalid value for `grpc.tls.cert`: missing.pem is not a readable file"
+        );
+        let err = load_in_jail("[grpc.tls]\nclient_ca = \"ca.pem\"\n").expect_err("no tls");
+        assert!(
+            err.starts_with("invalid value for `grpc.tls.client_ca`"),
+            "{err}"
+        );
+        let tokens = "[[grpc.auth.tokens]]\ntoken = \"0123456789abcdef-secret\"\n\
+                      devices = [\"dev-1\"]\n";
+        let config = load_in_jail(tokens).expect("valid token");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        let err = load_in_jail(&format!("{tokens}{tokens}")).expect_err("twice");
+        assert_eq!(
+            err,
+            "invalid value for `grpc.auth.tokens`: token #2 is configured twice"
+        );
+        let err = load_in_jail("[[grpc.auth.tokens]]\ntoken = \"short\"\ndevices = [\"d\"]\n")
+            .expect_err("short");
+        assert_eq!(
+            err,
+            "invalid value for `grpc.auth.tokens`: token #1 is shorter than 16 characters"
+        );
     }
 
     #[test]

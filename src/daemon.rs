@@ -9,12 +9,15 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{server::TcpIncoming, Server};
+use tonic::transport::Server;
 
 use crate::api::operations::OperationsService;
-use crate::api::{message_limit, pb, tracking::TrackingService, FILE_DESCRIPTOR_SET};
+use crate::api::{
+    connections, message_limit, pb, tls, tracking::TrackingService, FILE_DESCRIPTOR_SET,
+};
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::ingest::auth::DeviceTokens;
 use crate::ingest::changelog;
 use crate::ingest::gateway::Gateway;
 use crate::ingest::kafka::KafkaSource;
@@ -38,6 +41,10 @@ pub enum DaemonError {
     Metrics(#[from] telemetry::metrics::MetricsError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    TlsFiles(#[from] tls::TlsError),
+    #[error("gRPC TLS (grpc.tls): {0}")]
+    Tls(String),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("kafka: {0}")]
@@ -118,6 +125,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         std::time::SystemTime::now,
         shutdown.clone(),
     ));
+    let prober = tokio::spawn(writer::run_write_prober(
+        writer.clone(),
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    let store_health = tokio::spawn(follow_store_failures(
+        writer.failures(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
     let validator = Validator::new(&config.ingest)?;
     if kafka.source.enabled {
         let source = KafkaSource::new(kafka, store.clone(), validator.clone(), writer.clone())
@@ -142,16 +159,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     } else {
         Destination::Store(writer)
     };
-    let ingestor = Ingestor::new(validator, destination, config.ingest.max_batch_scans);
-    let feed = Feed::new(
-        store.clone(),
-        committed,
-        config.feed.subscriber_buffer,
-        shutdown.clone(),
+    let ingestor = Ingestor::new(
+        validator,
+        destination,
+        config.ingest.max_batch_scans,
+        config.ingest.max_in_flight_bytes,
     );
+    let feed = Feed::new(store.clone(), committed, &config.feed, shutdown.clone());
     let max_message = config.grpc.max_message_bytes;
     let ingest_service = pb::scan_ingest_server::ScanIngestServer::new(ScanIngestService::new(
         ingestor,
+        DeviceTokens::new(&config.grpc.auth),
+        config.ingest.admission_timeout,
         shutdown.clone(),
     ))
     .max_decoding_message_size(max_message);
@@ -192,7 +211,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             addr: config.grpc.listen,
             source,
         })?;
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls::server_config(&config.grpc.tls)? {
+        builder = builder.tls_config(tls).map_err(|error| {
+            // tonic's own message is only "transport error"; the cause names the problem.
+            let cause =
+                std::error::Error::source(&error).map_or(error.to_string(), |c| c.to_string());
+            DaemonError::Tls(format!("certificate or key not usable: {cause}"))
+        })?;
+    }
+    let server = builder
         .layer(tower::util::MapResponseLayer::new(
             message_limit::map_response,
         ))
@@ -208,8 +236,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .add_service(tracking_service)
         .add_service(operations_service)
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY small acks wait for delayed-ACK timers (~40 ms a round trip).
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            connections::incoming(grpc_listener, config.grpc.max_connections, shutdown.clone()),
             shutdown.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);
@@ -221,6 +248,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     readiness.set(true);
     tracing::info!(
         grpc = %config.grpc.listen,
+        tls = config.grpc.tls.enabled(),
+        mutual_tls = config.grpc.tls.client_ca.is_some(),
+        device_tokens = config.grpc.auth.tokens.len(),
         admin = %config.admin.listen,
         data = %store.path().display(),
         "scand ready"
@@ -255,7 +285,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    for task in kafka_tasks.into_iter().chain([sweeper, store_metrics]) {
+    for task in kafka_tasks
+        .into_iter()
+        .chain([sweeper, store_metrics, prober, store_health])
+    {
         if tokio::time::timeout(grace, task).await.is_err() {
             tracing::warn!("a Kafka task still busy after the grace period");
         }
@@ -273,6 +306,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     drop(store);
     tracing::info!("scand stopped");
     Ok(())
+}
+
+/// Not ready while the store refuses writes, so load balancers send scanners elsewhere.
+async fn follow_store_failures(
+    mut failures: tokio::sync::watch::Receiver<Option<String>>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let failure = failures.borrow_and_update().clone();
+        readiness.set_store_failure(failure);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = failures.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// RocksDB's figures change slowly; reading its properties every few seconds is enough.

@@ -2,9 +2,11 @@
 //! served by reflection, and the thin service adapters (`tracking`). Scan ingestion's service
 //! lives with the other ingest adapters in `ingest::grpc`.
 
+pub mod connections;
 pub mod json;
 pub mod message_limit;
 pub mod operations;
+pub mod tls;
 pub mod tracking;
 
 /// Generated from proto/scand/v1/scand.proto.

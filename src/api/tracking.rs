@@ -1,7 +1,6 @@
 //! The `Tracking` service: a thin adapter from gRPC to the store (GetShipment) and the change
 //! feed (WatchStatusChanges). Tracking numbers are normalized exactly as scans' are.
 
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::pb::{self, tracking_server::Tracking};
@@ -43,7 +42,7 @@ impl Tracking for TrackingService {
         })
     }
 
-    type WatchStatusChangesStream = ReceiverStream<Result<pb::StatusChange, Status>>;
+    type WatchStatusChangesStream = crate::publish::feed::Subscription;
 
     async fn watch_status_changes(
         &self,

@@ -4,16 +4,23 @@
 //! A stream pipelines: while earlier batches wait for their synced write, later ones are
 //! validated and queued (so one stream feeds group commit), but at most
 //! [`IN_FLIGHT_PER_STREAM`] batches are in flight; beyond that the stream stops reading and
-//! HTTP/2 flow control pushes back on the scanner.
+//! HTTP/2 flow control pushes back on the scanner. The same happens while the batches of
+//! all callers together fill `ingest.max_in_flight_bytes`; a unary call instead waits up to
+//! `ingest.admission_timeout` and then fails with RESOURCE_EXHAUSTED.
+//!
+//! With device tokens configured, every call is authorized first (see [`super::auth`]).
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Ingestor, Pending};
+use super::auth::{AllowedDevices, DeviceTokens};
+use super::{Admission, Caller, Ingestor, Pending};
 use crate::api::message_limit;
 use crate::api::pb::{self, scan_ingest_server::ScanIngest};
 
@@ -25,12 +32,32 @@ const SOURCE: &str = "grpc";
 
 pub struct ScanIngestService {
     ingestor: Ingestor,
+    tokens: Option<DeviceTokens>,
+    admission_timeout: Duration,
     shutdown: CancellationToken,
 }
 
 impl ScanIngestService {
-    pub fn new(ingestor: Ingestor, shutdown: CancellationToken) -> Self {
-        Self { ingestor, shutdown }
+    pub fn new(
+        ingestor: Ingestor,
+        tokens: Option<DeviceTokens>,
+        admission_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            ingestor,
+            tokens,
+            admission_timeout,
+            shutdown,
+        }
+    }
+
+    /// The devices this call may send for (`None`: tokens are not in use).
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Option<Arc<AllowedDevices>>, Status> {
+        self.tokens
+            .as_ref()
+            .map(|tokens| tokens.authorize(request.metadata()))
+            .transpose()
     }
 }
 
@@ -44,6 +71,7 @@ impl ScanIngest for ScanIngestService {
         &self,
         request: Request<Streaming<pb::ScanBatch>>,
     ) -> Result<Response<Self::StreamScansStream>, Status> {
+        let devices = self.authorize(&request)?;
         let mut inbound = request.into_inner();
         let (pending_tx, mut pending_rx) =
             mpsc::channel::<Result<Pending, Status>>(IN_FLIGHT_PER_STREAM);
@@ -71,7 +99,12 @@ impl ScanIngest for ScanIngestService {
                         return;
                     }
                 };
-                let queued = ingestor.queue(batch, SOURCE).await.map_err(Status::from);
+                let caller = Caller {
+                    source: SOURCE,
+                    devices: devices.as_deref(),
+                    admission: Admission::Wait,
+                };
+                let queued = ingestor.queue(batch, caller).await.map_err(Status::from);
                 let failed = queued.is_err();
                 if pending_tx.send(queued).await.is_err() || failed {
                     return;
@@ -110,7 +143,13 @@ impl ScanIngest for ScanIngestService {
                 "scand is shutting down; retry on another instance or later",
             ));
         }
-        let ack = self.ingestor.ingest(request.into_inner(), SOURCE).await?;
+        let devices = self.authorize(&request)?;
+        let caller = Caller {
+            source: SOURCE,
+            devices: devices.as_deref(),
+            admission: Admission::Within(self.admission_timeout),
+        };
+        let ack = self.ingestor.ingest(request.into_inner(), caller).await?;
         Ok(Response::new(ack))
     }
 }

@@ -5,6 +5,7 @@
 //! Invariants: one result per scan, in the batch's order; a rejected scan never reaches the
 //! store; an answer is produced only after the writer confirmed the durable write.
 
+pub mod auth;
 pub mod carrier;
 pub mod changelog;
 pub mod codec;
@@ -13,16 +14,19 @@ pub mod grpc;
 pub mod kafka;
 pub mod validate;
 
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::oneshot;
+use prost::Message;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::api::pb;
 use crate::engine::{DuplicateKind, Outcome};
 use crate::store::{writer::WriterHandle, StoreError};
 use crate::telemetry::metrics as m;
+use auth::AllowedDevices;
 use gateway::Gateway;
-use validate::{Rejection, Validator};
+use validate::{Rejection, Validator, MAX_FIELD_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -32,6 +36,11 @@ pub enum IngestError {
     Store(#[from] StoreError),
     #[error("kafka unavailable, batch not forwarded (resend it): {0}")]
     Gateway(#[from] rdkafka::error::KafkaError),
+    #[error(
+        "scand is overloaded: {limit} bytes of scans are already waiting to be stored \
+         (ingest.max_in_flight_bytes); nothing of this batch was stored, retry with backoff"
+    )]
+    Overloaded { limit: usize },
 }
 
 impl From<IngestError> for tonic::Status {
@@ -41,6 +50,7 @@ impl From<IngestError> for tonic::Status {
             IngestError::Store(_) | IngestError::Gateway(_) => {
                 tonic::Status::unavailable(e.to_string())
             }
+            IngestError::Overloaded { .. } => tonic::Status::resource_exhausted(e.to_string()),
         }
     }
 }
@@ -57,12 +67,33 @@ enum Answer {
     Kafka(gateway::Forwarded),
 }
 
+/// How long a caller may wait for room among the batches in flight.
+#[derive(Clone, Copy, Debug)]
+pub enum Admission {
+    /// As long as it takes: the caller is a stream, and waiting is its backpressure.
+    Wait,
+    /// Up to this long, then RESOURCE_EXHAUSTED: the caller holds a whole request meanwhile.
+    Within(Duration),
+}
+
+/// Who sent a batch and what it may send.
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
+    pub source: &'static str,
+    /// Devices the caller's bearer token allows; `None` when tokens are not in use.
+    pub devices: Option<&'a AllowedDevices>,
+    pub admission: Admission,
+}
+
 /// Validates batches and hands them to their destination.
 #[derive(Clone)]
 pub struct Ingestor {
     validator: Validator,
     destination: Destination,
     max_batch_scans: usize,
+    /// One permit per encoded byte of the batches accepted and not yet answered.
+    in_flight: Arc<Semaphore>,
+    max_in_flight_bytes: usize,
 }
 
 /// A batch queued for the writer, in the order it was queued; resolve it with [`Pending::ack`].
@@ -72,26 +103,69 @@ pub struct Pending {
     /// Index into `results` of each scan sent to the writer, in the order sent.
     queued: Vec<usize>,
     answer: Option<Answer>,
+    /// The batch's share of `ingest.max_in_flight_bytes`, returned once it is answered.
+    _admitted: Admitted,
+}
+
+/// A batch's bytes in flight, counted in `scand_ingest_in_flight_bytes` until dropped.
+struct Admitted(OwnedSemaphorePermit);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        metrics::gauge!(m::INGEST_IN_FLIGHT_BYTES).decrement(self.0.num_permits() as f64);
+    }
 }
 
 impl Ingestor {
-    pub fn new(validator: Validator, destination: Destination, max_batch_scans: usize) -> Self {
+    pub fn new(
+        validator: Validator,
+        destination: Destination,
+        max_batch_scans: usize,
+        max_in_flight_bytes: usize,
+    ) -> Self {
         Self {
             validator,
             destination,
             max_batch_scans,
+            in_flight: Arc::new(Semaphore::new(max_in_flight_bytes)),
+            max_in_flight_bytes,
         }
+    }
+
+    /// Room for a batch of `bytes` among the batches in flight.
+    async fn admit(&self, bytes: usize, admission: Admission) -> Result<Admitted, IngestError> {
+        // A batch larger than the whole budget (only possible if the limits were set so) still
+        // gets through alone rather than never.
+        let permits = u32::try_from(bytes.clamp(1, self.max_in_flight_bytes)).unwrap_or(u32::MAX);
+        let acquire = self.in_flight.clone().acquire_many_owned(permits);
+        let permit = match admission {
+            Admission::Wait => acquire.await.ok(),
+            Admission::Within(wait) => tokio::time::timeout(wait, acquire)
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        let Some(permit) = permit else {
+            metrics::counter!(m::INGEST_BATCHES_FAILED_TOTAL, "reason" => "overloaded")
+                .increment(1);
+            return Err(IngestError::Overloaded {
+                limit: self.max_in_flight_bytes,
+            });
+        };
+        metrics::gauge!(m::INGEST_IN_FLIGHT_BYTES).increment(f64::from(permits));
+        Ok(Admitted(permit))
     }
 
     /// Validates a batch and queues its valid scans (waiting while the writer's queue is full).
     /// Batches queued by one caller are applied in the order they were queued.
-    #[tracing::instrument(name = "ingest", skip_all, fields(batch_id = %batch.batch_id, scans = batch.scans.len(), source = source))]
+    #[tracing::instrument(name = "ingest", skip_all, fields(batch_id = %batch.batch_id, scans = batch.scans.len(), source = caller.source))]
     pub async fn queue(
         &self,
         batch: pb::ScanBatch,
-        source: &'static str,
+        caller: Caller<'_>,
     ) -> Result<Pending, IngestError> {
         let received = Instant::now();
+        let source = caller.source;
         let scans = batch.scans.len();
         if scans > self.max_batch_scans {
             metrics::counter!(m::INGEST_BATCHES_FAILED_TOTAL, "reason" => "batch_too_large")
@@ -101,6 +175,7 @@ impl Ingestor {
                 limit: self.max_batch_scans,
             });
         }
+        let admitted = self.admit(batch.encoded_len(), caller.admission).await?;
         metrics::counter!(m::SCANS_RECEIVED_TOTAL, "source" => source).increment(scans as u64);
         metrics::histogram!(m::INGEST_BATCH_SCANS).record(scans as f64);
 
@@ -110,7 +185,17 @@ impl Ingestor {
         let mut queued = Vec::with_capacity(scans);
         for scan in batch.scans {
             let scan_id = scan.scan_id.clone();
-            match self.validator.validate(scan, now) {
+            let validated = match caller.devices {
+                // An oversized device id is left to the validator, which names the limit.
+                Some(devices)
+                    if scan.device_id.len() <= MAX_FIELD_BYTES
+                        && !devices.permits(&scan.device_id) =>
+                {
+                    Err(Rejection::DeviceNotAllowed(scan.device_id))
+                }
+                _ => self.validator.validate(scan, now),
+            };
+            match validated {
                 Ok(v) => {
                     tracing::debug!(tracking_number = %v.tracking_number, scan_id = %v.scan_id, "scan queued");
                     queued.push(results.len());
@@ -134,6 +219,13 @@ impl Ingestor {
         }
         let answer = match &self.destination {
             _ if valid.is_empty() => None,
+            // Fail fast rather than queue batches bound to fail; the writer probes meanwhile.
+            Destination::Store(writer) if writer.failure().is_some() => {
+                let failure = writer.failure().unwrap_or_default();
+                metrics::counter!(m::INGEST_BATCHES_FAILED_TOTAL, "reason" => "store_unwritable")
+                    .increment(1);
+                return Err(StoreError::Unwritable(failure).into());
+            }
             Destination::Store(writer) => Some(Answer::Store(
                 writer.enqueue(valid, Vec::new(), received).await?,
             )),
@@ -144,6 +236,7 @@ impl Ingestor {
             results,
             queued,
             answer,
+            _admitted: admitted,
         })
     }
 
@@ -151,9 +244,9 @@ impl Ingestor {
     pub async fn ingest(
         &self,
         batch: pb::ScanBatch,
-        source: &'static str,
+        caller: Caller<'_>,
     ) -> Result<pb::BatchAck, IngestError> {
-        self.queue(batch, source).await?.ack().await
+        self.queue(batch, caller).await?.ack().await
     }
 }
 
@@ -165,6 +258,7 @@ impl Pending {
             mut results,
             queued,
             answer,
+            _admitted,
         } = self;
         let outcomes = match answer {
             None => Vec::new(),

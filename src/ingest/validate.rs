@@ -54,6 +54,8 @@ pub enum Rejection {
     LatitudeOutOfRange(f64),
     #[error("longitude {0} is outside -180..=180")]
     LongitudeOutOfRange(f64),
+    #[error("device_id {0:?} is not allowed for this bearer token")]
+    DeviceNotAllowed(String),
     #[error("{field} is {len} {unit}; the limit is {limit}")]
     Oversized {
         field: &'static str,
@@ -90,6 +92,7 @@ impl Rejection {
             Rejection::EventTimeTooOld { .. } => "event_time_too_old",
             Rejection::LatitudeOutOfRange(_) => "latitude_out_of_range",
             Rejection::LongitudeOutOfRange(_) => "longitude_out_of_range",
+            Rejection::DeviceNotAllowed(_) => "device_not_allowed",
             Rejection::Oversized { .. } => "oversized",
         }
     }

@@ -6,14 +6,25 @@
 //!   reconnecting with the last sequence it saw misses nothing and repeats nothing.
 //! - Memory per subscriber is bounded: changes are read from RocksDB in chunks at the
 //!   subscriber's pace into a small channel; a slow subscriber lags, it is never buffered.
+//! - A subscriber that takes no change for `feed.stalled_subscriber_timeout` while changes
+//!   wait for it is cut off with RESOURCE_EXHAUSTED; its reader task and store reads end at
+//!   once. The ending status overtakes buffered changes when there is no room behind them, so
+//!   a stream always ends with its status, and the subscriber resumes after the last sequence
+//!   it actually received.
 //! - Streams end on shutdown with UNAVAILABLE, so graceful shutdown is never held open.
 
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::api::pb;
+use crate::config::FeedConfig;
 use crate::domain::{Sequence, TrackingNumber};
 use crate::store::Store;
 use crate::telemetry::metrics as m;
@@ -26,7 +37,31 @@ pub struct Feed {
     store: Store,
     committed: watch::Receiver<Sequence>,
     buffer: usize,
+    stalled_timeout: Duration,
     shutdown: CancellationToken,
+}
+
+/// One subscriber's stream: the changes, unless the feed ended it, in which case that status
+/// comes first and last.
+pub struct Subscription {
+    changes: mpsc::Receiver<Result<pb::StatusChange, Status>>,
+    ended: oneshot::Receiver<Status>,
+    done: bool,
+}
+
+impl Stream for Subscription {
+    type Item = Result<pb::StatusChange, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(Ok(status)) = Pin::new(&mut self.ended).poll(cx) {
+            self.done = true;
+            return Poll::Ready(Some(Err(status)));
+        }
+        self.changes.poll_recv(cx)
+    }
 }
 
 /// Counts a subscriber in `scand_feed_subscribers` for as long as it lives.
@@ -50,33 +85,39 @@ impl Feed {
     pub fn new(
         store: Store,
         committed: watch::Receiver<Sequence>,
-        buffer: usize,
+        config: &FeedConfig,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
             committed,
-            buffer,
+            buffer: config.subscriber_buffer,
+            stalled_timeout: config.stalled_subscriber_timeout,
             shutdown,
         }
     }
 
     /// Changes with a sequence above `after` (only `only`'s, if given): the log so far, then
     /// live ones as they are committed.
-    pub fn subscribe(
-        &self,
-        after: Sequence,
-        only: Option<TrackingNumber>,
-    ) -> ReceiverStream<Result<pb::StatusChange, Status>> {
+    pub fn subscribe(&self, after: Sequence, only: Option<TrackingNumber>) -> Subscription {
         let (tx, rx) = mpsc::channel(self.buffer);
+        let (end_tx, end_rx) = oneshot::channel();
         let feed = self.clone();
         tokio::spawn(async move {
             let _gauge = SubscriberGauge::new();
             if let Err(status) = feed.pump(after, only, &tx).await {
-                let _ = tx.send(Err(status)).await;
+                // After the changes already buffered if there is room, else ahead of them.
+                if let Err(mpsc::error::TrySendError::Full(Err(status))) = tx.try_send(Err(status))
+                {
+                    let _ = end_tx.send(status);
+                }
             }
         });
-        ReceiverStream::new(rx)
+        Subscription {
+            changes: rx,
+            ended: end_rx,
+            done: false,
+        }
     }
 
     /// Runs until the subscriber leaves (Ok) or the feed must end it (Err, sent to it).
@@ -87,11 +128,10 @@ impl Feed {
         tx: &mpsc::Sender<Result<pb::StatusChange, Status>>,
     ) -> Result<(), Status> {
         let mut cursor = after;
-        let shutting_down = |cursor: Sequence| {
-            Status::unavailable(format!(
-                "scand is shutting down; resume with after_sequence={}",
-                cursor.0
-            ))
+        let shutting_down = |_: Sequence| {
+            Status::unavailable(
+                "scand is shutting down; resume with after_sequence = the last sequence you received",
+            )
         };
         loop {
             let store = self.store.clone();
@@ -117,14 +157,42 @@ impl Feed {
                     .as_ref()
                     .is_none_or(|n| n.as_str() == change.tracking_number)
                 {
-                    tokio::select! {
-                        sent = tx.send(Ok(change)) => if sent.is_err() { return Ok(()) },
-                        () = self.shutdown.cancelled() => return Err(shutting_down(cursor)),
-                    }
+                    let room = match tx.try_reserve() {
+                        Ok(room) => room,
+                        Err(mpsc::error::TrySendError::Closed(())) => return Ok(()),
+                        Err(mpsc::error::TrySendError::Full(())) => tokio::select! {
+                            room = tx.reserve() => match room {
+                                Ok(room) => room,
+                                Err(_) => return Ok(()),
+                            },
+                            () = tokio::time::sleep(self.stalled_timeout) => {
+                                return Err(self.cut_off(cursor));
+                            }
+                            () = self.shutdown.cancelled() => return Err(shutting_down(cursor)),
+                        },
+                    };
+                    room.send(Ok(change));
                     metrics::counter!(m::FEED_CHANGES_SENT_TOTAL).increment(1);
                 }
                 cursor = sequence;
             }
         }
+    }
+
+    /// The status ending a subscriber that took nothing for the timeout. `cursor` is the last
+    /// change handed to its stream, so resuming after it repeats nothing and misses nothing
+    /// once the subscriber has read what was already buffered.
+    fn cut_off(&self, cursor: Sequence) -> Status {
+        metrics::counter!(m::FEED_SUBSCRIBERS_CUT_OFF_TOTAL).increment(1);
+        tracing::info!(
+            after_sequence = cursor.0,
+            "change feed subscriber took nothing for {:?}; cut off",
+            self.stalled_timeout
+        );
+        Status::resource_exhausted(format!(
+            "subscriber took no change for {}s while changes were waiting; cut off to free the \
+             server. Resume with after_sequence = the last sequence you received",
+            self.stalled_timeout.as_secs_f64()
+        ))
     }
 }

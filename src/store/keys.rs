@@ -32,6 +32,8 @@ pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub const SCHEMA_VERSION: u32 = 1;
 /// Shipments currently stalled (u64 BE), kept in the same writes that stall and wake them.
 pub const META_STALLED_SHIPMENTS: &[u8] = b"stalled_shipments";
+/// Written (synced) to learn whether a store that refused writes takes them again.
+pub const META_WRITE_PROBE: &[u8] = b"write_probe";
 
 /// Next offset to consume of a source partition: `source_offset ␀ topic ␀ partition(i32 BE)`.
 pub fn source_offset_key(topic: &str, partition: i32) -> Vec<u8> {

@@ -40,6 +40,11 @@ pub enum StoreError {
     WriterThread(#[from] std::io::Error),
     #[error("store write failed, nothing acknowledged: {0}")]
     WriteFailed(String),
+    #[error(
+        "store refuses writes (disk full or read-only?): {0}; nothing of this batch was \
+         stored, resend it later"
+    )]
+    Unwritable(String),
 }
 
 /// Shared read access to the database; the writer holds the only write path.

@@ -124,6 +124,10 @@ enum Job {
         now: EventTime,
         reply: oneshot::Sender<Result<Swept, StoreError>>,
     },
+    /// A tiny synced write: does the store take writes again?
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 /// What one sweep did.
@@ -138,9 +142,30 @@ pub struct Swept {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Job>,
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl WriterHandle {
+    /// Why the store refuses writes, while it does (the last failed write's error).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// Follows [`WriterHandle::failure`] as it changes.
+    pub fn failures(&self) -> watch::Receiver<Option<String>> {
+        self.failure.clone()
+    }
+
+    /// One synced write of a probe key, in queue order.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job::Probe { reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
     /// Queues a batch for the writer, waiting while its queue is full. The receiver resolves
     /// once the batch is durable, with one outcome per scan in order.
     pub async fn enqueue(
@@ -212,6 +237,29 @@ pub async fn run_stall_sweeper(
     }
 }
 
+/// While the store refuses writes, probes it every `interval` so that recovery is noticed
+/// (and readiness restored) without waiting for the next scan.
+pub async fn run_write_prober(
+    writer: WriterHandle,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut failures = writer.failures();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            failing = failures.wait_for(Option::is_some) => if failing.is_err() { return },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(StoreError::WriterGone) = writer.probe().await {
+            return;
+        }
+    }
+}
+
 /// Starts the writer thread. It stops once every [`WriterHandle`] is dropped and the queue is
 /// drained; join the returned handle to know every accepted batch was answered.
 pub fn spawn(
@@ -233,7 +281,9 @@ pub fn spawn(
     metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
     let (tx, rx) = mpsc::channel(config.queue_batches);
     let (sequence_tx, sequence_rx) = watch::channel(last);
+    let (failure_tx, failure) = watch::channel(None);
     let writer = Writer {
+        failure_tx,
         engine,
         stall,
         last_sequence: last,
@@ -247,7 +297,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("scand-writer".into())
         .spawn(move || writer.run(rx))?;
-    Ok((WriterHandle { tx }, sequence_rx, thread))
+    Ok((WriterHandle { tx, failure }, sequence_rx, thread))
 }
 
 struct Writer {
@@ -262,6 +312,8 @@ struct Writer {
     cache: ShipmentCache,
     /// Where shipments owned by a source partition are replicated after each write.
     changelog: Option<mpsc::Sender<Snapshot>>,
+    /// The last write's error while writes fail; `None` once one succeeds.
+    failure_tx: watch::Sender<Option<String>>,
 }
 
 impl Writer {
@@ -272,10 +324,16 @@ impl Writer {
                 Job::Ingest(request) => request,
                 Job::Sweep { now, reply } => {
                     let result = self.sweep(now);
+                    self.record_write(result.as_ref().err());
                     if let Err(error) = &result {
-                        metrics::counter!(m::STORE_WRITE_ERRORS_TOTAL).increment(1);
                         tracing::error!(%error, "stall sweep failed; nothing stalled");
                     }
+                    let _ = reply.send(result);
+                    continue;
+                }
+                Job::Probe { reply } => {
+                    let result = self.probe();
+                    self.record_write(result.as_ref().err());
                     let _ = reply.send(result);
                     continue;
                 }
@@ -295,6 +353,7 @@ impl Writer {
             let started = Instant::now();
             let result = self.commit(&group);
             metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+            self.record_write(result.as_ref().err());
             match result {
                 Ok(mut per_request) => {
                     for request in group.into_iter().rev() {
@@ -306,13 +365,12 @@ impl Writer {
                     }
                 }
                 Err(error) => {
-                    metrics::counter!(m::STORE_WRITE_ERRORS_TOTAL).increment(1);
                     tracing::error!(%error, batches = group.len(), "store write failed; nothing acknowledged");
                     let message = error.to_string();
                     for request in group {
                         let _ = request
                             .reply
-                            .send(Err(StoreError::WriteFailed(message.clone())));
+                            .send(Err(StoreError::Unwritable(message.clone())));
                     }
                 }
             }
@@ -321,6 +379,43 @@ impl Writer {
             last_sequence = self.last_sequence.0,
             "store writer drained and stopped"
         );
+    }
+
+    /// Follows whether writes succeed: `scand_store_writable`, the error count, and the
+    /// failure ingest and readiness see.
+    fn record_write(&self, error: Option<&StoreError>) {
+        match error {
+            Some(error) => {
+                metrics::counter!(m::STORE_WRITE_ERRORS_TOTAL).increment(1);
+                metrics::gauge!(m::STORE_WRITABLE).set(0.0);
+                let message = error.to_string();
+                self.failure_tx.send_if_modified(|failure| {
+                    let changed = failure.as_deref() != Some(message.as_str());
+                    *failure = Some(message);
+                    changed
+                });
+            }
+            None => {
+                if self.failure_tx.borrow().is_some() {
+                    tracing::warn!("store takes writes again");
+                    metrics::gauge!(m::STORE_WRITABLE).set(1.0);
+                    self.failure_tx.send_replace(None);
+                }
+            }
+        }
+    }
+
+    fn probe(&self) -> Result<(), StoreError> {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let now = super::now_unix_secs().to_be_bytes();
+        self.store.db.put_cf_opt(
+            self.store.cf(keys::META),
+            keys::META_WRITE_PROBE,
+            now,
+            &sync,
+        )?;
+        Ok(())
     }
 
     /// Applies and durably writes a group; returns each request's outcomes.

@@ -1,9 +1,9 @@
 //! Admin HTTP: `/metrics` in the Prometheus text format, `/healthz` (the process answers) and
-//! `/readyz` (the store is open and the gRPC services listen).
+//! `/readyz` (the store is open, takes writes, and the gRPC services listen).
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
-    Arc,
+    Arc, Mutex,
 };
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
@@ -11,18 +11,43 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Readiness, flipped by the daemon; read by `/readyz` and exported as `scand_ready`.
+/// Readiness, read by `/readyz` and exported as `scand_ready`: the daemon says when it
+/// serves, the store writer when the store refuses writes.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    serving: Arc<AtomicBool>,
+    store_failure: Arc<Mutex<Option<String>>>,
+}
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
-        ::metrics::gauge!(super::metrics::READY).set(if ready { 1.0 } else { 0.0 });
+    pub fn set(&self, serving: bool) {
+        self.serving.store(serving, Ordering::SeqCst);
+        self.export();
+    }
+
+    /// Why the store refuses writes, or `None` once it takes them again.
+    pub fn set_store_failure(&self, failure: Option<String>) {
+        if let Ok(mut slot) = self.store_failure.lock() {
+            *slot = failure;
+        }
+        self.export();
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.not_ready_because().is_none()
+    }
+
+    fn not_ready_because(&self) -> Option<String> {
+        if !self.serving.load(Ordering::SeqCst) {
+            return Some("starting or stopping".to_owned());
+        }
+        let failure = self.store_failure.lock().ok()?.clone()?;
+        Some(format!("store refuses writes: {failure}"))
+    }
+
+    fn export(&self) {
+        let ready = if self.is_ready() { 1.0 } else { 0.0 };
+        ::metrics::gauge!(super::metrics::READY).set(ready);
     }
 }
 
@@ -53,10 +78,12 @@ async fn render_metrics(State(state): State<AdminState>) -> String {
     state.metrics.render()
 }
 
-async fn ready(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.readiness.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+async fn ready(State(state): State<AdminState>) -> (StatusCode, String) {
+    match state.readiness.not_ready_because() {
+        None => (StatusCode::OK, "ready\n".to_owned()),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
     }
 }

@@ -46,6 +46,11 @@ pub const STALL_SWEEP_SECONDS: &str = "scand_stall_sweep_seconds";
 pub const STATUS_REGRESSIONS_TOTAL: &str = "scand_status_regressions_total";
 pub const SCANS_CLOCK_SKEW_TOTAL: &str = "scand_scans_clock_skew_total";
 pub const TRACKING_NUMBERS_FLAGGED_TOTAL: &str = "scand_tracking_numbers_flagged_total";
+pub const STORE_WRITABLE: &str = "scand_store_writable";
+pub const GRPC_CONNECTIONS: &str = "scand_grpc_connections";
+pub const INGEST_IN_FLIGHT_BYTES: &str = "scand_ingest_in_flight_bytes";
+pub const AUTH_FAILURES_TOTAL: &str = "scand_auth_failures_total";
+pub const FEED_SUBSCRIBERS_CUT_OFF_TOTAL: &str = "scand_feed_subscribers_cut_off_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -79,7 +84,11 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     metrics::gauge!(FEED_SUBSCRIBERS).set(0.0);
     metrics::gauge!(CHANGE_LOG_SEQUENCE).set(0.0);
     metrics::gauge!(SHIPMENTS_STALLED).set(0.0);
+    metrics::gauge!(STORE_WRITABLE).set(1.0);
+    metrics::gauge!(GRPC_CONNECTIONS).set(0.0);
+    metrics::gauge!(INGEST_IN_FLIGHT_BYTES).set(0.0);
     for counter in [
+        FEED_SUBSCRIBERS_CUT_OFF_TOTAL,
         STATUS_REGRESSIONS_TOTAL,
         SCANS_CLOCK_SKEW_TOTAL,
         STORE_WRITE_ERRORS_TOTAL,
@@ -161,6 +170,29 @@ fn describe() {
         STORE_WRITE_ERRORS_TOTAL,
         Unit::Count,
         "Failed RocksDB writes (nothing acknowledged)."
+    );
+    describe_gauge!(
+        STORE_WRITABLE,
+        "0 while RocksDB refuses writes (disk full, I/O error): scans are refused, not acked."
+    );
+    describe_gauge!(
+        GRPC_CONNECTIONS,
+        "Open gRPC connections (grpc.max_connections)."
+    );
+    describe_gauge!(
+        INGEST_IN_FLIGHT_BYTES,
+        Unit::Bytes,
+        "Encoded scan batches accepted and not yet answered (ingest.max_in_flight_bytes)."
+    );
+    describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        Unit::Count,
+        "Scan calls refused for a missing or unknown bearer token, by reason."
+    );
+    describe_counter!(
+        FEED_SUBSCRIBERS_CUT_OFF_TOTAL,
+        Unit::Count,
+        "Change feed subscribers cut off for taking no change within the timeout."
     );
     describe_gauge!(CHANGE_LOG_SEQUENCE, "Highest sequence in the change log.");
     describe_gauge!(

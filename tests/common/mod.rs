@@ -2,6 +2,7 @@
 //! temporary data directory, connect generated gRPC clients, build realistic scans.
 #![allow(dead_code)]
 
+pub mod harness;
 pub mod kafka;
 
 use std::io::{Read, Write};

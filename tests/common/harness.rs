@@ -1,0 +1,198 @@
+//! The crash-consistency harness shared by the crash, disk-fault and overload tests: a
+//! reproducible workload of shuffled journeys with retries, a scanner that records every scan
+//! it got an ACK for, and the verification that every acked scan survived, that each shipment's
+//! state is a fresh replay of its timeline, and that the change log is gapless.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use scand::api::pb::{self, Outcome};
+use scand::domain::ScanType;
+use scand::engine::status::Derived;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Scan id → tracking number of every scan acknowledged (ACCEPTED or DUPLICATE).
+pub type Acked = Arc<Mutex<HashMap<String, String>>>;
+
+pub const BATCH: usize = 50;
+
+/// A small deterministic PRNG (xorshift), so every round is reproducible from its number.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Every scan of the workload, in a shuffled but reproducible order, with retries mixed in.
+/// `shipments` journeys whose tracking numbers start with `prefix`.
+pub fn workload(prefix: &str, round: u64, shipments: usize) -> Vec<pb::Scan> {
+    let mut scans = Vec::new();
+    for s in 0..shipments {
+        scans.extend(journey(
+            &format!("{prefix}{round:03}{s:05}"),
+            &format!("{prefix}r{round}s{s}"),
+        ));
+    }
+    let mut rng = Rng::new(round);
+    for i in (1..scans.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        scans.swap(i, j);
+    }
+    let retries: Vec<pb::Scan> = (0..scans.len() / 10)
+        .map(|_| scans[rng.below(scans.len() as u64) as usize].clone())
+        .collect();
+    for (k, retry) in retries.into_iter().enumerate() {
+        let at = (k * 37) % scans.len();
+        scans.insert(at, retry);
+    }
+    scans
+}
+
+/// Streams `scans` in batches until done or the server goes away; returns the scans acked.
+pub async fn stream_until_cut(daemon_url: String, scans: Vec<pb::Scan>, acked: Acked) -> usize {
+    let Ok(mut client) = IngestClient::connect(daemon_url).await else {
+        return 0;
+    };
+    let batches: Vec<pb::ScanBatch> = scans
+        .chunks(BATCH)
+        .enumerate()
+        .map(|(i, c)| batch(&format!("b{i}"), c.to_vec()))
+        .collect();
+    let by_id: HashMap<String, Vec<pb::Scan>> = batches
+        .iter()
+        .map(|b| (b.batch_id.clone(), b.scans.clone()))
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for b in batches {
+            if tx.send(b).await.is_err() {
+                return;
+            }
+        }
+    });
+    let Ok(response) = client.stream_scans(ReceiverStream::new(rx)).await else {
+        return 0;
+    };
+    let mut acks = response.into_inner();
+    let mut count = 0;
+    while let Ok(Some(ack)) = acks.message().await {
+        let sent = &by_id[&ack.batch_id];
+        let mut acked = acked.lock().expect("lock");
+        for (scan, result) in sent.iter().zip(&ack.results) {
+            assert_eq!(scan.scan_id, result.scan_id);
+            assert_ne!(
+                result.outcome,
+                Outcome::Rejected as i32,
+                "{}",
+                result.reason
+            );
+            acked.insert(scan.scan_id.clone(), scan.tracking_number.clone());
+            count += 1;
+        }
+    }
+    count
+}
+
+/// Checks the daemon's state against every acked scan; returns the change log's last sequence.
+pub async fn verify(daemon: &Daemon, acked: &HashMap<String, String>) -> u64 {
+    let mut tracking = daemon.tracking().await;
+    let mut by_shipment: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
+    for (scan_id, number) in acked {
+        by_shipment
+            .entry(number.as_str())
+            .or_default()
+            .insert(scan_id.as_str());
+    }
+    let mut versions: HashMap<String, (u64, i32, i32)> = HashMap::new();
+    for (number, ids) in &by_shipment {
+        let shipment = get_shipment(&mut tracking, number)
+            .await
+            .unwrap_or_else(|e| panic!("acked shipment {number} lost: {e}"));
+        let stored: HashSet<&str> = shipment
+            .timeline
+            .iter()
+            .map(|s| s.scan_id.as_str())
+            .collect();
+        let lost: Vec<&&str> = ids.iter().filter(|id| !stored.contains(**id)).collect();
+        assert!(lost.is_empty(), "{number}: acked scans lost: {lost:?}");
+        // The stored state is what a fresh replay of the timeline derives.
+        let replay = Derived::of(
+            shipment
+                .timeline
+                .iter()
+                .map(|s| ScanType::from_i32(s.scan_type).expect("stored scan type")),
+        );
+        let point = replay.point.expect("a status");
+        assert_eq!(shipment.status, point.status.as_i32(), "{number}");
+        assert_eq!(
+            shipment.sub_status,
+            point.sub_status.map_or(0, ScanType::as_i32),
+            "{number}"
+        );
+        assert_eq!(
+            shipment.scans_after_terminal, replay.scans_after_terminal,
+            "{number}"
+        );
+        versions.insert(
+            shipment.tracking_number.clone(),
+            (shipment.version, shipment.status, shipment.sub_status),
+        );
+    }
+
+    // The change log: sequences 1..=N without gaps, versions per shipment 1..=v.
+    let mut feed = watch(&mut tracking, 0, None).await;
+    let mut expected_total = 0u64;
+    let mut seen_versions: HashMap<String, u64> = HashMap::new();
+    let mut last_status: HashMap<String, (i32, i32)> = HashMap::new();
+    let mut sequence = 0u64;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(2), feed.message()).await;
+        let Ok(Ok(Some(change))) = next else { break };
+        sequence += 1;
+        assert_eq!(change.sequence, sequence, "sequence gap or repeat");
+        let v = seen_versions
+            .entry(change.tracking_number.clone())
+            .or_insert(0);
+        assert_eq!(
+            change.version,
+            *v + 1,
+            "{}: version gap or repeat",
+            change.tracking_number
+        );
+        *v = change.version;
+        last_status.insert(
+            change.tracking_number.clone(),
+            (change.status, change.sub_status),
+        );
+    }
+    for (number, (version, status, sub_status)) in &versions {
+        assert_eq!(
+            seen_versions.get(number),
+            Some(version),
+            "{number}: log and state disagree"
+        );
+        assert_eq!(
+            last_status.get(number),
+            Some(&(*status, *sub_status)),
+            "{number}"
+        );
+        expected_total += version;
+    }
+    assert!(sequence >= expected_total);
+    sequence
+}

@@ -1,0 +1,308 @@
+//! Security: gRPC over TLS with mutual TLS (certificates made at test time with rcgen), and
+//! per-device bearer tokens. Only a scanner with a certificate from the configured CA gets a
+//! connection; only a known token gets a call; a scan from a device its token does not allow
+//! is REJECTED with its reason while the rest of the batch is stored.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+use scand::api::pb::{self, scan_ingest_client::ScanIngestClient, Outcome};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const DOCK_TOKEN: &str = "dock7-token-0123456789abcdef";
+const HUB_TOKEN: &str = "hub-token-0123456789abcdefgh";
+
+struct Pki {
+    ca_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+    rogue_cert_pem: String,
+    rogue_key_pem: String,
+}
+
+fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().expect("ca key");
+    let pem = params.self_signed(&key).expect("self-signed").pem();
+    (params, key, pem)
+}
+
+fn leaf(
+    issuer: &Issuer<'_, &KeyPair>,
+    name: &str,
+    usage: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let mut params = CertificateParams::new(vec![name.to_owned()]).expect("leaf params");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().expect("leaf key");
+    let cert = params.signed_by(&key, issuer).expect("signed");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A CA issuing the server's and a scanner's certificates, and a rogue CA with its own client.
+fn pki(dir: &Path) -> Pki {
+    let (ca_params, ca_key, ca_pem) = ca("scand test CA");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let (server_cert, server_key) = leaf(&issuer, "localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let (client_cert_pem, client_key_pem) = leaf(
+        &issuer,
+        "dock7-handheld-1",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let (rogue_params, rogue_key, _) = ca("rogue CA");
+    let rogue_issuer = Issuer::from_params(&rogue_params, &rogue_key);
+    let (rogue_cert_pem, rogue_key_pem) = leaf(
+        &rogue_issuer,
+        "dock7-handheld-1",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    for (name, pem) in [
+        ("ca.pem", &ca_pem),
+        ("server.pem", &server_cert),
+        ("server.key", &server_key),
+    ] {
+        std::fs::write(dir.join(name), pem).expect("write pem");
+    }
+    Pki {
+        ca_pem,
+        client_cert_pem,
+        client_key_pem,
+        rogue_cert_pem,
+        rogue_key_pem,
+    }
+}
+
+fn secured_daemon(dir: &Path) -> (Daemon, Pki) {
+    let pki = pki(dir);
+    let config = format!(
+        "[grpc.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\n\
+         [[grpc.auth.tokens]]\ntoken = \"{DOCK_TOKEN}\"\ndevices = [\"dock7-handheld-1\", \"dock7-handheld-2\"]\n\
+         [[grpc.auth.tokens]]\ntoken = \"{HUB_TOKEN}\"\ndevices = [\"*\"]\n",
+        dir.display()
+    );
+    (Daemon::start(&dir.join("data"), &config), pki)
+}
+
+async fn tls_channel(
+    daemon: &Daemon,
+    ca: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://localhost:{}", daemon.grpc.port()))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("client tls")
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+fn scan_from(device: &str, id: &str, number: &str) -> pb::Scan {
+    let mut scan = scan(
+        id,
+        number,
+        pb::ScanType::ArrivedAtFacility,
+        minutes_ago(5),
+        "hub-1",
+    );
+    scan.device_id = device.to_owned();
+    scan
+}
+
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    request
+}
+
+#[tokio::test]
+async fn only_clients_with_a_certificate_from_the_ca_get_a_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (daemon, pki) = secured_daemon(dir.path());
+
+    // No client certificate, a certificate from another CA, and plaintext: all refused.
+    let refused = [
+        tls_channel(&daemon, &pki.ca_pem, None).await,
+        tls_channel(
+            &daemon,
+            &pki.ca_pem,
+            Some((&pki.rogue_cert_pem, &pki.rogue_key_pem)),
+        )
+        .await,
+    ];
+    for attempt in refused {
+        match attempt {
+            Err(_) => {}
+            // rustls may complete the client side before the server's alert arrives: then the
+            // first call is the one that fails.
+            Ok(channel) => {
+                let call = ScanIngestClient::new(channel)
+                    .submit_scans(with_token(
+                        batch(
+                            "x",
+                            vec![scan_from("dock7-handheld-1", "x-1", "TLSPARCEL0001")],
+                        ),
+                        DOCK_TOKEN,
+                    ))
+                    .await;
+                let status = call.expect_err("a client without a valid certificate is refused");
+                assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                    ),
+                    "{status:?}"
+                );
+            }
+        }
+    }
+    let plaintext = ScanIngestClient::connect(daemon.url()).await;
+    if let Ok(mut client) = plaintext {
+        client
+            .submit_scans(with_token(
+                batch(
+                    "p",
+                    vec![scan_from("dock7-handheld-1", "p-1", "TLSPARCEL0001")],
+                ),
+                DOCK_TOKEN,
+            ))
+            .await
+            .expect_err("plaintext refused");
+    }
+
+    // A scanner with a certificate from the CA streams and is answered.
+    let channel = tls_channel(
+        &daemon,
+        &pki.ca_pem,
+        Some((&pki.client_cert_pem, &pki.client_key_pem)),
+    )
+    .await
+    .expect("mutual TLS connection");
+    let mut client = ScanIngestClient::new(channel);
+    let ack = client
+        .submit_scans(with_token(
+            batch(
+                "ok",
+                vec![scan_from("dock7-handheld-1", "ok-1", "TLSPARCEL0001")],
+            ),
+            DOCK_TOKEN,
+        ))
+        .await
+        .expect("accepted over mutual TLS")
+        .into_inner();
+    assert_eq!(outcomes(&ack), vec![Outcome::Accepted]);
+    let scans = tokio_stream::iter(vec![batch(
+        "s",
+        vec![scan_from("dock7-handheld-2", "ok-2", "TLSPARCEL0002")],
+    )]);
+    let mut acks = client
+        .stream_scans(with_token(scans, DOCK_TOKEN))
+        .await
+        .expect("stream over mutual TLS")
+        .into_inner();
+    let ack = acks.message().await.expect("ack").expect("one ack");
+    assert_eq!(outcomes(&ack), vec![Outcome::Accepted]);
+}
+
+#[tokio::test]
+async fn tokens_authorize_calls_and_each_scan_s_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (daemon, pki) = secured_daemon(dir.path());
+    let channel = tls_channel(
+        &daemon,
+        &pki.ca_pem,
+        Some((&pki.client_cert_pem, &pki.client_key_pem)),
+    )
+    .await
+    .expect("mutual TLS connection");
+    let mut client = ScanIngestClient::new(channel);
+    let one = || {
+        batch(
+            "t",
+            vec![scan_from("dock7-handheld-1", "t-1", "TOKPARCEL0001")],
+        )
+    };
+
+    let missing = client.submit_scans(one()).await.expect_err("no token");
+    assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+    assert!(
+        missing.message().starts_with("missing bearer token"),
+        "{}",
+        missing.message()
+    );
+    let unknown = client
+        .submit_scans(with_token(one(), "dock7-token-0123456789abcdeX"))
+        .await
+        .expect_err("unknown token");
+    assert_eq!(unknown.code(), tonic::Code::Unauthenticated);
+    assert_eq!(unknown.message(), "unknown bearer token");
+    let stream = client
+        .stream_scans(tokio_stream::iter(vec![one()]))
+        .await
+        .expect_err("a stream without a token is refused");
+    assert_eq!(stream.code(), tonic::Code::Unauthenticated);
+
+    // The dock's token covers its two handhelds, not another dock's.
+    let ack = client
+        .submit_scans(with_token(
+            batch(
+                "mixed",
+                vec![
+                    scan_from("dock7-handheld-1", "m-1", "TOKPARCEL0002"),
+                    scan_from("dock9-handheld-1", "m-2", "TOKPARCEL0003"),
+                    scan_from("dock7-handheld-2", "m-3", "TOKPARCEL0004"),
+                ],
+            ),
+            DOCK_TOKEN,
+        ))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(
+        outcomes(&ack),
+        vec![Outcome::Accepted, Outcome::Rejected, Outcome::Accepted]
+    );
+    assert_eq!(
+        ack.results[1].reason,
+        "device_not_allowed: device_id \"dock9-handheld-1\" is not allowed for this bearer token"
+    );
+    // The hub's token allows any device.
+    let ack = client
+        .submit_scans(with_token(
+            batch(
+                "hub",
+                vec![scan_from("dock9-handheld-1", "h-1", "TOKPARCEL0003")],
+            ),
+            HUB_TOKEN,
+        ))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(outcomes(&ack), vec![Outcome::Accepted]);
+
+    let metrics = daemon.metrics();
+    for line in [
+        "scand_auth_failures_total{reason=\"missing_token\"} 2",
+        "scand_auth_failures_total{reason=\"unknown_token\"} 1",
+        "scand_scans_rejected_total{reason=\"device_not_allowed\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+}
