@@ -9,7 +9,7 @@ use std::io::Write;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::api::json;
 use crate::api::pb::{self, operations_client::OperationsClient, tracking_client::TrackingClient};
@@ -27,8 +27,27 @@ pub struct CtlArgs {
     /// How long to wait for the daemon to answer a connection.
     #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    #[command(flatten)]
+    pub tls: CtlTls,
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+/// TLS towards a daemon with `[grpc.tls]` (use an `https://` target).
+#[derive(Debug, Args)]
+pub struct CtlTls {
+    /// PEM CA certificate that signed the daemon's certificate.
+    #[arg(long, global = true, env = "SCAND_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a daemon with `grpc.tls.client_ca` (mutual TLS).
+    #[arg(long, global = true, env = "SCAND_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, global = true, env = "SCAND_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Name to verify the daemon's certificate against (default: the target's host).
+    #[arg(long, global = true)]
+    pub tls_domain: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,11 +99,17 @@ pub enum CtlError {
     },
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    #[error("cannot read {what} {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Runs one `ctl` command. A closed stdout (e.g. piped into `head`) ends it quietly.
 pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
-    let channel = connect(&args.target, args.connect_timeout).await?;
+    let channel = connect(&args.target, args.connect_timeout, &args.tls).await?;
     let rpc_error = |status: tonic::Status| CtlError::Rpc {
         target: args.target.clone(),
         code: status.code(),
@@ -177,11 +202,17 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
     }
 }
 
-async fn connect(target: &str, timeout: Duration) -> Result<Channel, CtlError> {
-    let endpoint = Endpoint::from_shared(target.to_owned()).map_err(|e| CtlError::Target {
+async fn connect(target: &str, timeout: Duration, tls: &CtlTls) -> Result<Channel, CtlError> {
+    let mut endpoint = Endpoint::from_shared(target.to_owned()).map_err(|e| CtlError::Target {
         target: target.to_owned(),
         reason: e.to_string(),
     })?;
+    if let Some(config) = client_tls(tls)? {
+        endpoint = endpoint.tls_config(config).map_err(|e| CtlError::Target {
+            target: target.to_owned(),
+            reason: source_chain(&e),
+        })?;
+    }
     endpoint
         .connect_timeout(timeout)
         .connect()
@@ -190,6 +221,33 @@ async fn connect(target: &str, timeout: Duration) -> Result<Channel, CtlError> {
             target: target.to_owned(),
             reason: source_chain(&e),
         })
+}
+
+fn client_tls(tls: &CtlTls) -> Result<Option<ClientTlsConfig>, CtlError> {
+    let read = |what: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| CtlError::TlsFile {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    if tls.tls_ca.is_none() && tls.tls_cert.is_none() {
+        return Ok(None);
+    }
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &tls.tls_ca {
+        config = config.ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&tls.tls_cert, &tls.tls_key) {
+        config = config.identity(Identity::from_pem(
+            read("--tls-cert", cert)?,
+            read("--tls-key", key)?,
+        ));
+    }
+    if let Some(domain) = &tls.tls_domain {
+        config = config.domain_name(domain.clone());
+    }
+    Ok(Some(config))
 }
 
 /// tonic's transport errors say only "transport error"; the cause is further down.

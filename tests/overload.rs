@@ -38,7 +38,12 @@ fn peak_rss_mib(pid: u32) -> u64 {
 fn record(acked: &Acked, scans: &[pb::Scan], ack: &pb::BatchAck) {
     let mut acked = acked.lock().expect("lock");
     for (scan, result) in scans.iter().zip(&ack.results) {
-        assert_ne!(result.outcome, Outcome::Rejected as i32, "{}", result.reason);
+        assert_ne!(
+            result.outcome,
+            Outcome::Rejected as i32,
+            "{}",
+            result.reason
+        );
         acked.insert(scan.scan_id.clone(), scan.tracking_number.clone());
     }
 }
@@ -235,7 +240,10 @@ async fn a_feed_subscriber_that_stops_reading_is_cut_off_and_resumes_from_its_cu
     assert!(total >= 1000, "{total} changes");
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(&daemon, "scand_feed_subscribers_cut_off_total") < 1.0 {
-        assert!(Instant::now() < deadline, "stalled subscriber never cut off");
+        assert!(
+            Instant::now() < deadline,
+            "stalled subscriber never cut off"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(metric(&daemon, "scand_feed_subscribers"), 0.0);
@@ -255,7 +263,10 @@ async fn a_feed_subscriber_that_stops_reading_is_cut_off_and_resumes_from_its_cu
         "subscriber took no change for 1s while changes were waiting; cut off to free the \
          server. Resume with after_sequence = the last sequence you received"
     );
-    assert!((received.len() as u64) < total, "the cut-off came before the end");
+    assert!(
+        (received.len() as u64) < total,
+        "the cut-off came before the end"
+    );
     let last = received.last().copied().unwrap_or(0);
     let mut resumed = watch(&mut tracking, last, None).await;
     let rest = take_changes(&mut resumed, (total - last) as usize).await;
@@ -266,12 +277,17 @@ async fn a_feed_subscriber_that_stops_reading_is_cut_off_and_resumes_from_its_cu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_wait_until_one_closes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let daemon =
-        Daemon::start_with_env(&dir.path().join("data"), "", &[("SCAND_GRPC__MAX_CONNECTIONS", "2")]);
+    let daemon = Daemon::start_with_env(
+        &dir.path().join("data"),
+        "",
+        &[("SCAND_GRPC__MAX_CONNECTIONS", "2")],
+    );
     let mut first = daemon.tracking().await;
     let mut second = daemon.tracking().await;
     for client in [&mut first, &mut second] {
-        let missing = get_shipment(client, "NOSUCHPARCEL").await.expect_err("none");
+        let missing = get_shipment(client, "NOSUCHPARCEL")
+            .await
+            .expect_err("none");
         assert_eq!(missing.code(), tonic::Code::NotFound);
     }
     assert_eq!(metric(&daemon, "scand_grpc_connections"), 2.0);

@@ -219,6 +219,43 @@ async fn only_clients_with_a_certificate_from_the_ca_get_a_connection() {
         .into_inner();
     let ack = acks.message().await.expect("ack").expect("one ack");
     assert_eq!(outcomes(&ack), vec![Outcome::Accepted]);
+
+    // The operator's client speaks mutual TLS too.
+    std::fs::write(dir.path().join("client.pem"), &pki.client_cert_pem).expect("write");
+    std::fs::write(dir.path().join("client.key"), &pki.client_key_pem).expect("write");
+    let ctl = |with_identity: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_scand"));
+        command
+            .args(["ctl", "--target"])
+            .arg(format!("https://localhost:{}", daemon.grpc.port()))
+            .arg("--tls-ca")
+            .arg(dir.path().join("ca.pem"));
+        if with_identity {
+            command
+                .arg("--tls-cert")
+                .arg(dir.path().join("client.pem"))
+                .arg("--tls-key")
+                .arg(dir.path().join("client.key"));
+        }
+        command
+            .args(["get", "TLSPARCEL0001", "--json"])
+            .output()
+            .expect("run scand ctl")
+    };
+    let shown = ctl(true);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("\"TLSPARCEL0001\""));
+    let refused = ctl(false);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("scand at https://localhost:"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
 
 #[tokio::test]

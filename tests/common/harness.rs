@@ -196,3 +196,50 @@ pub async fn verify(daemon: &Daemon, acked: &HashMap<String, String>) -> u64 {
     assert!(sequence >= expected_total);
     sequence
 }
+
+/// Follows the change feed from a cursor, checking as it goes that sequences are contiguous;
+/// ends when the stream breaks (the daemon was killed).
+pub struct FeedFollower {
+    pub seen: Arc<Mutex<Vec<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FeedFollower {
+    pub fn start(daemon_url: String, after: u64) -> FeedFollower {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = seen.clone();
+        let task = tokio::spawn(async move {
+            let Ok(mut tracking) = TrackingClient::connect(daemon_url).await else {
+                return;
+            };
+            let Ok(response) = tracking
+                .watch_status_changes(pb::WatchRequest {
+                    after_sequence: after,
+                    tracking_number: None,
+                })
+                .await
+            else {
+                return;
+            };
+            let mut stream = response.into_inner();
+            let mut last = after;
+            while let Ok(Some(change)) = stream.message().await {
+                assert_eq!(change.sequence, last + 1, "feed skipped or repeated");
+                last = change.sequence;
+                out.lock().expect("lock").push(last);
+            }
+        });
+        FeedFollower { seen, task }
+    }
+
+    pub fn task_abort(&self) {
+        self.task.abort();
+    }
+
+    /// The last sequence received (or `after` if none), once the stream has ended.
+    pub async fn finish(self, after: u64) -> u64 {
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        let seen = self.seen.lock().expect("lock");
+        seen.last().copied().unwrap_or(after)
+    }
+}

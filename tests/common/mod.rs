@@ -102,6 +102,15 @@ impl Daemon {
         Self::spawn(grpc, admin, data, config, env)
     }
 
+    /// Starts again on the same ports, data and config, with `env` set on top.
+    pub fn restart_with_env(mut self, env: &[(&str, &str)]) -> Daemon {
+        for (key, value) in env {
+            self.env.retain(|(k, _)| k != key);
+            self.env.push((key.to_string(), value.to_string()));
+        }
+        self.restart()
+    }
+
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
