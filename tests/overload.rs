@@ -24,6 +24,18 @@ fn metric(daemon: &Daemon, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} not exported"))
 }
 
+/// The sum of every series of a metric.
+fn metric_sum(daemon: &Daemon, name: &str) -> f64 {
+    daemon
+        .metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Peak resident set of a process, in MiB (VmHWM).
 fn peak_rss_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -307,4 +319,52 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
         .expect("served after a connection closed")
         .expect("task");
     assert_eq!(answer.expect_err("none").code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanner_that_stops_reading_acks_holds_no_share_of_the_in_flight_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start_with_env(
+        &dir.path().join("data"),
+        "[ingest]\nmax_in_flight_bytes = 1048576\nadmission_timeout = \"2s\"\n",
+        &[("SCAND_GRPC__MAX_MESSAGE_BYTES", "1048576")],
+    );
+    // ~90 KiB batches: if the stalled stream's stored batches still counted, its dozen or so
+    // would fill the 1 MiB budget and every other caller would be refused.
+    let stalled_batches = batches("STALL", 0, 1200, 800);
+    let stored_before_stall = stalled_batches.len();
+    let (tx, rx) = tokio::sync::mpsc::channel(stored_before_stall);
+    for b in stalled_batches {
+        tx.send(b).await.expect("queued");
+    }
+    let mut stalled_client = daemon.ingest().await;
+    let _acks_never_read = stalled_client
+        .stream_scans(ReceiverStream::new(rx))
+        .await
+        .expect("stream");
+    // Its batches are stored although nobody reads their acks.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric_sum(&daemon, "scand_scans_accepted_total") < 2000.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled stream's batches were not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(metric(&daemon, "scand_ingest_in_flight_bytes") < 1048576.0 / 2.0);
+
+    let acked: Acked = Arc::new(Mutex::new(HashMap::new()));
+    let mut other = daemon.ingest().await;
+    for b in batches("OTHER", 0, 200, 200) {
+        let scans = b.scans.clone();
+        let ack = other
+            .submit_scans(b)
+            .await
+            .expect("another scanner is not blocked by the stalled one");
+        record(&acked, &scans, &ack.into_inner());
+    }
+    let acked = acked.lock().expect("lock").clone();
+    verify(&daemon, &acked).await;
+    drop(tx);
 }

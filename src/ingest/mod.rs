@@ -67,6 +67,32 @@ enum Answer {
     Kafka(gateway::Forwarded),
 }
 
+impl Answer {
+    /// Waits for the destination in a task of its own that returns the batch's bytes to the
+    /// in-flight budget as soon as the batch is stored, not when its caller reads the answer:
+    /// a scanner that stops reading acks holds no share of the budget.
+    fn resolve(self, admitted: Admitted) -> oneshot::Receiver<Result<Vec<Outcome>, IngestError>> {
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let result = match self {
+                // Forwarded scans are durable in Kafka; their owner answers duplicates there.
+                Answer::Kafka(forwarded) => forwarded
+                    .delivered()
+                    .await
+                    .map(|()| Vec::new())
+                    .map_err(IngestError::from),
+                Answer::Store(answer) => match answer.await {
+                    Ok(stored) => stored.map_err(IngestError::from),
+                    Err(_) => Err(StoreError::WriterGone.into()),
+                },
+            };
+            drop(admitted);
+            let _ = tx.send(result);
+        });
+        rx
+    }
+}
+
 /// How long a caller may wait for room among the batches in flight.
 #[derive(Clone, Copy, Debug)]
 pub enum Admission {
@@ -102,12 +128,11 @@ pub struct Pending {
     results: Vec<pb::ScanResult>,
     /// Index into `results` of each scan sent to the writer, in the order sent.
     queued: Vec<usize>,
-    answer: Option<Answer>,
-    /// The batch's share of `ingest.max_in_flight_bytes`, returned once it is answered.
-    _admitted: Admitted,
+    answer: Option<oneshot::Receiver<Result<Vec<Outcome>, IngestError>>>,
 }
 
-/// A batch's bytes in flight, counted in `scand_ingest_in_flight_bytes` until dropped.
+/// A batch's share of `ingest.max_in_flight_bytes`, counted in `scand_ingest_in_flight_bytes`
+/// until dropped (once the batch is stored or refused).
 struct Admitted(OwnedSemaphorePermit);
 
 impl Drop for Admitted {
@@ -235,8 +260,7 @@ impl Ingestor {
             batch_id: batch.batch_id,
             results,
             queued,
-            answer,
-            _admitted: admitted,
+            answer: answer.map(|answer| answer.resolve(admitted)),
         })
     }
 
@@ -258,16 +282,10 @@ impl Pending {
             mut results,
             queued,
             answer,
-            _admitted,
         } = self;
         let outcomes = match answer {
             None => Vec::new(),
-            // Forwarded scans are durable in Kafka; their owner answers duplicates there.
-            Some(Answer::Kafka(forwarded)) => {
-                forwarded.delivered().await?;
-                Vec::new()
-            }
-            Some(Answer::Store(answer)) => answer.await.map_err(|_| StoreError::WriterGone)??,
+            Some(answer) => answer.await.map_err(|_| StoreError::WriterGone)??,
         };
         for (position, outcome) in queued.into_iter().zip(outcomes) {
             let result = &mut results[position];
