@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::harness::{stream_until_cut, verify, workload, Acked, FeedFollower, Rng};
+use common::harness::{stream_until_cut, verify, verify_from, workload, Acked, FeedFollower, Rng};
 use common::kafka::{Broker, Record};
 use common::*;
 use prost::Message;
@@ -152,7 +152,7 @@ async fn sigkill_at_random_moments_loses_no_acked_scan_and_no_version() {
             .filter(|entry| this_round(*entry))
             .map(|(id, number)| (id.clone(), number.clone()))
             .collect();
-        let log_end = verify(&daemon, &everything).await;
+        let log_end = verify_from(&daemon, &everything, cursor).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         {
             let seen = resumed.seen.lock().expect("lock");
