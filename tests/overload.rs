@@ -368,3 +368,30 @@ async fn a_scanner_that_stops_reading_acks_holds_no_share_of_the_in_flight_budge
     verify(&daemon, &acked).await;
     drop(tx);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_per_connection_limit_wait_until_one_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start_with_env(
+        &dir.path().join("data"),
+        "",
+        &[("SCAND_GRPC__MAX_CONCURRENT_STREAMS", "2")],
+    );
+    // One connection: two open feed streams use up its streams.
+    let mut tracking = daemon.tracking().await;
+    let first = watch(&mut tracking, 0, None).await;
+    let _second = watch(&mut tracking, 0, None).await;
+    let mut third_client = tracking.clone();
+    let third = tokio::spawn(async move { get_shipment(&mut third_client, "NOSUCHPARCEL").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "a third stream was served on the connection"
+    );
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .expect("served once a stream ended")
+        .expect("task");
+    assert_eq!(answer.expect_err("none").code(), tonic::Code::NotFound);
+}
