@@ -367,10 +367,13 @@ impl Writer {
                 Err(error) => {
                     tracing::error!(%error, batches = group.len(), "store write failed; nothing acknowledged");
                     let message = error.to_string();
+                    let refusing = matches!(error, StoreError::Rocks(_));
                     for request in group {
-                        let _ = request
-                            .reply
-                            .send(Err(StoreError::Unwritable(message.clone())));
+                        let _ = request.reply.send(Err(if refusing {
+                            StoreError::Unwritable(message.clone())
+                        } else {
+                            StoreError::WriteFailed(message.clone())
+                        }));
                     }
                 }
             }
@@ -382,11 +385,15 @@ impl Writer {
     }
 
     /// Follows whether writes succeed: `scand_store_writable`, the error count, and the
-    /// failure ingest and readiness see.
+    /// failure ingest and readiness see. Only RocksDB's own errors (I/O, no space) mean the
+    /// store refuses writes; a corrupt record fails its group alone.
     fn record_write(&self, error: Option<&StoreError>) {
         match error {
             Some(error) => {
                 metrics::counter!(m::STORE_WRITE_ERRORS_TOTAL).increment(1);
+                if !matches!(error, StoreError::Rocks(_)) {
+                    return;
+                }
                 metrics::gauge!(m::STORE_WRITABLE).set(0.0);
                 let message = error.to_string();
                 self.failure_tx.send_if_modified(|failure| {
