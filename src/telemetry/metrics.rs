@@ -87,6 +87,13 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     metrics::gauge!(STORE_WRITABLE).set(1.0);
     metrics::gauge!(GRPC_CONNECTIONS).set(0.0);
     metrics::gauge!(INGEST_IN_FLIGHT_BYTES).set(0.0);
+    // Refusals by reason, so dashboards and rate() see a zero before the first one.
+    for reason in ["batch_too_large", "overloaded", "store_unwritable"] {
+        metrics::counter!(INGEST_BATCHES_FAILED_TOTAL, "reason" => reason).absolute(0);
+    }
+    for reason in ["missing_token", "malformed_token", "unknown_token"] {
+        metrics::counter!(AUTH_FAILURES_TOTAL, "reason" => reason).absolute(0);
+    }
     for counter in [
         FEED_SUBSCRIBERS_CUT_OFF_TOTAL,
         STATUS_REGRESSIONS_TOTAL,
