@@ -210,4 +210,6 @@ async fn sigterm_answers_in_flight_batches_and_exits_cleanly() {
         .expect("shipment kept");
     assert_eq!(shipment.timeline.len(), 8);
     assert_eq!(shipment.version, 7);
+    // The change log's position is known from the start, not only after the next write.
+    assert_eq!(daemon.metric("scand_change_log_sequence"), 7.0);
 }

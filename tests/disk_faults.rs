@@ -67,16 +67,6 @@ async fn submit_all(daemon: &Daemon, scans: &[scand::api::pb::Scan], acked: &Ack
     }
 }
 
-fn metric(daemon: &Daemon, name: &str) -> f64 {
-    daemon
-        .metrics()
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not exported"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_acks_says_why_and_recovers_without_loss() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -141,9 +131,9 @@ async fn a_full_disk_stops_acks_says_why_and_recovers_without_loss() {
         body.starts_with("not ready: store refuses writes:"),
         "{body}"
     );
-    assert_eq!(metric(&daemon, "scand_store_writable"), 0.0);
-    assert_eq!(metric(&daemon, "scand_ready"), 0.0);
-    assert!(metric(&daemon, "scand_store_write_errors_total") >= 1.0);
+    assert_eq!(daemon.metric("scand_store_writable"), 0.0);
+    assert_eq!(daemon.metric("scand_ready"), 0.0);
+    assert!(daemon.metric("scand_store_write_errors_total") >= 1.0);
 
     // Space returns: scand notices by itself and takes scans again.
     std::fs::remove_file(tmpfs.0.join("ballast")).expect("free space");
@@ -155,7 +145,7 @@ async fn a_full_disk_stops_acks_says_why_and_recovers_without_loss() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(metric(&daemon, "scand_store_writable"), 1.0);
+    assert_eq!(daemon.metric("scand_store_writable"), 1.0);
     submit_all(&daemon, &workload("DISK", 900, 50), &acked, "after").await;
     let acked_now = acked.lock().expect("lock").clone();
     verify(&daemon, &acked_now).await;

@@ -14,28 +14,6 @@ use common::*;
 use scand::api::pb::{self, Outcome};
 use tokio_stream::wrappers::ReceiverStream;
 
-fn metric(daemon: &Daemon, name: &str) -> f64 {
-    daemon
-        .metrics()
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not exported"))
-}
-
-/// The sum of every series of a metric.
-fn metric_sum(daemon: &Daemon, name: &str) -> f64 {
-    daemon
-        .metrics()
-        .lines()
-        .filter(|l| {
-            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Peak resident set of a process, in MiB (VmHWM).
 fn peak_rss_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -248,17 +226,17 @@ async fn a_feed_subscriber_that_stops_reading_is_cut_off_and_resumes_from_its_cu
             .await
             .expect("stored");
     }
-    let total = metric(&daemon, "scand_change_log_sequence") as u64;
+    let total = daemon.metric("scand_change_log_sequence") as u64;
     assert!(total >= 1000, "{total} changes");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&daemon, "scand_feed_subscribers_cut_off_total") < 1.0 {
+    while daemon.metric("scand_feed_subscribers_cut_off_total") < 1.0 {
         assert!(
             Instant::now() < deadline,
             "stalled subscriber never cut off"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(metric(&daemon, "scand_feed_subscribers"), 0.0);
+    assert_eq!(daemon.metric("scand_feed_subscribers"), 0.0);
 
     // It reads what reached it, then the reason; resuming after the last one completes the log.
     let mut received = Vec::new();
@@ -302,7 +280,7 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
             .expect_err("none");
         assert_eq!(missing.code(), tonic::Code::NotFound);
     }
-    assert_eq!(metric(&daemon, "scand_grpc_connections"), 2.0);
+    assert_eq!(daemon.metric("scand_grpc_connections"), 2.0);
 
     let url = daemon.url();
     let third = tokio::spawn(async move {
@@ -345,8 +323,8 @@ async fn a_scanner_that_stops_reading_acks_holds_no_share_of_the_in_flight_budge
     // Its batches are stored although nobody reads their acks, and once stored they no longer
     // count against the budget.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metric_sum(&daemon, "scand_scans_accepted_total") < 2000.0
-        || metric(&daemon, "scand_ingest_in_flight_bytes") >= 1048576.0 / 2.0
+    while daemon.metric_sum("scand_scans_accepted_total") < 2000.0
+        || daemon.metric("scand_ingest_in_flight_bytes") >= 1048576.0 / 2.0
     {
         assert!(
             Instant::now() < deadline,

@@ -279,6 +279,7 @@ pub fn spawn(
     let last = store.last_sequence()?;
     let stalled_shipments = store.stalled_shipments()?;
     metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
+    metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(last.0 as f64);
     let (tx, rx) = mpsc::channel(config.queue_batches);
     let (sequence_tx, sequence_rx) = watch::channel(last);
     let (failure_tx, failure) = watch::channel(None);

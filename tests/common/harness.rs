@@ -161,13 +161,7 @@ pub async fn verify_from(daemon: &Daemon, acked: &HashMap<String, String>, from:
     }
 
     // The change log: sequences 1..=N without gaps, versions per shipment 1..=v.
-    let end = http_get(daemon.admin, "/metrics")
-        .and_then(|(_, body)| {
-            body.lines()
-                .find_map(|l| l.strip_prefix("scand_change_log_sequence "))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .expect("scand_change_log_sequence") as u64;
+    let end = daemon.metric("scand_change_log_sequence") as u64;
     let mut feed = watch(&mut tracking, from, None).await;
     let mut expected_total = 0u64;
     let mut seen_versions: HashMap<String, u64> = HashMap::new();

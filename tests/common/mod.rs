@@ -145,6 +145,27 @@ impl Daemon {
         http_get(self.admin, "/metrics").expect("metrics").1
     }
 
+    /// One series' value: `name` alone, or with its labels as rendered (`name{label="x"}`).
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {series} not exported"))
+    }
+
+    /// The sum of every series of a metric, whatever its labels.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
