@@ -48,6 +48,7 @@ fn decode(c: &mut Criterion) {
         });
         let batch = pb::ScanBatch::decode(bytes.as_slice()).expect("decodes");
         let validator = Validator::new(&IngestConfig::default()).expect("formats");
+        // Every tracking number seen before: the carrier check is remembered.
         group.bench_with_input(BenchmarkId::new("validate", n), &batch, |b, batch| {
             b.iter(|| {
                 let now = SystemTime::now();
@@ -56,6 +57,25 @@ fn decode(c: &mut Criterion) {
                 }
             })
         });
+        // First sight of each number (a fresh validator per batch): the full carrier check.
+        group.bench_with_input(
+            BenchmarkId::new("validate_first_sight", n),
+            &batch,
+            |b, batch| {
+                b.iter_batched(
+                    || Validator::new(&IngestConfig::default()).expect("formats"),
+                    |fresh| {
+                        let now = SystemTime::now();
+                        for s in &batch.scans {
+                            let _ = black_box(fresh.validate(s.clone(), now));
+                        }
+                        // Dropped after the timing, like the setup that built it.
+                        fresh
+                    },
+                    criterion::BatchSize::LargeInput,
+                )
+            },
+        );
     }
     group.finish();
 }
