@@ -25,7 +25,7 @@ struct Record<'a> {
 
 const TOPICS: [&str; 4] = ["scans.raw", "scans.json", "scans.proto", "scans.other"];
 
-fn record<'a>(u: &mut Unstructured<'a>) -> Result<Record<'a>> {
+fn record(mut u: Unstructured<'_>) -> Result<Record<'_>> {
     let header: u8 = u.arbitrary()?;
     let flags: u8 = u.arbitrary()?;
     let content_type: Option<&[u8]> = match header % 8 {
@@ -57,8 +57,7 @@ fn config(default_json: bool) -> KafkaSourceConfig {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut u = Unstructured::new(data);
-    let Ok(r) = record(&mut u) else {
+    let Ok(r) = record(Unstructured::new(data)) else {
         return;
     };
     let config = config(r.default_json);
