@@ -49,7 +49,7 @@ printf '%s' '{"scan_id":' >corpus/json_scan/truncated.json
 { printf '\x02\x00'; cat corpus/json_scan/snake_case.json; } >corpus/kafka_record/json_by_header
 { printf '\x00\x00'; cat corpus/json_scan/protobuf_scan; } >corpus/kafka_record/protobuf_by_default
 { printf '\x00\x01'; cat corpus/json_scan/camel_case.json; } >corpus/kafka_record/json_by_topic
-{ printf '\x06\x00\x0atext/plain'; cat corpus/json_scan/snake_case.json; } >corpus/kafka_record/unknown_header_json_default
+{ printf '\x06\x04\x0atext/plain'; cat corpus/json_scan/snake_case.json; } >corpus/kafka_record/unknown_header_json_default
 printf '\x03\x08' >corpus/kafka_record/no_payload
 { printf '\x03\x04'; cat corpus/json_scan/bad_enum.json; } >corpus/kafka_record/json_sent_as_protobuf
 

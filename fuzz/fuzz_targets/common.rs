@@ -47,6 +47,12 @@ pub fn validators() -> &'static Validators {
     })
 }
 
+/// `SCAND_FUZZ_DEBUG=1`: print each scan's outcome (run a seed with `-runs=0` to see it).
+pub fn debug() -> bool {
+    static DEBUG: OnceLock<bool> = OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var_os("SCAND_FUZZ_DEBUG").is_some())
+}
+
 const NUMBER_CODES: [&str; 2] = [
     "tracking_number_check_digit",
     "tracking_number_unknown_format",
@@ -58,6 +64,13 @@ pub fn check_scan(scan: &pb::Scan) -> Result<StoreScan, Rejection> {
     let v = validators();
     let flagged = v.flag.validate(scan.clone(), now());
     let strict = v.reject.validate(scan.clone(), now());
+    if debug() {
+        // For checking by hand that a seed gets as far as it should.
+        match &flagged {
+            Ok(valid) => eprintln!("accepted {} {}", valid.tracking_number, valid.scan_id),
+            Err(rejection) => eprintln!("rejected: {}", rejection.reason()),
+        }
+    }
     match &flagged {
         Ok(valid) => check_valid(scan, valid, &v.config),
         Err(rejection) => check_rejection(rejection),

@@ -86,6 +86,12 @@ fuzz_target!(|data: &[u8]| {
         &v.flag,
         common::now(),
     );
+    if common::debug() {
+        match &outcome {
+            Ok(valid) => eprintln!("{encoding:?}: stored {}", valid.scan_id),
+            Err(refusal) => eprintln!("{encoding:?}: dead letter {}", refusal.reason),
+        }
+    }
     match outcome {
         Ok(valid) => {
             let scan = codec::decode(r.payload.unwrap_or_default(), encoding)
