@@ -3,12 +3,14 @@
 //! writer's long-term scan-id index (as the property tests in `src/engine/tests.rs` do).
 //!
 //! Checked after every batch: replaying it changes nothing; versions bump by one per change,
-//! gapless, and the changes chain (`previous` = the last published point); timelines are
-//! strictly ordered by (event_time, scan_id), hold each scan id and each physical read once,
-//! and their status is the fold of the timeline. At the end, when every scan id names one read,
-//! the final shipments equal those of all distinct reads applied in one reversed batch (the
-//! property test's `final_view`: versions and regression counts depend on how history
-//! arrived, by design, so they are not compared).
+//! gapless, the changes chain (`previous` = the last published point) and a regression is
+//! flagged exactly when the status steps back; a stored scan stays in its timeline unless an
+//! earlier read of the same event replaced it; timelines are strictly ordered by (event_time,
+//! scan_id), hold each scan id and each physical read once, and their status is the fold of
+//! the timeline. At the end, when every scan id names one read, the final shipments equal
+//! those of all distinct reads applied in one reversed batch (the property test's
+//! `final_view`: versions and regression counts depend on how history arrived, by design, so
+//! they are not compared).
 
 #![no_main]
 
@@ -97,6 +99,10 @@ impl Harness {
             .collect();
         let ids: HashMap<usize, ScanId> =
             batch.iter().map(|s| (s.index, s.scan_id.clone())).collect();
+        let batch_numbers: HashMap<usize, TrackingNumber> = batch
+            .iter()
+            .map(|s| (s.index, s.tracking_number.clone()))
+            .collect();
         let before: HashMap<TrackingNumber, Option<StatusPoint>> = batch
             .iter()
             .map(|s| {
@@ -125,7 +131,30 @@ impl Harness {
         for (number, point) in &last {
             assert_eq!(self.states[number].point(), *point, "state differs from the last change");
         }
+        // A stored scan is in its timeline unless an earlier read of the same event replaced it.
+        let removed: HashSet<&ScanId> = effects.removed.iter().map(|(_, _, id)| id).collect();
+        for (number, _, id) in &effects.removed {
+            assert!(!self.states[number].timeline.iter().any(|e| &e.scan_id == id));
+        }
+        for i in &effects.stored {
+            let s = &batch_numbers[i];
+            let kept = self.states[s].timeline.iter().any(|e| e.scan_id == ids[i]);
+            assert!(kept || removed.contains(&ids[i]), "stored scan {} lost", ids[i]);
+        }
+        // A regression is a step back in the lifecycle, and the shipment counts it.
+        for c in &effects.changes {
+            let back = c.previous.is_some_and(|p| p.status.is_regression_to(c.current.status));
+            assert_eq!(c.regression, back, "regression flag wrong: {c:?}");
+        }
         self.changes.extend(effects.changes);
+        for (number, state) in &self.states {
+            let regressions = self
+                .changes
+                .iter()
+                .filter(|c| &c.tracking_number == number && c.regression)
+                .count();
+            assert_eq!(state.flags.regressions as usize, regressions);
+        }
         effects.outcomes.into_iter().map(|(_, o)| o).collect()
     }
 }
