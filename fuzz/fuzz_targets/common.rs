@@ -85,7 +85,11 @@ pub fn check_scan(scan: &pb::Scan) -> Result<StoreScan, Rejection> {
         (Ok(a), Err(b)) => {
             check_rejection(b);
             let issue = a.number_check.as_ref().map(|c| c.issue.as_str());
-            assert_eq!(issue, Some(b.code()), "reject refused what flag did not flag");
+            assert_eq!(
+                issue,
+                Some(b.code()),
+                "reject refused what flag did not flag"
+            );
         }
         (Err(a), Ok(_)) => panic!("policy reject accepted what flag rejected: {a}"),
         (Err(a), Err(b)) => {
@@ -153,20 +157,30 @@ pub fn check_valid(input: &pb::Scan, v: &StoreScan, config: &IngestConfig) {
         Some(v.event_time)
     );
     let now_us = EventTime::from_system_time(now()).0;
-    assert!(v.event_time.0 >= now_us - micros(config.max_age), "too old accepted");
+    assert!(
+        v.event_time.0 >= now_us - micros(config.max_age),
+        "too old accepted"
+    );
     assert!(
         v.event_time.0 <= now_us + micros(config.max_future_skew),
         "too far ahead accepted"
     );
     let ahead = v.event_time.0 - now_us;
-    let skewed =
-        ahead > micros(config.clock_skew_flag_ahead) || -ahead > micros(config.clock_skew_flag_behind);
+    let skewed = ahead > micros(config.clock_skew_flag_ahead)
+        || -ahead > micros(config.clock_skew_flag_behind);
     assert_eq!(v.clock_skewed, skewed);
-    assert_eq!(v.wire.received_time, Some(prost_types::Timestamp::from(now())));
+    assert_eq!(
+        v.wire.received_time,
+        Some(prost_types::Timestamp::from(now()))
+    );
     assert_eq!(v.wire.event_time, input.event_time);
 
     // Location and sizes within the documented limits.
-    let facility_id = v.wire.location.as_ref().map_or("", |l| l.facility_id.as_str());
+    let facility_id = v
+        .wire
+        .location
+        .as_ref()
+        .map_or("", |l| l.facility_id.as_str());
     assert_eq!(v.facility, facility_hash(facility_id));
     if let Some(l) = &v.wire.location {
         assert!(l.latitude.is_none_or(|x| (-90.0..=90.0).contains(&x)));
@@ -174,7 +188,11 @@ pub fn check_valid(input: &pb::Scan, v: &StoreScan, config: &IngestConfig) {
         assert!(l.facility_id.len() <= MAX_FIELD_BYTES);
     }
     assert!(v.wire.device_id.len() <= MAX_FIELD_BYTES);
-    assert!(v.wire.exception_code.as_ref().is_none_or(|c| c.len() <= MAX_FIELD_BYTES));
+    assert!(v
+        .wire
+        .exception_code
+        .as_ref()
+        .is_none_or(|c| c.len() <= MAX_FIELD_BYTES));
     assert!(v.wire.attributes.len() <= MAX_ATTRIBUTES);
     for (key, value) in &v.wire.attributes {
         assert!(key.len() <= MAX_ATTRIBUTE_KEY_BYTES);
@@ -187,7 +205,10 @@ pub fn check_valid(input: &pb::Scan, v: &StoreScan, config: &IngestConfig) {
         keys::event_key(&v.tracking_number, v.event_time, &v.scan_id)
     );
     let (start, end) = keys::timeline_range(&v.tracking_number);
-    assert!(v.event_key >= start && v.event_key < end, "event key outside its timeline");
+    assert!(
+        v.event_key >= start && v.event_key < end,
+        "event key outside its timeline"
+    );
     let stored = pb::Scan::decode(v.stored.as_slice()).expect("stored form decodes");
     assert_eq!(stored.tracking_number, v.wire.tracking_number);
     assert_eq!(stored.scan_id, v.wire.scan_id);

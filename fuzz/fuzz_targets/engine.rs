@@ -59,8 +59,10 @@ struct Input {
 fn incoming(index: usize, id: usize, r: Read) -> Incoming {
     Incoming {
         index,
-        tracking_number: TrackingNumber::parse(SHIPMENTS[usize::from(r.shipment) % SHIPMENTS.len()])
-            .expect("valid number"),
+        tracking_number: TrackingNumber::parse(
+            SHIPMENTS[usize::from(r.shipment) % SHIPMENTS.len()],
+        )
+        .expect("valid number"),
         scan_id: ScanId::parse(&format!("s{id}")).expect("valid scan id"),
         scan_type: ScanType::ALL[usize::from(r.scan_type) % ScanType::ALL.len()],
         event_time: EventTime((i64::from(r.second % 600) - 120) * 1_000_000),
@@ -106,7 +108,10 @@ impl Harness {
         let before: HashMap<TrackingNumber, Option<StatusPoint>> = batch
             .iter()
             .map(|s| {
-                let point = self.states.get(&s.tracking_number).and_then(ShipmentState::point);
+                let point = self
+                    .states
+                    .get(&s.tracking_number)
+                    .and_then(ShipmentState::point);
                 (s.tracking_number.clone(), point)
             })
             .collect();
@@ -116,34 +121,59 @@ impl Harness {
         let mut indexes: Vec<usize> = ids.keys().copied().collect();
         indexes.sort_unstable();
         let outcome_indexes: Vec<usize> = effects.outcomes.iter().map(|(i, _)| *i).collect();
-        assert_eq!(outcome_indexes, indexes, "one outcome per scan, in index order");
+        assert_eq!(
+            outcome_indexes, indexes,
+            "one outcome per scan, in index order"
+        );
         for i in &effects.stored {
-            assert!(self.index.insert(ids[i].clone()), "scan id {} stored twice", ids[i]);
+            assert!(
+                self.index.insert(ids[i].clone()),
+                "scan id {} stored twice",
+                ids[i]
+            );
         }
         // Changes chain from the published point before the batch to the state's point after.
         let mut last = before;
         for c in &effects.changes {
             assert!(c.cause.is_some_and(|i| ids.contains_key(&i)));
-            let previous = last.get(&c.tracking_number).expect("change of a batch shipment");
-            assert_eq!(&c.previous, previous, "change does not follow the last published point");
+            let previous = last
+                .get(&c.tracking_number)
+                .expect("change of a batch shipment");
+            assert_eq!(
+                &c.previous, previous,
+                "change does not follow the last published point"
+            );
             last.insert(c.tracking_number.clone(), Some(c.current));
         }
         for (number, point) in &last {
-            assert_eq!(self.states[number].point(), *point, "state differs from the last change");
+            assert_eq!(
+                self.states[number].point(),
+                *point,
+                "state differs from the last change"
+            );
         }
         // A stored scan is in its timeline unless an earlier read of the same event replaced it.
         let removed: HashSet<&ScanId> = effects.removed.iter().map(|(_, _, id)| id).collect();
         for (number, _, id) in &effects.removed {
-            assert!(!self.states[number].timeline.iter().any(|e| &e.scan_id == id));
+            assert!(!self.states[number]
+                .timeline
+                .iter()
+                .any(|e| &e.scan_id == id));
         }
         for i in &effects.stored {
             let s = &batch_numbers[i];
             let kept = self.states[s].timeline.iter().any(|e| e.scan_id == ids[i]);
-            assert!(kept || removed.contains(&ids[i]), "stored scan {} lost", ids[i]);
+            assert!(
+                kept || removed.contains(&ids[i]),
+                "stored scan {} lost",
+                ids[i]
+            );
         }
         // A regression is a step back in the lifecycle, and the shipment counts it.
         for c in &effects.changes {
-            let back = c.previous.is_some_and(|p| p.status.is_regression_to(c.current.status));
+            let back = c
+                .previous
+                .is_some_and(|p| p.status.is_regression_to(c.current.status));
             assert_eq!(c.regression, back, "regression flag wrong: {c:?}");
         }
         self.changes.extend(effects.changes);
@@ -179,7 +209,10 @@ fn check_timelines(h: &Harness) {
     for state in h.states.values() {
         let key = |e: &Entry| (e.event_time, e.scan_id.clone());
         for pair in state.timeline.windows(2) {
-            assert!(key(&pair[0]) < key(&pair[1]), "timeline out of order: {pair:?}");
+            assert!(
+                key(&pair[0]) < key(&pair[1]),
+                "timeline out of order: {pair:?}"
+            );
         }
         let mut reads = HashSet::new();
         for e in &state.timeline {
@@ -230,7 +263,11 @@ fuzz_target!(|input: Input| {
         .enumerate()
         .map(|(i, d)| {
             let id = usize::from(d.id) % SCAN_IDS;
-            let read = if input.conflicting { d.other } else { input.reads[id] };
+            let read = if input.conflicting {
+                d.other
+            } else {
+                input.reads[id]
+            };
             incoming(i, id, read)
         })
         .collect();
@@ -275,6 +312,10 @@ fuzz_target!(|input: Input| {
         let mut reference = Harness::new();
         reference.apply(&distinct);
         check_versions(&reference);
-        assert_eq!(final_view(&h), final_view(&reference), "depends on arrival or batching");
+        assert_eq!(
+            final_view(&h),
+            final_view(&reference),
+            "depends on arrival or batching"
+        );
     }
 });

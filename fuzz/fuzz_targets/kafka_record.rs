@@ -50,9 +50,17 @@ fn record(mut u: Unstructured<'_>) -> Result<Record<'_>> {
 
 fn config(default_json: bool) -> KafkaSourceConfig {
     let mut config = KafkaSourceConfig::default();
-    config.encoding = if default_json { Encoding::Json } else { Encoding::Protobuf };
-    config.topic_encodings.insert("scans.json".into(), Encoding::Json);
-    config.topic_encodings.insert("scans.proto".into(), Encoding::Protobuf);
+    config.encoding = if default_json {
+        Encoding::Json
+    } else {
+        Encoding::Protobuf
+    };
+    config
+        .topic_encodings
+        .insert("scans.json".into(), Encoding::Json);
+    config
+        .topic_encodings
+        .insert("scans.proto".into(), Encoding::Protobuf);
     config
 }
 
