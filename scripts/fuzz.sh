@@ -53,9 +53,12 @@ for target in "${targets[@]}"; do
   mkdir -p "$corpus" "$artifacts"
   before=$(findings "$artifacts")
   echo "== $target: ${FUZZ_SECONDS}s, new inputs in $corpus, log $log" >&2
+  seeds=("fuzz/corpus/$target")
+  # Inputs that once failed are replayed first thing on every run.
+  [ -d "fuzz/regressions/$target" ] && seeds+=("fuzz/regressions/$target")
   status=0
   # The scratch directory comes first: libFuzzer writes new inputs to the first corpus only.
-  cargo +nightly fuzz run "$target" "$corpus" "fuzz/corpus/$target" -- \
+  cargo +nightly fuzz run "$target" "$corpus" "${seeds[@]}" -- \
     -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 \
     >"$log" 2>&1 || status=$?
   after=$(findings "$artifacts")
