@@ -502,8 +502,8 @@ mod tests {
         };
         assert_eq!(refused(None, None), "empty");
         assert_eq!(refused(Some(JSON), None), "protobuf_decode");
-        assert_eq!(refused(Some(b"{"), json), "json_decode");
-        let unspecified = br#"{"scan_id":"s1","tracking_number":"PARCEL0001"}"#;
+        assert_eq!(refused(Some(&b"{"[..]), json), "json_decode");
+        let unspecified = &br#"{"scan_id":"s1","tracking_number":"PARCEL0001"}"#[..];
         let refusal =
             triage(Some(unspecified), json, "scans.raw", &config, &v, now()).expect_err("rejected");
         assert_eq!(refusal.code, "unspecified_scan_type");
