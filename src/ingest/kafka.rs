@@ -29,7 +29,7 @@ use super::codec::{self, Encoding};
 use super::validate::Validator;
 use crate::config::{KafkaConfig, KafkaSourceConfig};
 use crate::kafka::{self as client, LoggingContext};
-use crate::store::writer::{Origin, SourceOffset, WriterHandle};
+use crate::store::writer::{Origin, SourceOffset, StoreScan, WriterHandle};
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics as m;
 
@@ -144,6 +144,66 @@ struct DeadLetter {
     reason: String,
 }
 
+/// Why a record goes to the dead-letter topic: the stable code (metrics label) and the reason
+/// sent in the `scand-reason` header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// The value of a record's first `content-type` header, if it has one with a value.
+fn content_type(record: &OwnedMessage) -> Option<&[u8]> {
+    record.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case("content-type"))
+            .and_then(|h| h.value)
+    })
+}
+
+/// The encoding of a record: its `content-type` header when that names one, else the topic's
+/// configured encoding, else the source's default.
+pub fn encoding_of(
+    content_type: Option<&[u8]>,
+    topic: &str,
+    config: &KafkaSourceConfig,
+) -> Encoding {
+    content_type
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(Encoding::from_content_type)
+        .or_else(|| config.topic_encodings.get(topic).copied())
+        .unwrap_or(config.encoding)
+}
+
+/// One record's fate, without I/O: decoded and validated into a scan to store, or refused
+/// with the code and reason its dead letter carries. Split out of [`KafkaSource`] so the
+/// fuzzer runs exactly what the consumer runs.
+pub fn triage(
+    payload: Option<&[u8]>,
+    content_type: Option<&[u8]>,
+    topic: &str,
+    config: &KafkaSourceConfig,
+    validator: &Validator,
+    now: SystemTime,
+) -> Result<StoreScan, Refusal> {
+    let scan = codec::decode(
+        payload.unwrap_or_default(),
+        encoding_of(content_type, topic, config),
+    )
+    .map_err(|error| Refusal {
+        code: error.code(),
+        reason: format!("{}: {error}", error.code()),
+    })?;
+    validator.validate(scan, now).map_err(|rejection| {
+        metrics::counter!(m::SCANS_REJECTED_TOTAL, "reason" => rejection.code()).increment(1);
+        Refusal {
+            code: rejection.code(),
+            reason: rejection.reason(),
+        }
+    })
+}
+
 impl KafkaSource {
     pub fn new(
         kafka: &KafkaConfig,
@@ -212,20 +272,6 @@ impl KafkaSource {
         tracing::info!("kafka source stopped");
     }
 
-    fn encoding_of(&self, record: &OwnedMessage) -> Encoding {
-        let from_header = record.headers().and_then(|headers| {
-            headers
-                .iter()
-                .find(|h| h.key.eq_ignore_ascii_case("content-type"))
-                .and_then(|h| h.value)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(Encoding::from_content_type)
-        });
-        from_header
-            .or_else(|| self.config.topic_encodings.get(record.topic()).copied())
-            .unwrap_or(self.config.encoding)
-    }
-
     async fn process(&self, records: Vec<OwnedMessage>, shutdown: &CancellationToken) {
         let received = Instant::now();
         let now = SystemTime::now();
@@ -239,34 +285,26 @@ impl KafkaSource {
                 (record.topic().to_owned(), record.partition()),
                 record.offset() + 1,
             );
-            let decoded = codec::decode(
-                record.payload().unwrap_or_default(),
-                self.encoding_of(&record),
-            );
-            match decoded {
-                Err(error) => dead.push(DeadLetter {
-                    code: error.code(),
-                    reason: format!("{}: {error}", error.code()),
+            match triage(
+                record.payload(),
+                content_type(&record),
+                record.topic(),
+                &self.config,
+                &self.validator,
+                now,
+            ) {
+                Ok(mut valid) => {
+                    valid.origin = Some(Origin {
+                        topic: record.topic().to_owned(),
+                        partition: record.partition(),
+                    });
+                    scans.push(valid);
+                }
+                Err(Refusal { code, reason }) => dead.push(DeadLetter {
                     record,
+                    code,
+                    reason,
                 }),
-                Ok(scan) => match self.validator.validate(scan, now) {
-                    Ok(mut valid) => {
-                        valid.origin = Some(Origin {
-                            topic: record.topic().to_owned(),
-                            partition: record.partition(),
-                        });
-                        scans.push(valid);
-                    }
-                    Err(rejection) => {
-                        metrics::counter!(m::SCANS_REJECTED_TOTAL, "reason" => rejection.code())
-                            .increment(1);
-                        dead.push(DeadLetter {
-                            code: rejection.code(),
-                            reason: rejection.reason(),
-                            record,
-                        });
-                    }
-                },
             }
         }
         metrics::counter!(m::SCANS_RECEIVED_TOTAL, "source" => "kafka")
@@ -299,7 +337,7 @@ impl KafkaSource {
 
     async fn store(
         &self,
-        scans: Vec<crate::store::writer::StoreScan>,
+        scans: Vec<StoreScan>,
         offsets: Vec<SourceOffset>,
         received: Instant,
     ) -> Result<(), StoreError> {
@@ -407,5 +445,71 @@ impl KafkaSource {
         if let Err(error) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(%error, "async offset commit failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IngestConfig;
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn validator() -> Validator {
+        Validator::new(&IngestConfig::default()).expect("default formats compile")
+    }
+
+    const JSON: &[u8] = br#"{"scan_id":"s1","tracking_number":"PARCEL0001","scan_type":"SCAN_TYPE_SORTED","event_time":"2027-01-15T08:00:00Z"}"#;
+
+    #[test]
+    fn header_then_topic_then_default_chooses_the_encoding() {
+        let mut config = KafkaSourceConfig::default();
+        config
+            .topic_encodings
+            .insert("scans.json".to_owned(), Encoding::Json);
+        let json = Some(&b"application/json; charset=utf-8"[..]);
+        assert_eq!(encoding_of(json, "scans.raw", &config), Encoding::Json);
+        assert_eq!(encoding_of(None, "scans.json", &config), Encoding::Json);
+        // A header naming no known encoding, or not UTF-8, falls through to the topic.
+        let unknown = Some(&b"text/plain"[..]);
+        assert_eq!(encoding_of(unknown, "scans.json", &config), Encoding::Json);
+        assert_eq!(
+            encoding_of(Some(&[0xff][..]), "scans.raw", &config),
+            Encoding::Protobuf
+        );
+        let protobuf = Some(&b"application/x-protobuf"[..]);
+        assert_eq!(
+            encoding_of(protobuf, "scans.json", &config),
+            Encoding::Protobuf
+        );
+    }
+
+    #[test]
+    fn triage_stores_valid_records_and_refuses_the_rest_with_a_code() {
+        let config = KafkaSourceConfig::default();
+        let v = validator();
+        let json = Some(&b"application/json"[..]);
+        let stored = triage(Some(JSON), json, "scans.raw", &config, &v, now()).expect("valid");
+        assert_eq!(stored.scan_id.as_str(), "s1");
+        assert_eq!(stored.origin, None);
+
+        let refused = |payload: Option<&[u8]>, content_type: Option<&[u8]>| {
+            triage(payload, content_type, "scans.raw", &config, &v, now())
+                .expect_err("refused")
+                .code
+        };
+        assert_eq!(refused(None, None), "empty");
+        assert_eq!(refused(Some(JSON), None), "protobuf_decode");
+        assert_eq!(refused(Some(&b"{"[..]), json), "json_decode");
+        let unspecified = &br#"{"scan_id":"s1","tracking_number":"PARCEL0001"}"#[..];
+        let refusal =
+            triage(Some(unspecified), json, "scans.raw", &config, &v, now()).expect_err("rejected");
+        assert_eq!(refusal.code, "unspecified_scan_type");
+        assert_eq!(
+            refusal.reason,
+            "unspecified_scan_type: scan_type is SCAN_TYPE_UNSPECIFIED"
+        );
     }
 }
