@@ -493,7 +493,7 @@ mod tests {
         let json = Some(&b"application/json"[..]);
         let stored = triage(Some(JSON), json, "scans.raw", &config, &v, now()).expect("valid");
         assert_eq!(stored.scan_id.as_str(), "s1");
-        assert_eq!(stored.origin, None);
+        assert!(stored.origin.is_none());
 
         let refused = |payload: Option<&[u8]>, content_type: Option<&[u8]>| {
             triage(payload, content_type, "scans.raw", &config, &v, now())
