@@ -13,9 +13,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::harness::{verify, workload, Acked};
+use common::harness::{record_acks, submit_all, verify, workload, Acked};
 use common::*;
-use scand::api::pb::Outcome;
 
 /// Unmounts the tmpfs when the test ends, however it ends.
 struct Tmpfs(std::path::PathBuf);
@@ -44,27 +43,6 @@ fn fill(path: &Path) {
     let block = vec![0xa5u8; 64 * 1024];
     while ballast.write_all(&block).is_ok() {}
     let _ = ballast.sync_all();
-}
-
-async fn submit_all(daemon: &Daemon, scans: &[scand::api::pb::Scan], acked: &Acked, tag: &str) {
-    let mut ingest = daemon.ingest().await;
-    for (i, chunk) in scans.chunks(50).enumerate() {
-        let ack = ingest
-            .submit_scans(batch(&format!("{tag}{i}"), chunk.to_vec()))
-            .await
-            .expect("stored")
-            .into_inner();
-        let mut acked = acked.lock().expect("lock");
-        for (scan, result) in chunk.iter().zip(&ack.results) {
-            assert_ne!(
-                result.outcome,
-                Outcome::Rejected as i32,
-                "{}",
-                result.reason
-            );
-            acked.insert(scan.scan_id.clone(), scan.tracking_number.clone());
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,10 +74,7 @@ async fn a_full_disk_stops_acks_says_why_and_recovers_without_loss() {
                 .await
             {
                 Ok(ack) => {
-                    let mut acked = acked.lock().expect("lock");
-                    for (scan, _) in chunk.iter().zip(&ack.into_inner().results) {
-                        acked.insert(scan.scan_id.clone(), scan.tracking_number.clone());
-                    }
+                    record_acks(&acked, chunk, &ack.into_inner());
                 }
                 Err(status) => {
                     refused = Some(status);

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::harness::{verify, workload, Acked};
+use common::harness::{record_acks, verify, workload, Acked};
 use common::*;
-use scand::api::pb::{self, Outcome};
+use scand::api::pb;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Peak resident set of a process, in MiB (VmHWM).
@@ -23,19 +23,6 @@ fn peak_rss_mib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib / 1024)
         .expect("VmHWM")
-}
-
-fn record(acked: &Acked, scans: &[pb::Scan], ack: &pb::BatchAck) {
-    let mut acked = acked.lock().expect("lock");
-    for (scan, result) in scans.iter().zip(&ack.results) {
-        assert_ne!(
-            result.outcome,
-            Outcome::Rejected as i32,
-            "{}",
-            result.reason
-        );
-        acked.insert(scan.scan_id.clone(), scan.tracking_number.clone());
-    }
 }
 
 /// Streams all `batches`, as fast as the server takes them; returns the scans acked.
@@ -60,8 +47,7 @@ async fn stream_batches(daemon_url: String, batches: Vec<pb::ScanBatch>, acked: 
         .into_inner();
     let mut count = 0;
     while let Some(ack) = acks.message().await.expect("stream healthy under overload") {
-        record(&acked, &by_id[&ack.batch_id], &ack);
-        count += ack.results.len() as u64;
+        count += record_acks(&acked, &by_id[&ack.batch_id], &ack) as u64;
     }
     count
 }
@@ -153,7 +139,7 @@ async fn three_times_peak_load_keeps_memory_bounded_and_refuses_with_a_reason() 
             let scans = b.scans.clone();
             match client.submit_scans(b).await {
                 Ok(ack) => {
-                    record(&acked, &scans, &ack.into_inner());
+                    record_acks(&acked, &scans, &ack.into_inner());
                     answered.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(status) => {
@@ -341,7 +327,7 @@ async fn a_scanner_that_stops_reading_acks_holds_no_share_of_the_in_flight_budge
             .submit_scans(b)
             .await
             .expect("another scanner is not blocked by the stalled one");
-        record(&acked, &scans, &ack.into_inner());
+        record_acks(&acked, &scans, &ack.into_inner());
     }
     let acked = acked.lock().expect("lock").clone();
     verify(&daemon, &acked).await;

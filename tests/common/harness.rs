@@ -91,21 +91,40 @@ pub async fn stream_until_cut(daemon_url: String, scans: Vec<pb::Scan>, acked: A
     let mut acks = response.into_inner();
     let mut count = 0;
     while let Ok(Some(ack)) = acks.message().await {
-        let sent = &by_id[&ack.batch_id];
-        let mut acked = acked.lock().expect("lock");
-        for (scan, result) in sent.iter().zip(&ack.results) {
-            assert_eq!(scan.scan_id, result.scan_id);
-            assert_ne!(
-                result.outcome,
-                Outcome::Rejected as i32,
-                "{}",
-                result.reason
-            );
-            acked.insert(scan.scan_id.clone(), scan.tracking_number.clone());
-            count += 1;
-        }
+        count += record_acks(&acked, &by_id[&ack.batch_id], &ack);
     }
     count
+}
+
+/// Records every scan of `sent` that `ack` answers (ACCEPTED or DUPLICATE); a REJECTED one
+/// fails the test, as the workloads hold valid scans only. Returns how many were recorded.
+pub fn record_acks(acked: &Acked, sent: &[pb::Scan], ack: &pb::BatchAck) -> usize {
+    let mut acked = acked.lock().expect("lock");
+    for (scan, result) in sent.iter().zip(&ack.results) {
+        assert_eq!(scan.scan_id, result.scan_id);
+        assert_ne!(
+            result.outcome,
+            Outcome::Rejected as i32,
+            "{}",
+            result.reason
+        );
+        acked.insert(scan.scan_id.clone(), scan.tracking_number.clone());
+    }
+    ack.results.len()
+}
+
+/// Submits `scans` in unary batches of [`BATCH`], each of which must be stored, and records
+/// the acks.
+pub async fn submit_all(daemon: &Daemon, scans: &[pb::Scan], acked: &Acked, tag: &str) {
+    let mut ingest = daemon.ingest().await;
+    for (i, chunk) in scans.chunks(BATCH).enumerate() {
+        let ack = ingest
+            .submit_scans(batch(&format!("{tag}{i}"), chunk.to_vec()))
+            .await
+            .expect("stored")
+            .into_inner();
+        record_acks(acked, chunk, &ack);
+    }
 }
 
 /// Checks the daemon's state against every acked scan; returns the change log's last sequence.
