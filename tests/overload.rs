@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::harness::{record_acks, verify, workload, Acked};
+use common::harness::{self, record_acks, verify, workload, Acked};
 use common::*;
 use scand::api::pb;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,31 +25,11 @@ fn peak_rss_mib(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-/// Streams all `batches`, as fast as the server takes them; returns the scans acked.
+/// Streams all `batches`; the stream must stay healthy under overload.
 async fn stream_batches(daemon_url: String, batches: Vec<pb::ScanBatch>, acked: Acked) -> u64 {
-    let mut client = IngestClient::connect(daemon_url).await.expect("connect");
-    let by_id: HashMap<String, Vec<pb::Scan>> = batches
-        .iter()
-        .map(|b| (b.batch_id.clone(), b.scans.clone()))
-        .collect();
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tokio::spawn(async move {
-        for b in batches {
-            if tx.send(b).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut acks = client
-        .stream_scans(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
-    let mut count = 0;
-    while let Some(ack) = acks.message().await.expect("stream healthy under overload") {
-        count += record_acks(&acked, &by_id[&ack.batch_id], &ack) as u64;
-    }
-    count
+    let (count, ended) = harness::stream_batches(daemon_url, batches, acked).await;
+    ended.expect("stream healthy under overload");
+    count as u64
 }
 
 fn batches(prefix: &str, round: u64, shipments: usize, size: usize) -> Vec<pb::ScanBatch> {

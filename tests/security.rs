@@ -123,6 +123,21 @@ fn scan_from(device: &str, id: &str, number: &str) -> pb::Scan {
     scan
 }
 
+/// One scan from `device`, submitted with `token` (the batch is named after the scan).
+async fn submit_one(
+    client: &mut ScanIngestClient<Channel>,
+    device: &str,
+    scan_id: &str,
+    number: &str,
+    token: &str,
+) -> Result<pb::BatchAck, tonic::Status> {
+    let scans = vec![scan_from(device, scan_id, number)];
+    client
+        .submit_scans(with_token(batch(scan_id, scans), token))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
@@ -153,15 +168,15 @@ async fn only_clients_with_a_certificate_from_the_ca_get_a_connection() {
             // rustls may complete the client side before the server's alert arrives: then the
             // first call is the one that fails.
             Ok(channel) => {
-                let call = ScanIngestClient::new(channel)
-                    .submit_scans(with_token(
-                        batch(
-                            "x",
-                            vec![scan_from("dock7-handheld-1", "x-1", "TLSPARCEL0001")],
-                        ),
-                        DOCK_TOKEN,
-                    ))
-                    .await;
+                let mut client = ScanIngestClient::new(channel);
+                let call = submit_one(
+                    &mut client,
+                    "dock7-handheld-1",
+                    "x-1",
+                    "TLSPARCEL0001",
+                    DOCK_TOKEN,
+                )
+                .await;
                 let status = call.expect_err("a client without a valid certificate is refused");
                 assert!(
                     matches!(
@@ -175,16 +190,15 @@ async fn only_clients_with_a_certificate_from_the_ca_get_a_connection() {
     }
     let plaintext = ScanIngestClient::connect(daemon.url()).await;
     if let Ok(mut client) = plaintext {
-        client
-            .submit_scans(with_token(
-                batch(
-                    "p",
-                    vec![scan_from("dock7-handheld-1", "p-1", "TLSPARCEL0001")],
-                ),
-                DOCK_TOKEN,
-            ))
-            .await
-            .expect_err("plaintext refused");
+        submit_one(
+            &mut client,
+            "dock7-handheld-1",
+            "p-1",
+            "TLSPARCEL0001",
+            DOCK_TOKEN,
+        )
+        .await
+        .expect_err("plaintext refused");
     }
 
     // A scanner with a certificate from the CA streams and is answered.
@@ -196,17 +210,15 @@ async fn only_clients_with_a_certificate_from_the_ca_get_a_connection() {
     .await
     .expect("mutual TLS connection");
     let mut client = ScanIngestClient::new(channel);
-    let ack = client
-        .submit_scans(with_token(
-            batch(
-                "ok",
-                vec![scan_from("dock7-handheld-1", "ok-1", "TLSPARCEL0001")],
-            ),
-            DOCK_TOKEN,
-        ))
-        .await
-        .expect("accepted over mutual TLS")
-        .into_inner();
+    let ack = submit_one(
+        &mut client,
+        "dock7-handheld-1",
+        "ok-1",
+        "TLSPARCEL0001",
+        DOCK_TOKEN,
+    )
+    .await
+    .expect("accepted over mutual TLS");
     assert_eq!(outcomes(&ack), vec![Outcome::Accepted]);
     let scans = tokio_stream::iter(vec![batch(
         "s",
@@ -321,17 +333,15 @@ async fn tokens_authorize_calls_and_each_scan_s_device() {
         "device_not_allowed: device_id \"dock9-handheld-1\" is not allowed for this bearer token"
     );
     // The hub's token allows any device.
-    let ack = client
-        .submit_scans(with_token(
-            batch(
-                "hub",
-                vec![scan_from("dock9-handheld-1", "h-1", "TOKPARCEL0003")],
-            ),
-            HUB_TOKEN,
-        ))
-        .await
-        .expect("answered")
-        .into_inner();
+    let ack = submit_one(
+        &mut client,
+        "dock9-handheld-1",
+        "h-1",
+        "TOKPARCEL0003",
+        HUB_TOKEN,
+    )
+    .await
+    .expect("answered");
     assert_eq!(outcomes(&ack), vec![Outcome::Accepted]);
 
     let metrics = daemon.metrics();

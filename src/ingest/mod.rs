@@ -244,16 +244,17 @@ impl Ingestor {
         }
         let answer = match &self.destination {
             _ if valid.is_empty() => None,
-            // Fail fast rather than queue batches bound to fail; the writer probes meanwhile.
-            Destination::Store(writer) if writer.failure().is_some() => {
-                let failure = writer.failure().unwrap_or_default();
-                metrics::counter!(m::INGEST_BATCHES_FAILED_TOTAL, "reason" => "store_unwritable")
-                    .increment(1);
-                return Err(StoreError::Unwritable(failure).into());
-            }
-            Destination::Store(writer) => Some(Answer::Store(
-                writer.enqueue(valid, Vec::new(), received).await?,
-            )),
+            Destination::Store(writer) => match writer.failure() {
+                // Fail fast rather than queue batches bound to fail; the writer probes meanwhile.
+                Some(failure) => {
+                    metrics::counter!(m::INGEST_BATCHES_FAILED_TOTAL, "reason" => "store_unwritable")
+                        .increment(1);
+                    return Err(StoreError::Unwritable(failure).into());
+                }
+                None => Some(Answer::Store(
+                    writer.enqueue(valid, Vec::new(), received).await?,
+                )),
+            },
             Destination::Kafka(gateway) => Some(Answer::Kafka(gateway.forward(&valid))),
         };
         Ok(Pending {

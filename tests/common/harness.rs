@@ -65,14 +65,25 @@ pub fn workload(prefix: &str, round: u64, shipments: usize) -> Vec<pb::Scan> {
 
 /// Streams `scans` in batches until done or the server goes away; returns the scans acked.
 pub async fn stream_until_cut(daemon_url: String, scans: Vec<pb::Scan>, acked: Acked) -> usize {
-    let Ok(mut client) = IngestClient::connect(daemon_url).await else {
-        return 0;
-    };
-    let batches: Vec<pb::ScanBatch> = scans
+    let batches = scans
         .chunks(BATCH)
         .enumerate()
         .map(|(i, c)| batch(&format!("b{i}"), c.to_vec()))
         .collect();
+    stream_batches(daemon_url, batches, acked).await.0
+}
+
+/// Streams `batches` as fast as the server takes them, recording every ack; returns the scans
+/// acked and how the stream ended (`Err` when the call or the stream failed).
+pub async fn stream_batches(
+    daemon_url: String,
+    batches: Vec<pb::ScanBatch>,
+    acked: Acked,
+) -> (usize, Result<(), tonic::Status>) {
+    let mut client = match IngestClient::connect(daemon_url).await {
+        Ok(client) => client,
+        Err(error) => return (0, Err(tonic::Status::unavailable(error.to_string()))),
+    };
     let by_id: HashMap<String, Vec<pb::Scan>> = batches
         .iter()
         .map(|b| (b.batch_id.clone(), b.scans.clone()))
@@ -85,15 +96,18 @@ pub async fn stream_until_cut(daemon_url: String, scans: Vec<pb::Scan>, acked: A
             }
         }
     });
-    let Ok(response) = client.stream_scans(ReceiverStream::new(rx)).await else {
-        return 0;
+    let mut acks = match client.stream_scans(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (0, Err(status)),
     };
-    let mut acks = response.into_inner();
     let mut count = 0;
-    while let Ok(Some(ack)) = acks.message().await {
-        count += record_acks(&acked, &by_id[&ack.batch_id], &ack);
+    loop {
+        match acks.message().await {
+            Ok(Some(ack)) => count += record_acks(&acked, &by_id[&ack.batch_id], &ack),
+            Ok(None) => return (count, Ok(())),
+            Err(status) => return (count, Err(status)),
+        }
     }
-    count
 }
 
 /// Records every scan of `sent` that `ack` answers (ACCEPTED or DUPLICATE); a REJECTED one
