@@ -1,5 +1,7 @@
 //! The ingest path's per-scan costs outside the engine: protobuf decode of a ScanBatch as it
-//! arrives over gRPC, and the scan id memory lookup against a real RocksDB (hits and misses).
+//! arrives over gRPC, validation, and the dedup lookup against a real RocksDB: reading the
+//! state of the shipments a batch touches (stored ones and new ones), whose timeline summary
+//! the engine deduplicates against.
 //! `cargo bench --bench ingest`.
 
 use std::hint::black_box;
@@ -9,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use prost::Message;
 use scand::api::pb;
 use scand::config::{IngestConfig, StoreConfig};
-use scand::domain::ScanId;
+use scand::domain::TrackingNumber;
 use scand::engine::{stall::StallPolicy, Engine};
 use scand::ingest::validate::Validator;
 use scand::store::{writer, Store};
@@ -87,7 +89,7 @@ fn filled_store(n: usize) -> (tempfile::TempDir, Store) {
         path: dir.path().to_owned(),
         ..StoreConfig::default()
     };
-    let store = Store::open(&config, Duration::from_secs(86_400)).expect("opens");
+    let store = Store::open(&config).expect("opens");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (handle, _, thread) = writer::spawn(
         store.clone(),
@@ -120,18 +122,20 @@ fn filled_store(n: usize) -> (tempfile::TempDir, Store) {
 fn dedup(c: &mut Criterion) {
     let stored = 100_000;
     let (_dir, store) = filled_store(stored);
-    let mut group = c.benchmark_group("scan_id_lookup");
+    let mut group = c.benchmark_group("shipment_state_lookup");
     let batch = 500;
     group.throughput(Throughput::Elements(batch as u64));
-    let hits: Vec<ScanId> = (0..batch)
-        .map(|i| ScanId::parse(&scan(i * 97 % stored).scan_id).expect("valid"))
+    let number = |s: String| TrackingNumber::parse(&s).expect("valid");
+    let hits: Vec<TrackingNumber> = (0..batch)
+        .map(|i| number(scan(i * 97 % stored).tracking_number))
         .collect();
-    let misses: Vec<ScanId> = (0..batch)
-        .map(|i| ScanId::parse(&format!("never-seen-{i}")).expect("valid"))
+    let misses: Vec<TrackingNumber> = (0..batch)
+        .map(|i| number(format!("NEVERSEEN{i:06}")))
         .collect();
-    for (name, ids) in [("hit", &hits), ("miss", &misses)] {
+    for (name, numbers) in [("hit", &hits), ("miss", &misses)] {
+        let numbers: Vec<&TrackingNumber> = numbers.iter().collect();
         group.bench_function(BenchmarkId::new(name, batch), |b| {
-            b.iter(|| black_box(store.known_scan_ids(ids.iter()).expect("reads")))
+            b.iter(|| black_box(store.shipment_states(&numbers).expect("reads")))
         });
     }
     group.finish();

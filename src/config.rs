@@ -282,16 +282,12 @@ pub struct DedupConfig {
     /// are one physical event.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
-    /// How long a scan id is remembered across shipments (RocksDB TTL).
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
 }
 
 impl Default for DedupConfig {
     fn default() -> Self {
         Self {
             window: Duration::from_secs(60),
-            retention: Duration::from_secs(14 * 24 * 3600),
         }
     }
 }
@@ -517,12 +513,6 @@ impl Config {
                 reason: "must be longer than zero".to_owned(),
             });
         }
-        if self.dedup.retention < Duration::from_secs(1) {
-            return Err(ConfigError::Invalid {
-                key: "dedup.retention",
-                reason: "must be at least 1s (RocksDB TTL has second resolution)".to_owned(),
-            });
-        }
         if self.store.memtable_bytes < 1024 * 1024 {
             return Err(ConfigError::Invalid {
                 key: "store.memtable_bytes",
@@ -690,9 +680,14 @@ mod tests {
 
     #[test]
     fn durations_read_as_humans_write_them() {
-        let c = load_in_jail("[dedup]\nwindow = \"90s\"\nretention = \"7days\"\n").expect("valid");
+        let c =
+            load_in_jail("[dedup]\nwindow = \"90s\"\n[stall.thresholds]\nin_transit = \"7days\"\n")
+                .expect("valid");
         assert_eq!(c.dedup.window, Duration::from_secs(90));
-        assert_eq!(c.dedup.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(
+            c.stall.thresholds.in_transit,
+            Duration::from_secs(7 * 24 * 3600)
+        );
     }
 
     #[test]

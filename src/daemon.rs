@@ -79,8 +79,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     ));
 
     let store_config = config.store.clone();
-    let retention = config.dedup.retention;
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_config, retention))
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_config))
         .await
         .map_err(|e| DaemonError::Store {
             path: config.store.path.display().to_string(),

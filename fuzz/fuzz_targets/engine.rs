@@ -1,6 +1,6 @@
 //! The pure engine under arbitrary deliveries: a small alphabet of shipments, scan ids, scan
-//! types, event times and facilities, split into arbitrary batches, fed through a model of the
-//! writer's long-term scan-id index (as the property tests in `src/engine/tests.rs` do).
+//! types, event times and facilities, split into arbitrary batches (as the property tests in
+//! `src/engine/tests.rs` do). A scan id names a read of one shipment.
 //!
 //! Checked after every batch: replaying it changes nothing; versions bump by one per change,
 //! gapless, the changes chain (`previous` = the last published point) and a regression is
@@ -67,16 +67,15 @@ fn incoming(index: usize, id: usize, r: Read) -> Incoming {
         scan_type: ScanType::ALL[usize::from(r.scan_type) % ScanType::ALL.len()],
         event_time: EventTime((i64::from(r.second % 600) - 120) * 1_000_000),
         facility: facility_hash(FACILITIES[usize::from(r.facility) % FACILITIES.len()]),
-        scan_id_known: false,
         clock_skewed: r.facility & 0x80 != 0,
     }
 }
 
-/// The engine plus the writer's scan-id index and the published change log.
+/// The engine, every (shipment, scan id) it stored, and the published change log.
 struct Harness {
     engine: Engine,
     states: States,
-    index: HashSet<ScanId>,
+    stored: HashSet<(TrackingNumber, ScanId)>,
     changes: Vec<Change>,
 }
 
@@ -85,20 +84,13 @@ impl Harness {
         Self {
             engine: Engine::new(Duration::from_secs(WINDOW_SECS as u64)),
             states: States::default(),
-            index: HashSet::new(),
+            stored: HashSet::new(),
             changes: Vec::new(),
         }
     }
 
     fn apply(&mut self, batch: &[Incoming]) -> Vec<Outcome> {
-        let batch: Vec<Incoming> = batch
-            .iter()
-            .cloned()
-            .map(|mut s| {
-                s.scan_id_known = self.index.contains(&s.scan_id);
-                s
-            })
-            .collect();
+        let batch: Vec<Incoming> = batch.to_vec();
         let ids: HashMap<usize, ScanId> =
             batch.iter().map(|s| (s.index, s.scan_id.clone())).collect();
         let batch_numbers: HashMap<usize, TrackingNumber> = batch
@@ -127,7 +119,8 @@ impl Harness {
         );
         for i in &effects.stored {
             assert!(
-                self.index.insert(ids[i].clone()),
+                self.stored
+                    .insert((batch_numbers[i].clone(), ids[i].clone())),
                 "scan id {} stored twice",
                 ids[i]
             );
@@ -205,8 +198,8 @@ fn check_versions(h: &Harness) {
 
 /// (d): timelines ordered, one entry per scan id and per physical read, status = fold.
 fn check_timelines(h: &Harness) {
-    let mut ids = HashSet::new();
-    for state in h.states.values() {
+    for (number, state) in &h.states {
+        let mut ids = HashSet::new();
         let key = |e: &Entry| (e.event_time, e.scan_id.clone());
         for pair in state.timeline.windows(2) {
             assert!(
@@ -217,7 +210,10 @@ fn check_timelines(h: &Harness) {
         let mut reads = HashSet::new();
         for e in &state.timeline {
             assert!(ids.insert(e.scan_id.clone()), "scan id {} twice", e.scan_id);
-            assert!(h.index.contains(&e.scan_id), "stored scan id not indexed");
+            assert!(
+                h.stored.contains(&(number.clone(), e.scan_id.clone())),
+                "timeline holds a scan id never stored"
+            );
             let bucket = e.event_time.0.div_euclid(WINDOW_SECS * 1_000_000);
             assert!(
                 reads.insert((e.scan_type, e.facility, bucket)),

@@ -11,8 +11,6 @@
 pub mod stall;
 pub mod status;
 
-use std::collections::HashSet;
-
 use crate::domain::{EventTime, Origin, ScanId, ScanType, TrackingNumber, Version};
 use status::{Derived, StatusPoint};
 
@@ -27,8 +25,6 @@ pub struct Incoming {
     pub event_time: EventTime,
     /// Identity of the facility or vehicle (see [`facility_hash`]), part of the fingerprint.
     pub facility: u64,
-    /// The scan id is in the long-term scan id index (a replay or a retry).
-    pub scan_id_known: bool,
     /// Its event time was far from the time scand received it (counted on the shipment).
     pub clock_skewed: bool,
 }
@@ -202,10 +198,9 @@ impl Engine {
                 b.index,
             ))
         });
-        let mut stored_in_batch: HashSet<ScanId, Hasher> = HashSet::default();
         for scan in batch {
             let state = states.entry(scan.tracking_number.clone()).or_default();
-            let outcome = self.place(scan, state, &mut stored_in_batch, &mut effects);
+            let outcome = self.place(scan, state, &mut effects);
             effects.outcomes.push(outcome);
         }
         effects.outcomes.sort_unstable_by_key(|(index, _)| *index);
@@ -216,14 +211,12 @@ impl Engine {
         &self,
         scan: Incoming,
         state: &mut ShipmentState,
-        stored_in_batch: &mut HashSet<ScanId, Hasher>,
         effects: &mut Effects,
     ) -> (usize, Outcome) {
         let index = scan.index;
-        if scan.scan_id_known
-            || stored_in_batch.contains(&scan.scan_id)
-            || state.timeline.iter().any(|e| e.scan_id == scan.scan_id)
-        {
+        // A scan id is the device's name for one read of this parcel: the timeline holds every
+        // stored one (a replaced read's id comes back as a fingerprint duplicate instead).
+        if state.timeline.iter().any(|e| e.scan_id == scan.scan_id) {
             return (index, Outcome::Duplicate(DuplicateKind::ScanId));
         }
         let entry = Entry {
@@ -252,26 +245,10 @@ impl Engine {
                 replaced.event_time,
                 replaced.scan_id,
             ));
-            self.insert(
-                tracking_number,
-                placed,
-                entry,
-                true,
-                state,
-                stored_in_batch,
-                effects,
-            );
+            self.insert(tracking_number, placed, entry, true, state, effects);
             return (index, Outcome::Duplicate(DuplicateKind::Fingerprint));
         }
-        self.insert(
-            tracking_number,
-            placed,
-            entry,
-            false,
-            state,
-            stored_in_batch,
-            effects,
-        );
+        self.insert(tracking_number, placed, entry, false, state, effects);
         (index, Outcome::Accepted)
     }
 
@@ -288,14 +265,12 @@ impl Engine {
         entry: Entry,
         replaced: bool,
         state: &mut ShipmentState,
-        stored_in_batch: &mut HashSet<ScanId, Hasher>,
         effects: &mut Effects,
     ) {
         let pos = state
             .timeline
             .partition_point(|e| e.order_key() < entry.order_key());
         let appended = pos == state.timeline.len();
-        stored_in_batch.insert(entry.scan_id.clone());
         let scan_type = entry.scan_type;
         state.timeline.insert(pos, entry);
         effects.stored.push(index);

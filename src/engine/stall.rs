@@ -107,7 +107,6 @@ mod tests {
             scan_type,
             event_time: EventTime(hours * HOUR),
             facility: index as u64,
-            scan_id_known: false,
             clock_skewed: false,
         }
     }

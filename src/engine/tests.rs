@@ -1,4 +1,4 @@
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -32,16 +32,14 @@ fn scan(
         scan_type: t,
         event_time: EventTime(minute * MINUTE),
         facility: facility_hash(facility),
-        scan_id_known: false,
         clock_skewed: false,
     }
 }
 
-/// Feeds batches through the engine with a model of the long-term scan id index.
+/// Feeds batches through the engine and keeps the changes it published.
 struct Harness {
     engine: Engine,
     states: States,
-    index: HashSet<ScanId>,
     changes: Vec<Change>,
 }
 
@@ -50,25 +48,12 @@ impl Harness {
         Self {
             engine: engine(),
             states: States::default(),
-            index: HashSet::new(),
             changes: Vec::new(),
         }
     }
 
     fn apply(&mut self, batch: Vec<Incoming>) -> Vec<Outcome> {
-        let batch: Vec<Incoming> = batch
-            .into_iter()
-            .map(|mut s| {
-                s.scan_id_known = self.index.contains(&s.scan_id);
-                s
-            })
-            .collect();
-        let ids: HashMap<usize, ScanId> =
-            batch.iter().map(|s| (s.index, s.scan_id.clone())).collect();
         let effects = self.engine.apply(batch, &mut self.states);
-        for i in &effects.stored {
-            self.index.insert(ids[i].clone());
-        }
         self.changes.extend(effects.changes);
         effects.outcomes.into_iter().map(|(_, o)| o).collect()
     }
@@ -138,6 +123,27 @@ fn scan_id_repeated_within_a_batch_is_a_duplicate() {
 }
 
 #[test]
+fn a_scan_id_names_a_read_of_one_parcel_so_another_parcel_may_use_it() {
+    let mut h = Harness::new();
+    let outcomes = h.apply(vec![
+        scan(0, "PARCEL0001", "dev7-000001", LabelCreated, 1, "shop"),
+        scan(1, "PARCEL0002", "dev7-000001", LabelCreated, 2, "shop"),
+    ]);
+    assert_eq!(outcomes, vec![Outcome::Accepted, Outcome::Accepted]);
+    let outcomes = h.apply(vec![scan(
+        0,
+        "PARCEL0002",
+        "dev7-000001",
+        LabelCreated,
+        2,
+        "shop",
+    )]);
+    assert_eq!(outcomes, vec![Outcome::Duplicate(DuplicateKind::ScanId)]);
+    assert_eq!(h.state("PARCEL0001").timeline.len(), 1);
+    assert_eq!(h.state("PARCEL0002").timeline.len(), 1);
+}
+
+#[test]
 fn same_physical_read_within_window_is_a_fingerprint_duplicate() {
     let mut h = Harness::new();
     let n = "PARCEL0001";
@@ -179,10 +185,10 @@ fn earliest_read_of_a_physical_event_wins_whatever_arrived_first() {
         .map(|e| e.scan_id.as_str())
         .collect();
     assert_eq!(ids, vec!["b-early"]);
-    // The replaced read is still known: retrying it changes nothing.
+    // Retrying the replaced read changes nothing: it is the same physical read again.
     assert_eq!(
         h.apply(vec![late]),
-        vec![Outcome::Duplicate(DuplicateKind::ScanId)]
+        vec![Outcome::Duplicate(DuplicateKind::Fingerprint)]
     );
     assert_eq!(h.state(n).timeline.len(), 1);
 }
@@ -328,7 +334,6 @@ fn deliveries(reads: &[Read], extra: &[(usize, bool, i64)]) -> Vec<Incoming> {
         scan_type: r.scan_type,
         event_time: EventTime(second * 1_000_000),
         facility: facility_hash(FACILITIES[r.facility]),
-        scan_id_known: false,
         clock_skewed: false,
     };
     let mut out: Vec<Incoming> = reads

@@ -11,9 +11,6 @@ pub const EVENTS: &str = "events";
 /// `tracking_number` → shipment record: status, version and the timeline summary that
 /// deduplicates and derives status without reading `events`.
 pub const SHIPMENTS: &str = "shipments";
-/// `scan_id` → tracking number and time stored: the cross-shipment scan id memory, expired by
-/// a compaction filter after `dedup.retention`.
-pub const DEDUP: &str = "dedup";
 /// `sequence` → `scand.v1.StatusChange`: the change log the feed and publishers read.
 pub const CHANGES: &str = "changes";
 /// Small named values (see the `META_*` keys).
@@ -22,8 +19,12 @@ pub const META: &str = "meta";
 /// only the ones due, never every shipment.
 pub const STALL_DEADLINES: &str = "stall_deadlines";
 
-pub const ALL_COLUMN_FAMILIES: [&str; 6] =
-    [EVENTS, SHIPMENTS, DEDUP, CHANGES, META, STALL_DEADLINES];
+pub const ALL_COLUMN_FAMILIES: [&str; 5] = [EVENTS, SHIPMENTS, CHANGES, META, STALL_DEADLINES];
+
+/// Column families of earlier builds, dropped when a data directory is opened: `dedup` held a
+/// key per stored scan id across shipments; a scan id now names a read of one shipment and its
+/// timeline summary deduplicates it (see docs/ARCHITECTURE.md).
+pub const RETIRED_COLUMN_FAMILIES: [&str; 1] = ["dedup"];
 
 /// Highest sequence written to `changes`.
 pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
@@ -83,23 +84,6 @@ pub fn timeline_range(tracking_number: &TrackingNumber) -> (Vec<u8>, Vec<u8>) {
 
 pub fn shipment_key(tracking_number: &TrackingNumber) -> &[u8] {
     tracking_number.as_str().as_bytes()
-}
-
-pub fn dedup_key(scan_id: &ScanId) -> &[u8] {
-    scan_id.as_str().as_bytes()
-}
-
-/// Dedup value: stored time (Unix seconds, for retention) then the tracking number.
-pub fn dedup_value(tracking_number: &TrackingNumber, stored_unix_secs: u64) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + tracking_number.as_str().len());
-    value.extend_from_slice(&stored_unix_secs.to_be_bytes());
-    value.extend_from_slice(tracking_number.as_str().as_bytes());
-    value
-}
-
-/// The stored time of a dedup value; `None` for a value too short to hold one.
-pub fn dedup_value_stored_secs(value: &[u8]) -> Option<u64> {
-    value.get(..8)?.try_into().ok().map(u64::from_be_bytes)
 }
 
 pub fn stall_key(deadline: EventTime, tracking_number: &TrackingNumber) -> Vec<u8> {
@@ -197,12 +181,5 @@ mod tests {
         assert!(b.as_slice() >= stall_keys_due(EventTime(4)).as_slice());
         assert_eq!(decode_stall_key(&b), Some((EventTime(5), tn("AAA00001"))));
         assert_eq!(decode_stall_key(b"short"), None);
-    }
-
-    #[test]
-    fn dedup_value_carries_its_time() {
-        let v = dedup_value(&tn("PARCEL0001"), 1_700_000_000);
-        assert_eq!(dedup_value_stored_secs(&v), Some(1_700_000_000));
-        assert_eq!(dedup_value_stored_secs(b"x"), None);
     }
 }

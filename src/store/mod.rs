@@ -18,8 +18,8 @@ use std::{path::Path, sync::Arc, time::SystemTime};
 
 use prost::Message;
 use rocksdb::{
-    compaction_filter::Decision, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor,
-    Direction, IteratorMode, Options, ReadOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
+    Options, ReadOptions, DB,
 };
 
 use crate::api::pb;
@@ -70,10 +70,7 @@ fn now_unix_secs() -> u64 {
 }
 
 impl Store {
-    pub fn open(
-        config: &StoreConfig,
-        dedup_retention: std::time::Duration,
-    ) -> Result<Self, StoreError> {
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         let cache = Cache::new_lru_cache(config.block_cache_bytes);
         let table = |bloom: bool| {
             let mut t = BlockBasedOptions::default();
@@ -94,27 +91,6 @@ impl Store {
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             ColumnFamilyDescriptor::new(name, o)
         };
-        let mut dedup = {
-            let mut o = Options::default();
-            o.set_write_buffer_size(config.memtable_bytes);
-            o.set_memtable_whole_key_filtering(true);
-            o.set_memtable_prefix_bloom_ratio(0.05);
-            o.set_block_based_table_factory(&table(true));
-            let retention_secs = dedup_retention.as_secs();
-            // Expiry is lazy, at compaction; periodic compaction makes sure old files are
-            // visited even when nothing else triggers a compaction.
-            o.set_compaction_filter("dedup_retention", move |_level, _key, value| {
-                match keys::dedup_value_stored_secs(value) {
-                    Some(stored) if now_unix_secs().saturating_sub(stored) > retention_secs => {
-                        Decision::Remove
-                    }
-                    _ => Decision::Keep,
-                }
-            });
-            o.set_periodic_compaction_seconds(retention_secs.clamp(3600, 24 * 3600));
-            o
-        };
-        dedup.set_compression_type(rocksdb::DBCompressionType::Lz4);
 
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
@@ -125,15 +101,26 @@ impl Store {
         // Tickers only (cache hits, stall time): timers and histograms cost on every write.
         db_opts.enable_statistics();
         db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
-        let descriptors = vec![
+        let mut descriptors = vec![
             cf(keys::EVENTS, false),
             cf(keys::SHIPMENTS, true),
-            ColumnFamilyDescriptor::new(keys::DEDUP, dedup),
             cf(keys::CHANGES, false),
             cf(keys::META, false),
             cf(keys::STALL_DEADLINES, false),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, &config.path, descriptors)?;
+        // RocksDB opens a directory only with all of its column families named; retired ones
+        // are opened here to be dropped below.
+        let existing = DB::list_cf(&db_opts, &config.path).unwrap_or_default();
+        let retired: Vec<&str> = keys::RETIRED_COLUMN_FAMILIES
+            .into_iter()
+            .filter(|name| existing.iter().any(|e| e == name))
+            .collect();
+        descriptors.extend(retired.iter().map(|name| cf(name, false)));
+        let mut db = DB::open_cf_descriptors(&db_opts, &config.path, descriptors)?;
+        for name in retired {
+            tracing::info!(column_family = name, "dropping a retired column family");
+            db.drop_cf(name)?;
+        }
         let store = Store {
             db: Arc::new(db),
             telemetry: Arc::new(StoreTelemetry {
@@ -244,16 +231,25 @@ impl Store {
         self.restore_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// For each scan id, whether the cross-shipment scan id memory (`dedup`) holds it. One
-    /// batched multi-get; bloom filters (memtable and SST) make misses, the common case, cheap.
-    pub fn known_scan_ids<'a>(
+    /// The stored state of each shipment (`None` = never seen): what deduplicates and orders a
+    /// scan. One batched multi-get; bloom filters make a new shipment's miss cheap.
+    pub fn shipment_states(
         &self,
-        scan_ids: impl Iterator<Item = &'a crate::domain::ScanId>,
-    ) -> Result<Vec<bool>, StoreError> {
-        self.db
-            .batched_multi_get_cf(self.cf(keys::DEDUP), scan_ids.map(keys::dedup_key), false)
-            .into_iter()
-            .map(|r| r.map(|v| v.is_some()).map_err(StoreError::from))
+        numbers: &[&TrackingNumber],
+    ) -> Result<Vec<Option<crate::engine::ShipmentState>>, StoreError> {
+        let keys = numbers.iter().map(|n| keys::shipment_key(n));
+        numbers
+            .iter()
+            .zip(
+                self.db
+                    .batched_multi_get_cf(self.cf(keys::SHIPMENTS), keys, false),
+            )
+            .map(|(number, value)| match value? {
+                Some(bytes) => {
+                    records::decode_shipment(keys::shipment_key(number), &bytes).map(Some)
+                }
+                None => Ok(None),
+            })
             .collect()
     }
 
@@ -383,11 +379,6 @@ impl Store {
                     keys::event_key(&number, event_time, &scan_id),
                     bytes,
                 );
-                batch.put_cf(
-                    self.cf(keys::DEDUP),
-                    keys::dedup_key(&scan_id),
-                    keys::dedup_value(&number, now_unix_secs()),
-                );
             }
             batch.put_cf(
                 self.cf(keys::SHIPMENTS),
@@ -500,54 +491,51 @@ impl Store {
 pub(crate) mod tests {
     use super::*;
 
-    pub(crate) fn temp_store(retention_secs: u64) -> (tempfile::TempDir, Store) {
+    pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = StoreConfig {
             path: dir.path().to_owned(),
             ..StoreConfig::default()
         };
-        let store =
-            Store::open(&config, std::time::Duration::from_secs(retention_secs)).expect("opens");
+        let store = Store::open(&config).expect("opens");
         (dir, store)
     }
 
     #[test]
-    fn dedup_memory_expires_at_compaction_after_the_retention() {
-        let (_dir, store) = temp_store(86_400);
-        let number = TrackingNumber::parse("PARCEL0001").expect("valid");
-        let old = crate::domain::ScanId::from_stored("old".into());
-        let fresh = crate::domain::ScanId::from_stored("fresh".into());
-        let dedup = store.cf(keys::DEDUP);
-        let now = now_unix_secs();
-        store
-            .db
-            .put_cf(
-                dedup,
-                keys::dedup_key(&old),
-                keys::dedup_value(&number, now - 2 * 86_400),
-            )
-            .expect("put");
-        store
-            .db
-            .put_cf(
-                dedup,
-                keys::dedup_key(&fresh),
-                keys::dedup_value(&number, now - 3600),
-            )
-            .expect("put");
-        store.db.flush_cf(dedup).expect("flush");
-        store
-            .db
-            .compact_range_cf(dedup, None::<&[u8]>, None::<&[u8]>);
+    fn a_retired_column_family_is_dropped_and_the_rest_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            path: dir.path().to_owned(),
+            ..StoreConfig::default()
+        };
+        {
+            let mut options = Options::default();
+            options.create_if_missing(true);
+            options.create_missing_column_families(true);
+            let names = keys::ALL_COLUMN_FAMILIES
+                .into_iter()
+                .chain(keys::RETIRED_COLUMN_FAMILIES);
+            let db = DB::open_cf(&options, dir.path(), names).expect("opens");
+            let events = db.cf_handle(keys::EVENTS).expect("events");
+            db.put_cf(events, b"kept", b"1").expect("put");
+        }
+        let store = Store::open(&config).expect("opens with the retired family present");
         assert_eq!(
-            store.db.get_cf(dedup, keys::dedup_key(&old)).expect("get"),
-            None
+            store
+                .db
+                .get_cf(store.cf(keys::EVENTS), b"kept")
+                .expect("get"),
+            Some(b"1".to_vec())
         );
-        assert!(store
-            .db
-            .get_cf(dedup, keys::dedup_key(&fresh))
-            .expect("get")
-            .is_some());
+        drop(store);
+        let left = DB::list_cf(&Options::default(), dir.path()).expect("lists");
+        assert!(
+            keys::RETIRED_COLUMN_FAMILIES
+                .iter()
+                .all(|name| !left.iter().any(|l| l == name)),
+            "{left:?}"
+        );
+        Store::open(&config).expect("reopens");
     }
 
     fn snapshot(number: &str, next_offset: i64, scan_ids: &[&str]) -> writer::Snapshot {
@@ -578,7 +566,7 @@ pub(crate) mod tests {
 
     #[test]
     fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
-        let (_dir, store) = temp_store(3600);
+        let (_dir, store) = temp_store();
         let n = |s: &str| TrackingNumber::parse(s).expect("valid");
         // Fresh owner: everything installed, resume at the marker (not beyond a later snapshot).
         let restored = store
@@ -628,9 +616,8 @@ pub(crate) mod tests {
             path: dir.path().to_owned(),
             ..StoreConfig::default()
         };
-        let retention = std::time::Duration::from_secs(3600);
         {
-            let store = Store::open(&config, retention).expect("opens");
+            let store = Store::open(&config).expect("opens");
             assert_eq!(store.last_sequence().expect("reads"), Sequence(0));
             store
                 .db
@@ -641,7 +628,7 @@ pub(crate) mod tests {
                 )
                 .expect("writes");
         }
-        let err = Store::open(&config, retention).err().expect("refused");
+        let err = Store::open(&config).err().expect("refused");
         assert_eq!(
             err.to_string(),
             "data directory has schema version 99; this build reads 1"

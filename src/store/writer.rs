@@ -283,7 +283,13 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(config.queue_batches);
     let (sequence_tx, sequence_rx) = watch::channel(last);
     let (failure_tx, failure) = watch::channel(None);
+    let (reclaim, reclaimed) = std::sync::mpsc::sync_channel::<Vec<Vec<StoreScan>>>(4);
+    let reclaimer = std::thread::Builder::new()
+        .name("scand-reclaim".into())
+        .spawn(move || reclaimed.into_iter().for_each(drop))?;
     let writer = Writer {
+        reclaim,
+        reclaimer,
         failure_tx,
         engine,
         stall,
@@ -302,6 +308,10 @@ pub fn spawn(
 }
 
 struct Writer {
+    /// Answered groups' scans go to the `scand-reclaim` thread to be freed: a group holds tens
+    /// of thousands of small allocations, and freeing them is work the writer need not wait for.
+    reclaim: std::sync::mpsc::SyncSender<Vec<Vec<StoreScan>>>,
+    reclaimer: std::thread::JoinHandle<()>,
     store: Store,
     engine: Engine,
     stall: StallPolicy,
@@ -357,13 +367,17 @@ impl Writer {
             self.record_write(result.as_ref().err());
             match result {
                 Ok(mut per_request) => {
+                    let mut answered = Vec::with_capacity(group.len());
                     for request in group.into_iter().rev() {
                         let outcomes = per_request.pop().unwrap_or_default();
                         metrics::histogram!(m::INGEST_LATENCY_SECONDS)
                             .record(request.received.elapsed().as_secs_f64());
                         // A caller that went away still had its batch stored; nothing to undo.
                         let _ = request.reply.send(Ok(outcomes));
+                        answered.push(request.scans);
                     }
+                    // Should the reclaimer be gone, the scans are simply freed here.
+                    let _ = self.reclaim.send(answered);
                 }
                 Err(error) => {
                     tracing::error!(%error, batches = group.len(), "store write failed; nothing acknowledged");
@@ -378,6 +392,10 @@ impl Writer {
                     }
                 }
             }
+        }
+        drop(self.reclaim);
+        if self.reclaimer.join().is_err() {
+            tracing::error!("the reclaim thread panicked");
         }
         tracing::info!(
             last_sequence = self.last_sequence.0,
@@ -431,7 +449,6 @@ impl Writer {
         let scans: Vec<&StoreScan> = group.iter().flat_map(|r| r.scans.iter()).collect();
         let db = &self.store.db;
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
-        let dedup_cf = self.store.cf(keys::DEDUP);
         let events_cf = self.store.cf(keys::EVENTS);
         let changes_cf = self.store.cf(keys::CHANGES);
 
@@ -447,32 +464,21 @@ impl Writer {
             }
             None => true,
         });
-        for (number, value) in numbers.iter().zip(db.batched_multi_get_cf(
-            shipments_cf,
-            numbers.iter().map(|n| keys::shipment_key(n)),
-            false,
-        )) {
-            if let Some(bytes) = value? {
-                let key = keys::shipment_key(number);
-                states.insert((*number).clone(), records::decode_shipment(key, &bytes)?);
+        for (number, state) in numbers.iter().zip(self.store.shipment_states(&numbers)?) {
+            if let Some(state) = state {
+                states.insert((*number).clone(), state);
             }
         }
-        let known = self
-            .store
-            .known_scan_ids(scans.iter().map(|s| &s.scan_id))?;
-
         let incoming = scans
             .iter()
-            .zip(known)
             .enumerate()
-            .map(|(index, (s, scan_id_known))| Incoming {
+            .map(|(index, s)| Incoming {
                 index,
                 tracking_number: s.tracking_number.clone(),
                 scan_id: s.scan_id.clone(),
                 scan_type: s.scan_type,
                 event_time: s.event_time,
                 facility: s.facility,
-                scan_id_known,
                 clock_skewed: s.clock_skewed,
             })
             .collect();
@@ -490,21 +496,21 @@ impl Writer {
         } = self.engine.apply(incoming, &mut states);
 
         let mut batch = WriteBatch::default();
-        let now_secs = super::now_unix_secs();
         let received_time = prost_types::Timestamp::from(SystemTime::now());
         let mut touched: Vec<&TrackingNumber> = Vec::new();
+        // `stored` comes shipment by shipment (the engine applies them so): one state lookup
+        // per shipment, not per scan.
+        let mut annotating: Option<&mut ShipmentState> = None;
         for &index in &stored {
             let scan = scans[index];
-            if let Some(state) = states.get_mut(&scan.tracking_number) {
+            if touched.last() != Some(&&scan.tracking_number) {
+                touched.push(&scan.tracking_number);
+                annotating = states.get_mut(&scan.tracking_number);
+            }
+            if let Some(state) = annotating.as_deref_mut() {
                 annotate(state, scan);
             }
             batch.put_cf(events_cf, &scan.event_key, &scan.stored);
-            batch.put_cf(
-                dedup_cf,
-                keys::dedup_key(&scan.scan_id),
-                keys::dedup_value(&scan.tracking_number, now_secs),
-            );
-            touched.push(&scan.tracking_number);
         }
         for (number, event_time, scan_id) in &removed {
             batch.delete_cf(events_cf, keys::event_key(number, *event_time, scan_id));
@@ -970,7 +976,7 @@ mod tests {
 
     #[tokio::test]
     async fn shipments_stall_at_their_deadline_once_and_a_later_scan_moves_them_on() {
-        let (_dir, store) = crate::store::tests::temp_store(86_400);
+        let (_dir, store) = crate::store::tests::temp_store();
         let (writer, _, thread) = spawn(
             store.clone(),
             Engine::new(Duration::from_secs(60)),

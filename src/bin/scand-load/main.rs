@@ -10,6 +10,7 @@
 mod kafka;
 mod postgres;
 mod raw;
+mod store;
 mod workload;
 
 use std::collections::VecDeque;
@@ -33,6 +34,8 @@ enum Mode {
     RawRocksdb,
     /// Stream to an in-process server that accepts everything without work.
     RawTransport,
+    /// Feed scand's writer (engine, group commit, RocksDB at --data) in this process, no gRPC.
+    Store,
     /// Produce the scans to a Kafka topic (--kafka-brokers, --kafka-topic).
     Kafka,
     /// The same dedup/order/status logic in PostgreSQL (--pg-url), for comparison.
@@ -46,12 +49,15 @@ struct Args {
     /// What to drive with the workload.
     #[arg(long, value_enum, default_value_t = Mode::Scand)]
     mode: Mode,
-    /// raw-rocksdb: the (new) database directory.
+    /// raw-rocksdb, store: the (new) database directory.
     #[arg(long, default_value = "./raw-rocksdb")]
     data: std::path::PathBuf,
     /// raw-rocksdb: batches per synced write (scand groups queued batches likewise).
     #[arg(long, default_value_t = 8)]
     group_batches: usize,
+    /// store: scand's config file (default: built-in defaults); SCAND_* variables override it.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// raw-rocksdb: memtable size per column family, as scand's store.memtable_bytes.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     memtable_bytes: usize,
@@ -174,6 +180,34 @@ async fn run(args: Args) -> Result<bool, String> {
                     "synced write (ms) p50 {:.2}  p99 {:.2}",
                     raw.write_ms_p50, raw.write_ms_p99
                 );
+            }
+            return Ok(true);
+        }
+        Mode::Store => {
+            let in_flight = args.streams.max(1) * args.window.max(1);
+            let run = store::run(
+                &args.data,
+                &planned,
+                args.batch_size,
+                in_flight,
+                args.config.as_deref(),
+            )
+            .await?;
+            let rate = run.scans as f64 / run.elapsed.as_secs_f64();
+            let [p50, p99, max] = run.latency_ms;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "mode": "store", "scans": run.scans, "elapsed_s": run.elapsed.as_secs_f64(),
+                        "scans_per_s": rate, "batch_size": args.batch_size, "in_flight": in_flight,
+                        "batch_ms": { "p50": p50, "p99": p99, "max": max },
+                    })
+                );
+            } else {
+                println!("scand store       {:>12} scans", run.scans);
+                println!("throughput        {rate:>12.0} scans/s");
+                println!("batch (ms)        p50 {p50:.2}  p99 {p99:.2}  max {max:.2}");
             }
             return Ok(true);
         }

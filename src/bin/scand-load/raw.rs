@@ -1,6 +1,7 @@
 //! The raw limits scand is measured against, on the same workload in the same run:
-//! - RocksDB: the scans' stored records (event key and value, scan id key) written with plain
-//!   `WriteBatch`es, a synced WAL per group, as scand's writer does, with no engine and no gRPC;
+//! - RocksDB: the scans' stored records (event key and value) written with plain `WriteBatch`es,
+//!   a synced WAL per group, as scand's writer does, with no engine, no shipment records and no
+//!   gRPC: one key per scan, the least any layout that keeps each scan must write;
 //! - transport: a tonic `ScanIngest` server in this process that answers every scan ACCEPTED
 //!   without doing anything, driven by the same streams scand is driven by.
 
@@ -26,7 +27,7 @@ pub struct RawStore {
 }
 
 /// Writes the scans as scand stores them: each group of `group_batches` batches is one synced
-/// WriteBatch holding an `events` and a `dedup` key per scan.
+/// WriteBatch holding an `events` key per scan.
 pub fn rocksdb(
     path: &std::path::Path,
     planned: &[Planned],
@@ -50,12 +51,11 @@ pub fn rocksdb(
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
         ColumnFamilyDescriptor::new(name, o)
     };
-    let db = DB::open_cf_descriptors(&options, path, [cf(keys::EVENTS), cf(keys::DEDUP)])
-        .map_err(|e| e.to_string())?;
+    let db =
+        DB::open_cf_descriptors(&options, path, [cf(keys::EVENTS)]).map_err(|e| e.to_string())?;
     let events = db
         .cf_handle(keys::EVENTS)
         .ok_or("no events column family")?;
-    let dedup = db.cf_handle(keys::DEDUP).ok_or("no dedup column family")?;
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     let mut writes = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
@@ -65,11 +65,6 @@ pub fn rocksdb(
         let mut batch = WriteBatch::default();
         for scan in group {
             batch.put_cf(events, &scan.event_key, &scan.stored);
-            batch.put_cf(
-                dedup,
-                keys::dedup_key(&scan.scan_id),
-                keys::dedup_value(&scan.tracking_number, 0),
-            );
         }
         db.write_opt(batch, &sync).map_err(|e| e.to_string())?;
         let _ = writes.record(write_started.elapsed().as_micros() as u64);
