@@ -11,8 +11,12 @@ pub const EVENTS: &str = "events";
 /// `tracking_number` → shipment record: status, version and the timeline summary that
 /// deduplicates and derives status without reading `events`.
 pub const SHIPMENTS: &str = "shipments";
-/// `sequence` → `scand.v1.StatusChange`: the change log the feed and publishers read.
-pub const CHANGES: &str = "changes";
+/// `first sequence` → a block of consecutive `scand.v1.StatusChange`s written together (see
+/// `records::ChangeBlock`): the change log the feed and publishers read. A block per write, not
+/// a key per change: a batch of scans changes most of its shipments' statuses.
+pub const CHANGES: &str = "change_blocks";
+/// Most changes in one block, so a reader resuming anywhere decodes little it skips.
+pub const CHANGES_PER_BLOCK: usize = 256;
 /// Small named values (see the `META_*` keys).
 pub const META: &str = "meta";
 /// `deadline ␀ tracking_number` → empty: shipments by the time they stall, so a sweep reads
@@ -25,6 +29,9 @@ pub const ALL_COLUMN_FAMILIES: [&str; 5] = [EVENTS, SHIPMENTS, CHANGES, META, ST
 /// key per stored scan id across shipments; a scan id now names a read of one shipment and its
 /// timeline summary deduplicates it (see docs/ARCHITECTURE.md).
 pub const RETIRED_COLUMN_FAMILIES: [&str; 1] = ["dedup"];
+/// The change log of earlier builds, one `sequence` → `StatusChange` key per change: copied
+/// into `CHANGES` blocks, then dropped, when a data directory is opened.
+pub const LEGACY_CHANGES: &str = "changes";
 
 /// Highest sequence written to `changes`.
 pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";

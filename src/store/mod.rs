@@ -116,7 +116,15 @@ impl Store {
             .filter(|name| existing.iter().any(|e| e == name))
             .collect();
         descriptors.extend(retired.iter().map(|name| cf(name, false)));
+        let legacy_changes = existing.iter().any(|e| e == keys::LEGACY_CHANGES);
+        if legacy_changes {
+            descriptors.push(cf(keys::LEGACY_CHANGES, false));
+        }
         let mut db = DB::open_cf_descriptors(&db_opts, &config.path, descriptors)?;
+        if legacy_changes {
+            migrate_legacy_changes(&db)?;
+            db.drop_cf(keys::LEGACY_CHANGES)?;
+        }
         for name in retired {
             tracing::info!(column_family = name, "dropping a retired column family");
             db.drop_cf(name)?;
@@ -457,7 +465,8 @@ impl Store {
         }))
     }
 
-    /// Up to `limit` changes with a sequence above `after`, in order.
+    /// Up to `limit` changes with a sequence above `after`, in order: from the block holding
+    /// `after + 1` (the last block starting at or before it) onwards.
     pub fn changes_after(
         &self,
         after: Sequence,
@@ -466,25 +475,79 @@ impl Store {
         let Some(start) = after.0.checked_add(1) else {
             return Ok(Vec::new());
         };
-        let start = keys::change_key(Sequence(start));
+        let start_key = keys::change_key(Sequence(start));
+        let mut blocks = self.db.raw_iterator_cf(self.cf(keys::CHANGES));
+        blocks.seek_for_prev(start_key);
+        if !blocks.valid() {
+            blocks.status()?;
+            blocks.seek(start_key);
+        }
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf(keys::CHANGES),
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            out.push(
-                pb::StatusChange::decode(v.as_ref()).map_err(|e| StoreError::Corrupt {
-                    key: format!("change {:?}", keys::decode_change_key(&k)),
-                    what: e.to_string(),
-                })?,
-            );
-            if out.len() >= limit {
+        while out.len() < limit {
+            let Some((key, value)) = blocks.item() else {
+                blocks.status()?;
                 break;
-            }
+            };
+            let block = records::decode_change_block(key, value)?;
+            out.extend(
+                block
+                    .changes
+                    .into_iter()
+                    .filter(|c| c.sequence >= start)
+                    .take(limit - out.len()),
+            );
+            blocks.next();
         }
         Ok(out)
     }
+}
+
+/// Puts `records` (consecutive sequences, in order) into the change log as blocks of at most
+/// `keys::CHANGES_PER_BLOCK`, each keyed by its first sequence.
+pub(crate) fn put_change_blocks(
+    batch: &mut rocksdb::WriteBatch,
+    cf: &ColumnFamily,
+    records: Vec<pb::StatusChange>,
+) {
+    let mut records = records.into_iter().peekable();
+    while let Some(first) = records.peek().map(|c| c.sequence) {
+        let block = records::ChangeBlock {
+            changes: records.by_ref().take(keys::CHANGES_PER_BLOCK).collect(),
+        };
+        batch.put_cf(cf, keys::change_key(Sequence(first)), block.encode_to_vec());
+    }
+}
+
+/// Copies the change log of an earlier build (a key per change) into blocks, in one write, so
+/// feeds and sinks resume at the same sequences after the upgrade.
+fn migrate_legacy_changes(db: &DB) -> Result<(), StoreError> {
+    let (Some(legacy), Some(blocks)) = (
+        db.cf_handle(keys::LEGACY_CHANGES),
+        db.cf_handle(keys::CHANGES),
+    ) else {
+        return Ok(());
+    };
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut pending = Vec::with_capacity(keys::CHANGES_PER_BLOCK);
+    let mut migrated = 0u64;
+    for item in db.iterator_cf(legacy, IteratorMode::Start) {
+        let (key, value) = item?;
+        let change = pb::StatusChange::decode(value.as_ref()).map_err(|e| StoreError::Corrupt {
+            key: format!("change {:?}", keys::decode_change_key(&key)),
+            what: e.to_string(),
+        })?;
+        pending.push(change);
+        migrated += 1;
+        if pending.len() == keys::CHANGES_PER_BLOCK {
+            put_change_blocks(&mut batch, blocks, std::mem::take(&mut pending));
+        }
+    }
+    put_change_blocks(&mut batch, blocks, pending);
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)?;
+    tracing::info!(changes = migrated, "change log moved into blocks");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -536,6 +599,97 @@ pub(crate) mod tests {
             "{left:?}"
         );
         Store::open(&config).expect("reopens");
+    }
+
+    fn change(sequence: u64) -> pb::StatusChange {
+        pb::StatusChange {
+            sequence,
+            tracking_number: format!("PARCEL{sequence:04}"),
+            version: 1,
+            ..Default::default()
+        }
+    }
+
+    fn sequences(changes: &[pb::StatusChange]) -> Vec<u64> {
+        changes.iter().map(|c| c.sequence).collect()
+    }
+
+    #[test]
+    fn the_change_log_reads_from_inside_a_block_across_blocks_and_up_to_a_limit() {
+        let (_dir, store) = temp_store();
+        let cf = store.cf(keys::CHANGES);
+        let mut batch = rocksdb::WriteBatch::default();
+        // Two writes: 1..=300 (two blocks: 256 + 44) and 301..=302.
+        put_change_blocks(&mut batch, cf, (1..=300).map(change).collect());
+        put_change_blocks(&mut batch, cf, (301..=302).map(change).collect());
+        store.db.write(batch).expect("writes");
+        let mut blocks = 0;
+        for item in store.db.iterator_cf(cf, IteratorMode::Start) {
+            item.expect("reads");
+            blocks += 1;
+        }
+        assert_eq!(blocks, 3);
+
+        let all = store.changes_after(Sequence(0), 1000).expect("reads");
+        assert_eq!(sequences(&all), (1..=302).collect::<Vec<_>>());
+        let inside = store.changes_after(Sequence(10), 5).expect("reads");
+        assert_eq!(sequences(&inside), vec![11, 12, 13, 14, 15]);
+        let across = store.changes_after(Sequence(254), 50).expect("reads");
+        assert_eq!(sequences(&across), (255..=302).collect::<Vec<_>>());
+        assert_eq!(
+            sequences(&store.changes_after(Sequence(301), 10).expect("reads")),
+            vec![302]
+        );
+        assert!(store
+            .changes_after(Sequence(302), 10)
+            .expect("reads")
+            .is_empty());
+        assert!(store
+            .changes_after(Sequence(u64::MAX), 10)
+            .expect("reads")
+            .is_empty());
+    }
+
+    #[test]
+    fn a_change_log_of_one_key_per_change_is_moved_into_blocks_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            path: dir.path().to_owned(),
+            ..StoreConfig::default()
+        };
+        {
+            let mut options = Options::default();
+            options.create_if_missing(true);
+            options.create_missing_column_families(true);
+            let names = [
+                keys::EVENTS,
+                keys::SHIPMENTS,
+                keys::LEGACY_CHANGES,
+                keys::META,
+            ];
+            let db = DB::open_cf(&options, dir.path(), names).expect("opens");
+            let legacy = db.cf_handle(keys::LEGACY_CHANGES).expect("changes");
+            for sequence in 1..=600 {
+                db.put_cf(
+                    legacy,
+                    keys::change_key(Sequence(sequence)),
+                    change(sequence).encode_to_vec(),
+                )
+                .expect("put");
+            }
+        }
+        let store = Store::open(&config).expect("opens and migrates");
+        assert_eq!(
+            sequences(&store.changes_after(Sequence(0), 1000).expect("reads")),
+            (1..=600).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            store.changes_after(Sequence(599), 10).expect("reads"),
+            vec![change(600)]
+        );
+        drop(store);
+        let left = DB::list_cf(&Options::default(), dir.path()).expect("lists");
+        assert!(!left.iter().any(|l| l == keys::LEGACY_CHANGES), "{left:?}");
     }
 
     fn snapshot(number: &str, next_offset: i64, scan_ids: &[&str]) -> writer::Snapshot {

@@ -1,5 +1,5 @@
-//! Value codecs for the `shipments` column family: the engine's shipment state as a protobuf
-//! record, so fields can be added without a migration.
+//! Value codecs: the engine's shipment state as a protobuf record (`shipments`), so fields can
+//! be added without a migration, and blocks of the change log (`changes`).
 
 use prost::Message;
 
@@ -8,6 +8,7 @@ use crate::engine::status::{Derived, StatusPoint};
 use crate::engine::{Entry, Flags, NumberCheck, ShipmentState};
 
 use super::StoreError;
+use crate::api::pb;
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ShipmentRecord {
@@ -197,6 +198,20 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
         int32::encode(14, &owner_partition, &mut buf);
     }
     buf
+}
+
+/// A value of the `changes` column family: consecutive status changes, in sequence order.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ChangeBlock {
+    #[prost(message, repeated, tag = "1")]
+    pub changes: Vec<pb::StatusChange>,
+}
+
+pub fn decode_change_block(key: &[u8], bytes: &[u8]) -> Result<ChangeBlock, StoreError> {
+    ChangeBlock::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: format!("change block {:?}", super::keys::decode_change_key(key)),
+        what: e.to_string(),
+    })
 }
 
 pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreError> {

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use prost::Message;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -532,22 +531,19 @@ impl Writer {
             }
         }
         let mut sequence = self.last_sequence;
+        let mut records = Vec::with_capacity(changes.len());
         for change in &changes {
             sequence = Sequence(sequence.0 + 1);
             let cause = change.cause.map(|index| scans[index]);
-            let record = change_record(
+            records.push(change_record(
                 sequence,
                 change,
                 cause,
                 states.get(&change.tracking_number),
                 received_time,
-            );
-            batch.put_cf(
-                changes_cf,
-                keys::change_key(sequence),
-                record.encode_to_vec(),
-            );
+            ));
         }
+        super::put_change_blocks(&mut batch, changes_cf, records);
         let stalled_shipments = self.stalled_shipments.saturating_sub(woken);
         if woken > 0 {
             batch.put_cf(
@@ -675,6 +671,7 @@ impl Writer {
         let committed = prost_types::Timestamp::from(SystemTime::now());
         let mut sequence = self.last_sequence;
         let mut stalled = Vec::new();
+        let mut records = Vec::new();
         for ((deadline, number), value) in entries.into_iter().zip(values) {
             // The sweep reads and writes records itself; a cached copy would go stale.
             self.cache.forget(&number);
@@ -704,11 +701,7 @@ impl Writer {
             sequence = Sequence(sequence.0 + 1);
             let mut record = change_record(sequence, &change, None, Some(&state), committed);
             record.event_time = Some(timestamp(deadline));
-            batch.put_cf(
-                self.store.cf(keys::CHANGES),
-                keys::change_key(sequence),
-                record.encode_to_vec(),
-            );
+            records.push(record);
             batch.put_cf(
                 shipments_cf,
                 keys::shipment_key(&number),
@@ -720,6 +713,7 @@ impl Writer {
                 .increment(1);
             stalled.push((number, state));
         }
+        super::put_change_blocks(&mut batch, self.store.cf(keys::CHANGES), records);
         let stalled_shipments = self.stalled_shipments + stalled.len() as u64;
         if !stalled.is_empty() {
             let meta = self.store.cf(keys::META);
@@ -922,6 +916,7 @@ fn record_metrics(outcomes: &[(usize, Outcome)], changes: &[Change], after_termi
 mod tests {
     use super::*;
     use crate::domain::Status;
+    use prost::Message;
     use std::time::Duration;
 
     const HOUR: i64 = 3_600_000_000;
