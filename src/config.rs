@@ -143,6 +143,9 @@ pub struct StoreConfig {
     pub block_cache_bytes: usize,
     /// Size of one memtable, in bytes (per column family).
     pub memtable_bytes: usize,
+    /// All memtables together, in bytes: beyond it RocksDB flushes the largest, so memory stays
+    /// bounded however many column families are busy.
+    pub memtables_total_bytes: usize,
     /// Ingest batches waiting for the writer; beyond this, callers wait (backpressure).
     pub queue_batches: usize,
     /// Most ingest batches the writer combines into one synced write (group commit).
@@ -157,6 +160,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("./data"),
             block_cache_bytes: 128 * 1024 * 1024,
             memtable_bytes: 64 * 1024 * 1024,
+            memtables_total_bytes: 192 * 1024 * 1024,
             queue_batches: 64,
             group_commit_batches: 32,
             shipment_cache_entries: 100_000,
@@ -519,6 +523,12 @@ impl Config {
                 reason: "must be at least 1 MiB".to_owned(),
             });
         }
+        if self.store.memtables_total_bytes < self.store.memtable_bytes {
+            return Err(ConfigError::Invalid {
+                key: "store.memtables_total_bytes",
+                reason: "must be at least store.memtable_bytes".to_owned(),
+            });
+        }
         if self.grpc.stream_window_bytes < 65_535 || self.grpc.connection_window_bytes < 65_535 {
             return Err(ConfigError::Invalid {
                 key: "grpc.stream_window_bytes",
@@ -763,6 +773,15 @@ mod tests {
         assert_eq!(
             err,
             "invalid value for `ingest.max_batch_scans`: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn memtables_total_below_one_memtable_is_refused() {
+        let err = load_in_jail("[store]\nmemtables_total_bytes = 1048576\n").expect_err("small");
+        assert_eq!(
+            err,
+            "invalid value for `store.memtables_total_bytes`: must be at least store.memtable_bytes"
         );
     }
 }

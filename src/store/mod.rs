@@ -97,6 +97,7 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
+        db_opts.set_db_write_buffer_size(config.memtables_total_bytes);
         db_opts.set_keep_log_file_num(4);
         // Tickers only (cache hits, stall time): timers and histograms cost on every write.
         db_opts.enable_statistics();
