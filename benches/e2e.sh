@@ -2,6 +2,7 @@
 # End-to-end benchmark, all figures from one run on this machine (see BENCHMARKS.md):
 #   1. raw RocksDB limit: the workload's records in synced WriteBatches, no gRPC, no logic
 #   2. raw transport limit: the workload streamed to a server that accepts without work
+#      (and scand's store path alone: its writer fed in-process, no gRPC)
 #   3. scand at peak (closed loop) and at half of peak (open loop, latency honest)
 #   4. the same logic in PostgreSQL (INSERT … ON CONFLICT DO NOTHING + a status upsert per
 #      shipment, one transaction per batch, synchronous commit) at its best batch size
@@ -54,6 +55,8 @@ echo "== 1. raw RocksDB limit" >&2
 RAW_DB=$(load --mode raw-rocksdb --data "$WORK/raw")
 echo "== 2. raw transport limit" >&2
 RAW_NET=$(load --mode raw-transport)
+echo "== 2b. scand's store path without gRPC (engine, group commit, RocksDB)" >&2
+STORE=$(load --mode store --data "$WORK/store" --config config/scand.toml)
 echo "== 3a. scand at peak (closed loop)" >&2
 start_scand "$WORK/peak"
 PEAK=$(load --target "http://127.0.0.1:$GRPC_PORT")
@@ -86,19 +89,21 @@ for size in 100 500 2000; do
 done
 run_pg "$PG_BIN/pg_ctl -D $PG_DIR/data -m fast stop" >/dev/null
 
-python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" "$BEST" <<'EOF'
+python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" "$BEST" "$STORE" <<'EOF'
 import json, sys
-raw_db, raw_net, peak, half, pg = (json.loads(a) for a in sys.argv[1:6])
+raw_db, raw_net, peak, half, pg, store = (json.loads(a) for a in sys.argv[1:7])
 def lat(d): l = d["ack_latency_ms"]; return f'p50 {l["p50"]:.1f}  p90 {l["p90"]:.1f}  p99 {l["p99"]:.1f}  p99.9 {l["p999"]:.1f}  max {l["max"]:.1f} ms'
 print(f'{"run":<34} {"scans/s":>10}   latency')
-print(f'{"raw RocksDB (2 keys/scan, synced)":<34} {raw_db["scans_per_s"]:>10.0f}   write p50 {raw_db["write_ms"]["p50"]:.1f}  p99 {raw_db["write_ms"]["p99"]:.1f} ms')
+print(f'{"raw RocksDB (1 key/scan, synced)":<34} {raw_db["scans_per_s"]:>10.0f}   write p50 {raw_db["write_ms"]["p50"]:.1f}  p99 {raw_db["write_ms"]["p99"]:.1f} ms')
 print(f'{"raw transport (tonic, no work)":<34} {raw_net["scans_per_s"]:>10.0f}   {lat(raw_net)}')
+print(f'{"scand store path (no gRPC)":<34} {store["scans_per_s"]:>10.0f}   batch p50 {store["batch_ms"]["p50"]:.1f}  p99 {store["batch_ms"]["p99"]:.1f} ms')
 print(f'{"scand at peak":<34} {peak["scans_per_s"]:>10.0f}   {lat(peak)}')
 print(f'{"scand at half of peak (open loop)":<34} {half["scans_per_s"]:>10.0f}   {lat(half)}')
 print(f'{"PostgreSQL baseline (batch " + str(pg["batch_size"]) + ")":<34} {pg["scans_per_s"]:>10.0f}   commit p50 {pg["commit_ms"]["p50"]:.1f}  p99 {pg["commit_ms"]["p99"]:.1f} ms')
 print(f'scand / raw RocksDB   = {peak["scans_per_s"] / raw_db["scans_per_s"]:.2f}')
 print(f'scand / PostgreSQL    = {peak["scans_per_s"] / pg["scans_per_s"]:.1f}')
 print(f'scand / raw transport = {peak["scans_per_s"] / raw_net["scans_per_s"]:.2f}')
+print(f'store path / raw RocksDB = {store["scans_per_s"] / raw_db["scans_per_s"]:.2f}')
 ok = peak["ok"] and half["ok"]
 print(f'outcomes as expected: {ok} (unexpected: {peak["mismatched"]} at peak, {half["mismatched"]} at half)')
 sys.exit(0 if ok else 1)

@@ -75,6 +75,10 @@ impl Store {
         let table = |bloom: bool| {
             let mut t = BlockBasedOptions::default();
             t.set_block_cache(&cache);
+            // Index and filter blocks grow with the data; in the cache they share its bound
+            // instead of adding memory per SST file (L0's stay pinned: every read needs them).
+            t.set_cache_index_and_filter_blocks(true);
+            t.set_pin_l0_filter_and_index_blocks_in_cache(true);
             if bloom {
                 t.set_bloom_filter(10.0, false);
             }

@@ -263,18 +263,37 @@ async fn run(args: Args) -> Result<bool, String> {
         )
         .map_err(|e| e.to_string())?,
     );
+    // Messages are built before the clock starts: the generator's own work in the measured
+    // window is only sending and checking.
+    let batch_size = args.batch_size.max(1);
+    let prepared: Vec<Vec<Prepared>> = shards
+        .into_iter()
+        .map(|shard| {
+            shard
+                .chunks(batch_size)
+                .enumerate()
+                .map(|(i, batch)| Prepared {
+                    message: pb::ScanBatch {
+                        batch_id: format!("{i}"),
+                        scans: batch.iter().map(|p| p.scan.clone()).collect(),
+                    },
+                    planned: batch.to_vec(),
+                })
+                .collect()
+        })
+        .collect();
     let started = Instant::now();
     let per_stream_rate = args.rate.map(|r| r / streams as f64);
     let mut tasks = Vec::new();
-    for shard in shards {
+    for batches in prepared {
         let target = target.clone();
         let shared = shared.clone();
         let progress = progress.clone();
-        let (batch_size, window) = (args.batch_size.max(1), args.window.max(1));
+        let window = args.window.max(1);
         tasks.push(tokio::spawn(async move {
             drive(
                 target,
-                shard,
+                batches,
                 Pace {
                     batch_size,
                     window,
@@ -345,6 +364,12 @@ fn fnv(s: &str) -> u64 {
 /// Batches sent and not yet answered, with their scheduled send time: acks come in order.
 type Unanswered = VecDeque<(Instant, Vec<Planned>)>;
 
+/// One batch ready to send, with what each of its scans should be answered.
+struct Prepared {
+    message: pb::ScanBatch,
+    planned: Vec<Planned>,
+}
+
 /// How one stream sends: batch size, batches in flight (closed loop) or offered rate.
 struct Pace {
     batch_size: usize,
@@ -352,11 +377,11 @@ struct Pace {
     rate: Option<f64>,
 }
 
-/// Sends one shard's scans down one stream and checks every answer (only that each scan was
+/// Sends one shard's batches down one stream and checks every answer (only that each scan was
 /// answered, in order, when `check_outcomes` is off).
 async fn drive(
     target: String,
-    shard: Vec<Planned>,
+    batches: Vec<Prepared>,
     Pace {
         batch_size,
         window,
@@ -375,7 +400,6 @@ async fn drive(
         .map_err(|e| format!("cannot connect: {e}"))?;
     let mut client = ScanIngestClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
 
-    let batches: Vec<Vec<Planned>> = shard.chunks(batch_size).map(<[Planned]>::to_vec).collect();
     // Open loop: the queue of scheduled-but-unanswered batches must not limit sending.
     let in_flight = if rate.is_some() {
         batches.len().max(1)
@@ -392,7 +416,7 @@ async fn drive(
         let shared = shared.clone();
         tokio::spawn(async move {
             let start = Instant::now();
-            for (i, batch) in batches.into_iter().enumerate() {
+            for (i, Prepared { message, planned }) in batches.into_iter().enumerate() {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return;
                 };
@@ -405,15 +429,11 @@ async fn drive(
                     }
                     None => Instant::now(),
                 };
-                let message = pb::ScanBatch {
-                    batch_id: format!("{i}"),
-                    scans: batch.iter().map(|p| p.scan.clone()).collect(),
-                };
                 if let Ok(mut tally) = shared.tally.lock() {
-                    tally.sent += batch.len() as u64;
+                    tally.sent += planned.len() as u64;
                 }
                 if let Ok(mut q) = pending.lock() {
-                    q.push_back((scheduled, batch));
+                    q.push_back((scheduled, planned));
                 }
                 if tx.send(message).await.is_err() {
                     return;
