@@ -135,7 +135,8 @@ impl Feed {
         };
         loop {
             let store = self.store.clone();
-            let chunk = tokio::task::spawn_blocking(move || store.changes_after(cursor, CHUNK))
+            let durable = *self.committed.borrow();
+            let chunk = tokio::task::spawn_blocking(move || store.changes(cursor, durable, CHUNK))
                 .await
                 .map_err(|e| Status::internal(format!("feed reader failed: {e}")))?
                 .map_err(|e| Status::unavailable(format!("change log unreadable: {e}")))?;

@@ -86,7 +86,7 @@ impl KafkaSink {
             }
             let step = tokio::select! {
                 () = shutdown.cancelled() => break,
-                step = self.publish_from(cursor) => step,
+                step = self.publish_from(cursor, committed) => step,
             };
             match step {
                 Ok(delivered) => {
@@ -109,11 +109,16 @@ impl KafkaSink {
         tracing::info!(delivered = cursor.0, "kafka sink stopped");
     }
 
-    /// Publishes one chunk after `cursor`; returns the new cursor, or how far it got.
-    async fn publish_from(&self, cursor: Sequence) -> Result<Sequence, (Sequence, PublishError)> {
+    /// Publishes one chunk after `cursor`, up to the durable sequence `upto`; returns the new
+    /// cursor, or how far it got.
+    async fn publish_from(
+        &self,
+        cursor: Sequence,
+        upto: Sequence,
+    ) -> Result<Sequence, (Sequence, PublishError)> {
         let store = self.store.clone();
         let limit = self.config.max_in_flight;
-        let changes = tokio::task::spawn_blocking(move || store.changes_after(cursor, limit))
+        let changes = tokio::task::spawn_blocking(move || store.changes(cursor, upto, limit))
             .await
             .map_err(|e| {
                 (

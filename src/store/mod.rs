@@ -266,6 +266,12 @@ impl Store {
             .collect()
     }
 
+    /// Syncs the WAL: every write before this call is durable once it returns Ok.
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
     /// RocksDB's estimate of the keys in a column family.
     pub fn estimate_keys(&self, cf: &str) -> Result<u64, StoreError> {
         Ok(self
@@ -470,16 +476,21 @@ impl Store {
         }))
     }
 
-    /// Up to `limit` changes with a sequence above `after`, in order: from the block holding
-    /// `after + 1` (the last block starting at or before it) onwards.
-    pub fn changes_after(
+    /// Up to `limit` changes with a sequence above `after` and at most `upto`, in order: from
+    /// the block holding `after + 1` (the last block starting at or before it) onwards. Readers
+    /// pass the durable sequence (the writer's watch) as `upto`: the log may already hold
+    /// changes of a write whose WAL sync is still under way.
+    pub fn changes(
         &self,
         after: Sequence,
+        upto: Sequence,
         limit: usize,
     ) -> Result<Vec<pb::StatusChange>, StoreError> {
         let Some(start) = after.0.checked_add(1) else {
             return Ok(Vec::new());
         };
+        let limit =
+            limit.min(usize::try_from(upto.0.saturating_sub(after.0)).unwrap_or(usize::MAX));
         let start_key = keys::change_key(Sequence(start));
         let mut blocks = self.db.raw_iterator_cf(self.cf(keys::CHANGES));
         blocks.seek_for_prev(start_key);
@@ -620,7 +631,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_change_log_reads_from_inside_a_block_across_blocks_and_up_to_a_limit() {
+    fn the_change_log_reads_from_inside_a_block_across_blocks_up_to_a_limit_and_a_sequence() {
         let (_dir, store) = temp_store();
         let cf = store.cf(keys::CHANGES);
         let mut batch = rocksdb::WriteBatch::default();
@@ -635,22 +646,40 @@ pub(crate) mod tests {
         }
         assert_eq!(blocks, 3);
 
-        let all = store.changes_after(Sequence(0), 1000).expect("reads");
+        let all = store
+            .changes(Sequence(0), Sequence(u64::MAX), 1000)
+            .expect("reads");
         assert_eq!(sequences(&all), (1..=302).collect::<Vec<_>>());
-        let inside = store.changes_after(Sequence(10), 5).expect("reads");
+        let inside = store
+            .changes(Sequence(10), Sequence(u64::MAX), 5)
+            .expect("reads");
         assert_eq!(sequences(&inside), vec![11, 12, 13, 14, 15]);
-        let across = store.changes_after(Sequence(254), 50).expect("reads");
+        let durable = store
+            .changes(Sequence(10), Sequence(12), 100)
+            .expect("reads");
+        assert_eq!(sequences(&durable), vec![11, 12]);
+        assert!(store
+            .changes(Sequence(12), Sequence(12), 100)
+            .expect("reads")
+            .is_empty());
+        let across = store
+            .changes(Sequence(254), Sequence(u64::MAX), 50)
+            .expect("reads");
         assert_eq!(sequences(&across), (255..=302).collect::<Vec<_>>());
         assert_eq!(
-            sequences(&store.changes_after(Sequence(301), 10).expect("reads")),
+            sequences(
+                &store
+                    .changes(Sequence(301), Sequence(u64::MAX), 10)
+                    .expect("reads")
+            ),
             vec![302]
         );
         assert!(store
-            .changes_after(Sequence(302), 10)
+            .changes(Sequence(302), Sequence(u64::MAX), 10)
             .expect("reads")
             .is_empty());
         assert!(store
-            .changes_after(Sequence(u64::MAX), 10)
+            .changes(Sequence(u64::MAX), Sequence(u64::MAX), 10)
             .expect("reads")
             .is_empty());
     }
@@ -685,11 +714,17 @@ pub(crate) mod tests {
         }
         let store = Store::open(&config).expect("opens and migrates");
         assert_eq!(
-            sequences(&store.changes_after(Sequence(0), 1000).expect("reads")),
+            sequences(
+                &store
+                    .changes(Sequence(0), Sequence(u64::MAX), 1000)
+                    .expect("reads")
+            ),
             (1..=600).collect::<Vec<_>>()
         );
         assert_eq!(
-            store.changes_after(Sequence(599), 10).expect("reads"),
+            store
+                .changes(Sequence(599), Sequence(u64::MAX), 10)
+                .expect("reads"),
             vec![change(600)]
         );
         drop(store);

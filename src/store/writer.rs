@@ -1,13 +1,19 @@
 //! The single writer: a dedicated thread that takes ingest batches from a bounded queue,
 //! combines those waiting into one group (group commit), runs the engine over them against the
-//! stored shipment state, and writes the result as one synced `WriteBatch`. Only then does it
-//! answer the callers, so an answer means durable.
+//! stored shipment state, and writes the result as one `WriteBatch`. A second thread, the
+//! syncer, then syncs the WAL (one fsync for every group written since the last) and only then
+//! answers the groups' callers, so an answer means durable; meanwhile the writer applies the
+//! next group.
 //!
 //! Invariants:
-//! - Nothing is acknowledged before `DB::write` with a synced WAL returned Ok.
+//! - Nothing is acknowledged, and no reader (feed, sinks, changelog) is shown a change, before
+//!   a WAL sync that covers its write returned Ok: readers stop at the durable sequence.
 //! - A failed write acknowledges nothing and advances nothing: the sequence counter moves only
-//!   after a write succeeds, and shipment state is re-read from RocksDB for every group.
-//! - The queue is bounded: when the disk is the bottleneck, callers wait (backpressure).
+//!   after a write succeeds. A group whose sync fails is answered UNAVAILABLE; its write is in
+//!   RocksDB's memtable, so it may still become durable later, and a retry is then answered
+//!   DUPLICATE: never acknowledged without being durable, never applied twice.
+//! - The queue and the writer-to-syncer hand-off are bounded: when the disk is the bottleneck,
+//!   callers wait (backpressure).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -282,19 +288,27 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(config.queue_batches);
     let (sequence_tx, sequence_rx) = watch::channel(last);
     let (failure_tx, failure) = watch::channel(None);
-    let (reclaim, reclaimed) = std::sync::mpsc::sync_channel::<Vec<Vec<StoreScan>>>(4);
-    let reclaimer = std::thread::Builder::new()
-        .name("scand-reclaim".into())
-        .spawn(move || reclaimed.into_iter().for_each(drop))?;
+    let signals = Arc::new(Signals {
+        durable: sequence_tx,
+        failure: failure_tx,
+    });
+    let (to_syncer, written) = std::sync::mpsc::sync_channel(SYNC_QUEUE_GROUPS);
+    let syncer = Syncer {
+        store: store.clone(),
+        signals: signals.clone(),
+        changelog: changelog.clone(),
+    };
+    let syncer = std::thread::Builder::new()
+        .name("scand-syncer".into())
+        .spawn(move || syncer.run(written))?;
     let writer = Writer {
-        reclaim,
-        reclaimer,
-        failure_tx,
+        to_syncer,
+        syncer,
+        signals,
         engine,
         stall,
         last_sequence: last,
         stalled_shipments,
-        sequence_tx,
         group_commit_batches: config.group_commit_batches,
         cache: ShipmentCache::new(config.shipment_cache_entries, store.restore_epoch()),
         store,
@@ -306,24 +320,159 @@ pub fn spawn(
     Ok((WriterHandle { tx, failure }, sequence_rx, thread))
 }
 
+/// Groups written and waiting for their WAL sync, at most.
+const SYNC_QUEUE_GROUPS: usize = 4;
+
+/// What the writer and the syncer tell the rest of scand.
+struct Signals {
+    /// The highest sequence whose write is durable: feeds and sinks read up to it.
+    durable: watch::Sender<Sequence>,
+    /// The last write's error while writes fail; `None` once one succeeds.
+    failure: watch::Sender<Option<String>>,
+}
+
+impl Signals {
+    /// Never moves back: a synced sweep can make later sequences durable before the syncer
+    /// reports earlier groups.
+    fn advance(&self, sequence: Sequence) {
+        let advanced = self.durable.send_if_modified(|durable| {
+            let later = sequence > *durable;
+            if later {
+                *durable = sequence;
+            }
+            later
+        });
+        if advanced {
+            metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(sequence.0 as f64);
+        }
+    }
+
+    /// Follows whether writes succeed: `scand_store_writable`, the error count, and the
+    /// failure ingest and readiness see. Only RocksDB's own errors (I/O, no space) mean the
+    /// store refuses writes; a corrupt record fails its group alone.
+    fn record_write(&self, error: Option<&StoreError>) {
+        match error {
+            Some(error) => {
+                metrics::counter!(m::STORE_WRITE_ERRORS_TOTAL).increment(1);
+                if !matches!(error, StoreError::Rocks(_)) {
+                    return;
+                }
+                metrics::gauge!(m::STORE_WRITABLE).set(0.0);
+                let message = error.to_string();
+                self.failure.send_if_modified(|failure| {
+                    let changed = failure.as_deref() != Some(message.as_str());
+                    *failure = Some(message);
+                    changed
+                });
+            }
+            None => {
+                if self.failure.borrow().is_some() {
+                    tracing::warn!("store takes writes again");
+                    metrics::gauge!(m::STORE_WRITABLE).set(1.0);
+                    self.failure.send_replace(None);
+                }
+            }
+        }
+    }
+}
+
+/// What applying a group produced: each request's outcomes, the group's last sequence and the
+/// changelog snapshots to send once it is durable.
+struct Applied {
+    outcomes: Vec<Vec<Outcome>>,
+    sequence: Sequence,
+    snapshots: Vec<Snapshot>,
+}
+
+/// A group written to RocksDB, waiting for the WAL sync that makes it durable.
+struct Written {
+    group: Vec<Request>,
+    outcomes: Vec<Vec<Outcome>>,
+    sequence: Sequence,
+    /// Changelog snapshots of the group's partition-owned shipments, sent once durable.
+    snapshots: Vec<Snapshot>,
+}
+
+/// Syncs the WAL for every group written since its last sync (one fsync covers them all),
+/// then answers their callers, advances the durable sequence and sends their changelog
+/// snapshots; dropping the answered groups frees their scans off the writer thread.
+struct Syncer {
+    store: Store,
+    signals: Arc<Signals>,
+    changelog: Option<mpsc::Sender<Snapshot>>,
+}
+
+impl Syncer {
+    fn run(self, written: std::sync::mpsc::Receiver<Written>) {
+        while let Ok(first) = written.recv() {
+            let mut groups = vec![first];
+            groups.extend(written.try_iter());
+            let started = Instant::now();
+            let synced = self.store.sync_wal();
+            metrics::histogram!(m::STORE_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
+            self.signals.record_write(synced.as_ref().err());
+            match synced {
+                Ok(()) => {
+                    for Written {
+                        group,
+                        outcomes,
+                        sequence,
+                        snapshots,
+                    } in groups
+                    {
+                        self.signals.advance(sequence);
+                        for (request, outcomes) in group.into_iter().zip(outcomes) {
+                            metrics::histogram!(m::INGEST_LATENCY_SECONDS)
+                                .record(request.received.elapsed().as_secs_f64());
+                            // A caller that went away still had its batch stored.
+                            let _ = request.reply.send(Ok(outcomes));
+                        }
+                        self.send_snapshots(snapshots);
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, groups = groups.len(), "WAL sync failed; nothing acknowledged");
+                    let message = error.to_string();
+                    for request in groups.into_iter().flat_map(|w| w.group) {
+                        let _ = request
+                            .reply
+                            .send(Err(StoreError::Unwritable(message.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The group is durable whatever happens here: a missed snapshot only means the next owner
+    /// of the partition resumes earlier and re-applies those scans itself.
+    fn send_snapshots(&self, snapshots: Vec<Snapshot>) {
+        let Some(changelog) = &self.changelog else {
+            return;
+        };
+        for snapshot in snapshots {
+            if changelog.blocking_send(snapshot).is_err() {
+                tracing::warn!("changelog stopped; state is no longer replicated");
+                return;
+            }
+        }
+    }
+}
+
 struct Writer {
-    /// Answered groups' scans go to the `scand-reclaim` thread to be freed: a group holds tens
-    /// of thousands of small allocations, and freeing them is work the writer need not wait for.
-    reclaim: std::sync::mpsc::SyncSender<Vec<Vec<StoreScan>>>,
-    reclaimer: std::thread::JoinHandle<()>,
+    /// Written groups go to the `scand-syncer` thread, which makes them durable and answers.
+    to_syncer: std::sync::mpsc::SyncSender<Written>,
+    syncer: std::thread::JoinHandle<()>,
+    signals: Arc<Signals>,
     store: Store,
     engine: Engine,
     stall: StallPolicy,
     last_sequence: Sequence,
     /// Mirrors `META_STALLED_SHIPMENTS`: moves only with a successful write.
     stalled_shipments: u64,
-    sequence_tx: watch::Sender<Sequence>,
     group_commit_batches: usize,
     cache: ShipmentCache,
-    /// Where shipments owned by a source partition are replicated after each write.
+    /// Where shipments owned by a source partition are replicated after each durable write.
     changelog: Option<mpsc::Sender<Snapshot>>,
-    /// The last write's error while writes fail; `None` once one succeeds.
-    failure_tx: watch::Sender<Option<String>>,
 }
 
 impl Writer {
@@ -334,7 +483,7 @@ impl Writer {
                 Job::Ingest(request) => request,
                 Job::Sweep { now, reply } => {
                     let result = self.sweep(now);
-                    self.record_write(result.as_ref().err());
+                    self.signals.record_write(result.as_ref().err());
                     if let Err(error) = &result {
                         tracing::error!(%error, "stall sweep failed; nothing stalled");
                     }
@@ -343,7 +492,7 @@ impl Writer {
                 }
                 Job::Probe { reply } => {
                     let result = self.probe();
-                    self.record_write(result.as_ref().err());
+                    self.signals.record_write(result.as_ref().err());
                     let _ = reply.send(result);
                     continue;
                 }
@@ -363,22 +512,30 @@ impl Writer {
             let started = Instant::now();
             let result = self.commit(&group);
             metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
-            self.record_write(result.as_ref().err());
             match result {
-                Ok(mut per_request) => {
-                    let mut answered = Vec::with_capacity(group.len());
-                    for request in group.into_iter().rev() {
-                        let outcomes = per_request.pop().unwrap_or_default();
-                        metrics::histogram!(m::INGEST_LATENCY_SECONDS)
-                            .record(request.received.elapsed().as_secs_f64());
-                        // A caller that went away still had its batch stored; nothing to undo.
-                        let _ = request.reply.send(Ok(outcomes));
-                        answered.push(request.scans);
+                Ok(Applied {
+                    outcomes,
+                    sequence,
+                    snapshots,
+                }) => {
+                    let written = Written {
+                        group,
+                        outcomes,
+                        sequence,
+                        snapshots,
+                    };
+                    if let Err(std::sync::mpsc::SendError(orphaned)) = self.to_syncer.send(written)
+                    {
+                        tracing::error!("the WAL syncer stopped; answering without it");
+                        for request in orphaned.group {
+                            let _ = request.reply.send(Err(StoreError::WriteFailed(
+                                "the WAL syncer stopped".into(),
+                            )));
+                        }
                     }
-                    // Should the reclaimer be gone, the scans are simply freed here.
-                    let _ = self.reclaim.send(answered);
                 }
                 Err(error) => {
+                    self.signals.record_write(Some(&error));
                     tracing::error!(%error, batches = group.len(), "store write failed; nothing acknowledged");
                     let message = error.to_string();
                     let refusing = matches!(error, StoreError::Rocks(_));
@@ -392,42 +549,15 @@ impl Writer {
                 }
             }
         }
-        drop(self.reclaim);
-        if self.reclaimer.join().is_err() {
-            tracing::error!("the reclaim thread panicked");
+        // The syncer answers what is still waiting for a sync, then stops.
+        drop(self.to_syncer);
+        if self.syncer.join().is_err() {
+            tracing::error!("the WAL syncer panicked");
         }
         tracing::info!(
             last_sequence = self.last_sequence.0,
             "store writer drained and stopped"
         );
-    }
-
-    /// Follows whether writes succeed: `scand_store_writable`, the error count, and the
-    /// failure ingest and readiness see. Only RocksDB's own errors (I/O, no space) mean the
-    /// store refuses writes; a corrupt record fails its group alone.
-    fn record_write(&self, error: Option<&StoreError>) {
-        match error {
-            Some(error) => {
-                metrics::counter!(m::STORE_WRITE_ERRORS_TOTAL).increment(1);
-                if !matches!(error, StoreError::Rocks(_)) {
-                    return;
-                }
-                metrics::gauge!(m::STORE_WRITABLE).set(0.0);
-                let message = error.to_string();
-                self.failure_tx.send_if_modified(|failure| {
-                    let changed = failure.as_deref() != Some(message.as_str());
-                    *failure = Some(message);
-                    changed
-                });
-            }
-            None => {
-                if self.failure_tx.borrow().is_some() {
-                    tracing::warn!("store takes writes again");
-                    metrics::gauge!(m::STORE_WRITABLE).set(1.0);
-                    self.failure_tx.send_replace(None);
-                }
-            }
-        }
     }
 
     fn probe(&self) -> Result<(), StoreError> {
@@ -443,8 +573,8 @@ impl Writer {
         Ok(())
     }
 
-    /// Applies and durably writes a group; returns each request's outcomes.
-    fn commit(&mut self, group: &[Request]) -> Result<Vec<Vec<Outcome>>, StoreError> {
+    /// Applies and writes a group (its WAL not yet synced).
+    fn commit(&mut self, group: &[Request]) -> Result<Applied, StoreError> {
         let scans: Vec<&StoreScan> = group.iter().flat_map(|r| r.scans.iter()).collect();
         let db = &self.store.db;
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
@@ -567,28 +697,27 @@ impl Writer {
             );
         }
 
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        db.write_opt(batch, &sync)?;
+        // Not synced here: the syncer syncs the WAL for this and any later group at once.
+        db.write_opt(batch, &WriteOptions::default())?;
 
         self.last_sequence = sequence;
         self.stalled_shipments = stalled_shipments;
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
-        if let Some(changelog) = &self.changelog {
-            // The batch is durable whatever happens here: a missed snapshot only means the next
-            // owner resumes earlier and re-applies those scans itself.
-            if let Err(error) = self.replicate(changelog, group, &scans, &states) {
-                tracing::error!(%error, "changelog snapshot not sent");
-            }
-        }
-        self.sequence_tx.send_replace(sequence);
-        metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(sequence.0 as f64);
+        let snapshots = match self.changelog {
+            Some(_) => self
+                .snapshots(group, &scans, &states)
+                .unwrap_or_else(|error| {
+                    tracing::error!(%error, "changelog snapshots not built");
+                    Vec::new()
+                }),
+            None => Vec::new(),
+        };
         record_metrics(&outcomes, &changes, after_terminal);
         let clock_skewed = stored.iter().filter(|&&i| scans[i].clock_skewed).count();
         metrics::counter!(m::SCANS_CLOCK_SKEW_TOTAL).increment(clock_skewed as u64);
 
-        // Durable: the states are what is stored, so they may serve the next group, unless a
-        // restore wrote shipments behind the writer meanwhile.
+        // Written: the states are what RocksDB holds (and serves to any read), so they may serve
+        // the next group, unless a restore wrote shipments behind the writer meanwhile.
         self.cache.check_epoch(self.store.restore_epoch());
         self.cache.put_all(states);
         metrics::gauge!(m::STORE_SHIPMENT_CACHE_ENTRIES).set(self.cache.len() as f64);
@@ -597,7 +726,11 @@ impl Writer {
         for request in group {
             per_request.push(outcomes.by_ref().take(request.scans.len()).collect());
         }
-        Ok(per_request)
+        Ok(Applied {
+            outcomes: per_request,
+            sequence,
+            snapshots,
+        })
     }
 }
 
@@ -735,8 +868,7 @@ impl Writer {
                 tracing::error!(%error, "changelog snapshot of a stall not sent");
             }
         }
-        self.sequence_tx.send_replace(sequence);
-        metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(sequence.0 as f64);
+        self.signals.advance(sequence);
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
         Ok(Swept {
             stalled: stalled.len(),
@@ -829,15 +961,15 @@ fn change_record(
 }
 
 impl Writer {
-    /// Sends the new state of every shipment a source partition owns to the changelog.
-    /// Waits when the changelog is behind (bounded channel): backpressure, not buffering.
-    fn replicate(
+    /// The state of every shipment of the group that a source partition owns, for the
+    /// changelog, then a marker per partition saying its state is complete up to the group's
+    /// offsets: a new owner resumes at the last marker, never beyond a missing snapshot.
+    fn snapshots(
         &self,
-        changelog: &mpsc::Sender<Snapshot>,
         group: &[Request],
         scans: &[&StoreScan],
         states: &States,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Snapshot>, StoreError> {
         let mut owned: HashMap<&TrackingNumber, &Origin> = HashMap::new();
         for scan in scans {
             if let Some(origin) = &scan.origin {
@@ -853,25 +985,20 @@ impl Writer {
                 .max()
                 .unwrap_or_default()
         };
+        let mut snapshots = Vec::with_capacity(owned.len() + 1);
         for (number, origin) in owned {
             let Some(state) = states.get(number) else {
                 continue;
             };
-            let snapshot = Snapshot {
+            snapshots.push(Snapshot {
                 tracking_number: number.to_string(),
                 topic: origin.topic.clone(),
                 partition: origin.partition,
                 next_offset: next_offset(&origin.topic, origin.partition),
                 record: records::encode_shipment(state),
                 events: self.store.timeline_values(number)?,
-            };
-            if changelog.blocking_send(snapshot).is_err() {
-                tracing::warn!("changelog stopped; state is no longer replicated");
-                return Ok(());
-            }
+            });
         }
-        // After every snapshot of the group: a marker saying the partition's state is complete
-        // up to here. A new owner resumes at the last marker, never beyond a missing snapshot.
         let mut partitions: Vec<(&str, i32)> = group
             .iter()
             .flat_map(|r| &r.offsets)
@@ -880,12 +1007,13 @@ impl Writer {
         partitions.sort_unstable();
         partitions.dedup();
         for (topic, partition) in partitions {
-            let marker = Snapshot::marker(topic, partition, next_offset(topic, partition));
-            if changelog.blocking_send(marker).is_err() {
-                return Ok(());
-            }
+            snapshots.push(Snapshot::marker(
+                topic,
+                partition,
+                next_offset(topic, partition),
+            ));
         }
-        Ok(())
+        Ok(snapshots)
     }
 }
 
@@ -1033,7 +1161,9 @@ mod tests {
         assert_eq!(transit.stalled_status, pb::Status::InTransit as i32);
         assert_eq!(transit.sub_status, pb::ScanType::Sorted as i32);
         assert_eq!(transit.version, 2);
-        let changes = store.changes_after(Sequence(0), 100).expect("changes");
+        let changes = store
+            .changes(Sequence(0), Sequence(u64::MAX), 100)
+            .expect("changes");
         let stalls: Vec<_> = changes
             .iter()
             .filter(|c| c.status == pb::Status::Stalled as i32)
@@ -1089,7 +1219,9 @@ mod tests {
             vec![scan("TRANSIT001", "a2", ScanType::Sorted, 50)],
         )
         .await;
-        let woken = store.changes_after(Sequence(8), 100).expect("changes");
+        let woken = store
+            .changes(Sequence(8), Sequence(u64::MAX), 100)
+            .expect("changes");
         let [change] = woken.as_slice() else {
             panic!("one change: {woken:?}")
         };

@@ -15,6 +15,7 @@ pub const INGEST_BATCH_SCANS: &str = "scand_ingest_batch_scans";
 pub const INGEST_LATENCY_SECONDS: &str = "scand_ingest_latency_seconds";
 pub const INGEST_BATCHES_FAILED_TOTAL: &str = "scand_ingest_batches_failed_total";
 pub const STORE_WRITE_SECONDS: &str = "scand_store_write_seconds";
+pub const STORE_SYNC_SECONDS: &str = "scand_store_sync_seconds";
 pub const STORE_GROUP_BATCHES: &str = "scand_store_group_batches";
 pub const STORE_WRITE_ERRORS_TOTAL: &str = "scand_store_write_errors_total";
 pub const STORE_SHIPMENT_CACHE_ENTRIES: &str = "scand_store_shipment_cache_entries";
@@ -166,7 +167,12 @@ fn describe() {
     describe_histogram!(
         STORE_WRITE_SECONDS,
         Unit::Seconds,
-        "One group commit: engine plus synced RocksDB write."
+        "One group commit: engine plus RocksDB write (before its WAL sync)."
+    );
+    describe_histogram!(
+        STORE_SYNC_SECONDS,
+        Unit::Seconds,
+        "One WAL sync making the groups written since the last one durable."
     );
     describe_histogram!(
         STORE_GROUP_BATCHES,
