@@ -64,6 +64,9 @@ pub struct ShipmentState {
     pub flags: Flags,
     /// The source partition that orders this shipment, when it came from Kafka.
     pub owner: Option<Origin>,
+    /// Scan ids of reads an earlier read of the same physical event replaced: with the
+    /// timeline, every scan id this shipment ever stored, so none is stored twice.
+    pub replaced: Vec<ScanId>,
 }
 
 /// What ops want to see on a shipment besides its status.
@@ -214,9 +217,11 @@ impl Engine {
         effects: &mut Effects,
     ) -> (usize, Outcome) {
         let index = scan.index;
-        // A scan id is the device's name for one read of this parcel: the timeline holds every
-        // stored one (a replaced read's id comes back as a fingerprint duplicate instead).
-        if state.timeline.iter().any(|e| e.scan_id == scan.scan_id) {
+        // A scan id is the device's name for one read of this parcel: the timeline and the
+        // replaced reads hold every one stored.
+        if state.timeline.iter().any(|e| e.scan_id == scan.scan_id)
+            || state.replaced.contains(&scan.scan_id)
+        {
             return (index, Outcome::Duplicate(DuplicateKind::ScanId));
         }
         let entry = Entry {
@@ -240,6 +245,7 @@ impl Engine {
                 return (index, Outcome::Duplicate(DuplicateKind::Fingerprint));
             }
             let replaced = state.timeline.remove(pos);
+            state.replaced.push(replaced.scan_id.clone());
             effects.removed.push((
                 tracking_number.clone(),
                 replaced.event_time,

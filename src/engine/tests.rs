@@ -185,10 +185,18 @@ fn earliest_read_of_a_physical_event_wins_whatever_arrived_first() {
         .map(|e| e.scan_id.as_str())
         .collect();
     assert_eq!(ids, vec!["b-early"]);
-    // Retrying the replaced read changes nothing: it is the same physical read again.
+    // The replaced read is still known: retrying it changes nothing.
     assert_eq!(
-        h.apply(vec![late]),
-        vec![Outcome::Duplicate(DuplicateKind::Fingerprint)]
+        h.apply(vec![late.clone()]),
+        vec![Outcome::Duplicate(DuplicateKind::ScanId)]
+    );
+    // Nor does its scan id reused for another read by a broken device: stored once, ever.
+    let mut other = late;
+    other.scan_type = Loaded;
+    other.event_time = EventTime(9 * MINUTE);
+    assert_eq!(
+        h.apply(vec![other]),
+        vec![Outcome::Duplicate(DuplicateKind::ScanId)]
     );
     assert_eq!(h.state(n).timeline.len(), 1);
 }

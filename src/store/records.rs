@@ -43,6 +43,9 @@ pub struct ShipmentRecord {
     pub owner_topic: String,
     #[prost(int32, tag = "14")]
     pub owner_partition: i32,
+    /// Scan ids of reads replaced by an earlier read of the same event.
+    #[prost(string, repeated, tag = "15")]
+    pub replaced_scan_ids: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -90,6 +93,11 @@ fn shipment_record(state: &ShipmentState) -> ShipmentRecord {
             .map(|o| o.topic.clone())
             .unwrap_or_default(),
         owner_partition: state.owner.as_ref().map_or(0, |o| o.partition),
+        replaced_scan_ids: state
+            .replaced
+            .iter()
+            .map(|id| id.as_str().to_owned())
+            .collect(),
     }
 }
 
@@ -197,6 +205,12 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
     if owner_partition != 0 {
         int32::encode(14, &owner_partition, &mut buf);
     }
+    for id in &state.replaced {
+        // Repeated strings are written even when empty.
+        encode_key(15, WireType::LengthDelimited, &mut buf);
+        encode_varint(id.as_str().len() as u64, &mut buf);
+        buf.extend_from_slice(id.as_str().as_bytes());
+    }
     buf
 }
 
@@ -266,6 +280,11 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
             topic: record.owner_topic,
             partition: record.owner_partition,
         }),
+        replaced: record
+            .replaced_scan_ids
+            .into_iter()
+            .map(ScanId::from_stored)
+            .collect(),
     })
 }
 
@@ -314,6 +333,10 @@ mod tests {
                 topic: "scans.raw".into(),
                 partition: 3,
             }),
+            replaced: vec![
+                ScanId::from_stored("c".into()),
+                ScanId::from_stored("d".into()),
+            ],
         };
         let bytes = encode_shipment(&state);
         assert_eq!(bytes, shipment_record(&state).encode_to_vec());
