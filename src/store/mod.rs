@@ -571,30 +571,40 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = StoreConfig {
-            path: dir.path().to_owned(),
-            ..StoreConfig::default()
-        };
+        let (dir, config) = temp_config();
         let store = Store::open(&config).expect("opens");
         (dir, store)
     }
 
-    #[test]
-    fn a_retired_column_family_is_dropped_and_the_rest_kept() {
+    /// An empty data directory and the default store config pointing at it.
+    fn temp_config() -> (tempfile::TempDir, StoreConfig) {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = StoreConfig {
             path: dir.path().to_owned(),
             ..StoreConfig::default()
         };
+        (dir, config)
+    }
+
+    /// The directory opened raw with `column_families`, as an earlier build would have left it.
+    fn earlier_build<'a>(
+        config: &StoreConfig,
+        column_families: impl IntoIterator<Item = &'a str>,
+    ) -> DB {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        DB::open_cf(&options, &config.path, column_families).expect("opens")
+    }
+
+    #[test]
+    fn a_retired_column_family_is_dropped_and_the_rest_kept() {
+        let (dir, config) = temp_config();
         {
-            let mut options = Options::default();
-            options.create_if_missing(true);
-            options.create_missing_column_families(true);
             let names = keys::ALL_COLUMN_FAMILIES
                 .into_iter()
                 .chain(keys::RETIRED_COLUMN_FAMILIES);
-            let db = DB::open_cf(&options, dir.path(), names).expect("opens");
+            let db = earlier_build(&config, names);
             let events = db.cf_handle(keys::EVENTS).expect("events");
             db.put_cf(events, b"kept", b"1").expect("put");
         }
@@ -686,22 +696,15 @@ pub(crate) mod tests {
 
     #[test]
     fn a_change_log_of_one_key_per_change_is_moved_into_blocks_at_open() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = StoreConfig {
-            path: dir.path().to_owned(),
-            ..StoreConfig::default()
-        };
+        let (dir, config) = temp_config();
         {
-            let mut options = Options::default();
-            options.create_if_missing(true);
-            options.create_missing_column_families(true);
             let names = [
                 keys::EVENTS,
                 keys::SHIPMENTS,
                 keys::LEGACY_CHANGES,
                 keys::META,
             ];
-            let db = DB::open_cf(&options, dir.path(), names).expect("opens");
+            let db = earlier_build(&config, names);
             let legacy = db.cf_handle(keys::LEGACY_CHANGES).expect("changes");
             for sequence in 1..=600 {
                 db.put_cf(
@@ -805,11 +808,7 @@ pub(crate) mod tests {
 
     #[test]
     fn reopening_keeps_schema_and_refuses_another() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = StoreConfig {
-            path: dir.path().to_owned(),
-            ..StoreConfig::default()
-        };
+        let (_dir, config) = temp_config();
         {
             let store = Store::open(&config).expect("opens");
             assert_eq!(store.last_sequence().expect("reads"), Sequence(0));
