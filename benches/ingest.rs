@@ -119,7 +119,7 @@ fn filled_store(n: usize) -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
-fn dedup(c: &mut Criterion) {
+fn shipment_state_lookup(c: &mut Criterion) {
     let stored = 100_000;
     let (_dir, store) = filled_store(stored);
     let mut group = c.benchmark_group("shipment_state_lookup");
@@ -141,5 +141,5 @@ fn dedup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, dedup);
+criterion_group!(benches, decode, shipment_state_lookup);
 criterion_main!(benches);

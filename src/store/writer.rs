@@ -384,13 +384,12 @@ struct Applied {
     snapshots: Vec<Snapshot>,
 }
 
-/// A group written to RocksDB, waiting for the WAL sync that makes it durable.
+/// A group written to RocksDB, waiting for the WAL sync that makes it durable. A sweep's
+/// write comes this way too, with no requests, so that its changelog snapshots follow those
+/// of the groups written before it.
 struct Written {
     group: Vec<Request>,
-    outcomes: Vec<Vec<Outcome>>,
-    sequence: Sequence,
-    /// Changelog snapshots of the group's partition-owned shipments, sent once durable.
-    snapshots: Vec<Snapshot>,
+    applied: Applied,
 }
 
 /// Syncs the WAL for every group written since its last sync (one fsync covers them all),
@@ -415,9 +414,12 @@ impl Syncer {
                 Ok(()) => {
                     for Written {
                         group,
-                        outcomes,
-                        sequence,
-                        snapshots,
+                        applied:
+                            Applied {
+                                outcomes,
+                                sequence,
+                                snapshots,
+                            },
                     } in groups
                     {
                         self.signals.advance(sequence);
@@ -513,27 +515,7 @@ impl Writer {
             let result = self.commit(&group);
             metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
             match result {
-                Ok(Applied {
-                    outcomes,
-                    sequence,
-                    snapshots,
-                }) => {
-                    let written = Written {
-                        group,
-                        outcomes,
-                        sequence,
-                        snapshots,
-                    };
-                    if let Err(std::sync::mpsc::SendError(orphaned)) = self.to_syncer.send(written)
-                    {
-                        tracing::error!("the WAL syncer stopped; answering without it");
-                        for request in orphaned.group {
-                            let _ = request.reply.send(Err(StoreError::WriteFailed(
-                                "the WAL syncer stopped".into(),
-                            )));
-                        }
-                    }
-                }
+                Ok(applied) => self.hand_to_syncer(Written { group, applied }),
                 Err(error) => {
                     self.signals.record_write(Some(&error));
                     tracing::error!(%error, batches = group.len(), "store write failed; nothing acknowledged");
@@ -558,6 +540,17 @@ impl Writer {
             last_sequence = self.last_sequence.0,
             "store writer drained and stopped"
         );
+    }
+
+    fn hand_to_syncer(&self, written: Written) {
+        if let Err(std::sync::mpsc::SendError(orphaned)) = self.to_syncer.send(written) {
+            tracing::error!("the WAL syncer stopped; answering without it");
+            for request in orphaned.group {
+                let _ = request.reply.send(Err(StoreError::WriteFailed(
+                    "the WAL syncer stopped".into(),
+                )));
+            }
+        }
     }
 
     fn probe(&self) -> Result<(), StoreError> {
@@ -863,12 +856,23 @@ impl Writer {
 
         self.last_sequence = sequence;
         self.stalled_shipments = stalled_shipments;
-        if let Some(changelog) = &self.changelog {
-            if let Err(error) = self.replicate_owned(changelog, &stalled) {
-                tracing::error!(%error, "changelog snapshot of a stall not sent");
-            }
-        }
-        self.signals.advance(sequence);
+        let snapshots = match self.changelog {
+            Some(_) => self.owned_snapshots(&stalled).unwrap_or_else(|error| {
+                tracing::error!(%error, "changelog snapshots of a stall not built");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        // Already synced; through the syncer only so that the durable sequence and the
+        // snapshots keep their order behind the groups written before.
+        self.hand_to_syncer(Written {
+            group: Vec::new(),
+            applied: Applied {
+                outcomes: Vec::new(),
+                sequence,
+                snapshots,
+            },
+        });
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
         Ok(Swept {
             stalled: stalled.len(),
@@ -876,33 +880,29 @@ impl Writer {
         })
     }
 
-    /// Sends stalled shipments that a source partition owns to the changelog, positioned at
-    /// the partition's stored offset (the state includes everything before it).
-    fn replicate_owned(
+    /// Snapshots of the stalled shipments that a source partition owns, positioned at the
+    /// partition's stored offset (the state includes everything before it).
+    fn owned_snapshots(
         &self,
-        changelog: &mpsc::Sender<Snapshot>,
         shipments: &[(TrackingNumber, ShipmentState)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Snapshot>, StoreError> {
+        let mut snapshots = Vec::new();
         for (number, state) in shipments {
             let Some(owner) = &state.owner else { continue };
             let next_offset = self
                 .store
                 .source_offset(&owner.topic, owner.partition)?
                 .unwrap_or_default();
-            let snapshot = Snapshot {
+            snapshots.push(Snapshot {
                 tracking_number: number.to_string(),
                 topic: owner.topic.clone(),
                 partition: owner.partition,
                 next_offset,
                 record: records::encode_shipment(state),
                 events: self.store.timeline_values(number)?,
-            };
-            if changelog.blocking_send(snapshot).is_err() {
-                tracing::warn!("changelog stopped; state is no longer replicated");
-                return Ok(());
-            }
+            });
         }
-        Ok(())
+        Ok(snapshots)
     }
 }
 
