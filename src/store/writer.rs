@@ -728,32 +728,33 @@ impl Writer {
 }
 
 impl Writer {
-    /// Keeps the deadline index a lower bound of the shipment's deadline, in the same write as
-    /// its state. A scan usually moves the deadline later: then nothing is written, and the
-    /// sweep, finding the old entry due, re-indexes the shipment at its real deadline. Only an
-    /// earlier deadline (a status with a shorter threshold) or a first one writes an entry, so
-    /// the ingest path rarely pays a key for stall tracking.
+    /// Keeps the deadline index a lower bound of the shipment's deadline, one entry per
+    /// shipment at most, in the same write as its state. A scan usually moves the deadline
+    /// later: then nothing is written, and the sweep, finding the entry due, re-indexes the
+    /// shipment at its real deadline. An earlier deadline (a status with a shorter threshold)
+    /// replaces the entry, and a shipment that can no longer stall (delivered, returned)
+    /// removes it: entries the sweep would only read to drop cost it a shipment read each,
+    /// which at millions of stored shipments kept a core busy.
     fn index_stall_deadline(
         &self,
         batch: &mut WriteBatch,
         number: &TrackingNumber,
         state: &mut ShipmentState,
     ) {
-        let Some(deadline) = self.stall.deadline(state) else {
-            return;
-        };
-        if state
-            .stall_deadline
-            .is_some_and(|indexed| indexed <= deadline)
-        {
-            return;
+        let deadline = self.stall.deadline(state);
+        match (state.stall_deadline, deadline) {
+            (None, None) => return,
+            (Some(indexed), Some(deadline)) if indexed <= deadline => return,
+            _ => {}
         }
-        batch.put_cf(
-            self.store.cf(keys::STALL_DEADLINES),
-            keys::stall_key(deadline, number),
-            [],
-        );
-        state.stall_deadline = Some(deadline);
+        let index = self.store.cf(keys::STALL_DEADLINES);
+        if let Some(indexed) = state.stall_deadline {
+            batch.delete_cf(index, keys::stall_key(indexed, number));
+        }
+        if let Some(deadline) = deadline {
+            batch.put_cf(index, keys::stall_key(deadline, number), []);
+        }
+        state.stall_deadline = deadline;
     }
 
     /// Stalls the shipments due at `now`: reads only the due part of the deadline index,
@@ -1097,9 +1098,7 @@ mod tests {
             .expect("exists")
     }
 
-    #[tokio::test]
-    async fn shipments_stall_at_their_deadline_once_and_a_later_scan_moves_them_on() {
-        let (_dir, store) = crate::store::tests::temp_store();
+    fn spawn_writer(store: &Store) -> (WriterHandle, std::thread::JoinHandle<()>) {
         let (writer, _, thread) = spawn(
             store.clone(),
             Engine::new(Duration::from_secs(60)),
@@ -1112,6 +1111,65 @@ mod tests {
             None,
         )
         .expect("spawns");
+        (writer, thread)
+    }
+
+    fn deadline_index(store: &Store) -> Vec<(i64, String)> {
+        store
+            .db
+            .iterator_cf(store.cf(keys::STALL_DEADLINES), IteratorMode::Start)
+            .map(|item| {
+                let (key, _) = item.expect("reads");
+                let (deadline, number) = keys::decode_stall_key(&key).expect("decodes");
+                (deadline.0 / HOUR, number.as_str().to_owned())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_deadline_index_holds_one_entry_per_shipment_that_can_stall() {
+        let (_dir, store) = crate::store::tests::temp_store();
+        let (writer, thread) = spawn_writer(&store);
+        ingest(
+            &writer,
+            vec![
+                scan("COURIER001", "a1", ScanType::Sorted, 0),
+                scan("DONE000001", "b1", ScanType::Sorted, 0),
+                scan("MOVING0001", "c1", ScanType::Sorted, 0),
+            ],
+        )
+        .await;
+        assert_eq!(
+            deadline_index(&store),
+            vec![
+                (48, "COURIER001".to_owned()),
+                (48, "DONE000001".to_owned()),
+                (48, "MOVING0001".to_owned()),
+            ]
+        );
+        ingest(
+            &writer,
+            vec![
+                scan("COURIER001", "a2", ScanType::OutForDelivery, 1),
+                scan("DONE000001", "b2", ScanType::Delivered, 2),
+                scan("MOVING0001", "c2", ScanType::Sorted, 10),
+            ],
+        )
+        .await;
+        assert_eq!(
+            deadline_index(&store),
+            vec![(13, "COURIER001".to_owned()), (48, "MOVING0001".to_owned())],
+            "an earlier deadline replaces the entry, a delivered shipment has none, a later one \
+             leaves the entry as a lower bound for the sweep"
+        );
+        drop(writer);
+        thread.join().expect("writer stops");
+    }
+
+    #[tokio::test]
+    async fn shipments_stall_at_their_deadline_once_and_a_later_scan_moves_them_on() {
+        let (_dir, store) = crate::store::tests::temp_store();
+        let (writer, thread) = spawn_writer(&store);
         ingest(
             &writer,
             vec![

@@ -76,6 +76,10 @@ struct Args {
     /// Shipments to generate (each 9-25 scans).
     #[arg(long, default_value_t = 10_000)]
     shipments: usize,
+    /// Only each journey's first N steps (1: labels created and nothing since, a cheap way to
+    /// store many shipments); unset: whole journeys.
+    #[arg(long)]
+    steps: Option<usize>,
     /// Seed: the same seed gives the same traffic.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -148,6 +152,7 @@ async fn run(args: Args) -> Result<bool, String> {
         out_of_order_pct: args.out_of_order_pct,
         invalid_pct: args.invalid_pct,
         clock_skew: Duration::from_secs(args.clock_skew_secs),
+        max_steps: args.steps,
     };
     let planned = workload::generate(&shape);
     let total = planned.len() as u64;

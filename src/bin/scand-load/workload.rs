@@ -19,6 +19,9 @@ pub struct Shape {
     pub invalid_pct: f64,
     /// Device clocks are off by up to this much either way.
     pub clock_skew: Duration,
+    /// Each journey cut after this many steps (1: labels created and nothing since); `None`:
+    /// whole journeys.
+    pub max_steps: Option<usize>,
 }
 
 /// One scan and the answer scand owes it.
@@ -87,7 +90,10 @@ pub fn generate(shape: &Shape) -> Vec<Planned> {
             0
         };
         let mut minute = (now - 11 * 86_400) / 60 + rng.random_range(0..7 * 24 * 60);
-        for (step, (scan_type, kind)) in lifecycle(&mut rng).into_iter().enumerate() {
+        let steps = lifecycle(&mut rng)
+            .into_iter()
+            .take(shape.max_steps.unwrap_or(usize::MAX));
+        for (step, (scan_type, kind)) in steps.enumerate() {
             minute += rng.random_range(5..180);
             let seconds = minute * 60 + rng.random_range(0..30) + device_skew;
             let scan = pb::Scan {
@@ -198,6 +204,7 @@ mod tests {
             out_of_order_pct: 10.0,
             invalid_pct: 2.0,
             clock_skew: Duration::from_secs(30),
+            max_steps: None,
         };
         let a = generate(&shape);
         let b = generate(&shape);
