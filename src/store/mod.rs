@@ -523,15 +523,21 @@ impl Store {
 pub(crate) fn put_change_blocks(
     batch: &mut rocksdb::WriteBatch,
     cf: &ColumnFamily,
-    records: Vec<pb::StatusChange>,
+    records: &[records::ChangeRecord<'_>],
 ) {
-    let mut records = records.into_iter().peekable();
-    while let Some(first) = records.peek().map(|c| c.sequence) {
-        let block = records::ChangeBlock {
-            changes: records.by_ref().take(keys::CHANGES_PER_BLOCK).collect(),
-        };
-        batch.put_cf(cf, keys::change_key(Sequence(first)), block.encode_to_vec());
+    for block in records.chunks(keys::CHANGES_PER_BLOCK) {
+        if let Some(first) = block.first() {
+            batch.put_cf(
+                cf,
+                keys::change_key(Sequence(first.sequence)),
+                records::encode_change_block(block),
+            );
+        }
     }
+}
+
+fn records_of(changes: &[pb::StatusChange]) -> Vec<records::ChangeRecord<'_>> {
+    changes.iter().map(records::ChangeRecord::of).collect()
 }
 
 /// Copies the change log of an earlier build (a key per change) into blocks, in one write, so
@@ -555,10 +561,11 @@ fn migrate_legacy_changes(db: &DB) -> Result<(), StoreError> {
         pending.push(change);
         migrated += 1;
         if pending.len() == keys::CHANGES_PER_BLOCK {
-            put_change_blocks(&mut batch, blocks, std::mem::take(&mut pending));
+            put_change_blocks(&mut batch, blocks, &records_of(&pending));
+            pending.clear();
         }
     }
-    put_change_blocks(&mut batch, blocks, pending);
+    put_change_blocks(&mut batch, blocks, &records_of(&pending));
     let mut sync = rocksdb::WriteOptions::default();
     sync.set_sync(true);
     db.write_opt(batch, &sync)?;
@@ -646,8 +653,9 @@ pub(crate) mod tests {
         let cf = store.cf(keys::CHANGES);
         let mut batch = rocksdb::WriteBatch::default();
         // Two writes: 1..=300 (two blocks: 256 + 44) and 301..=302.
-        put_change_blocks(&mut batch, cf, (1..=300).map(change).collect());
-        put_change_blocks(&mut batch, cf, (301..=302).map(change).collect());
+        let changes: Vec<_> = (1..=302).map(change).collect();
+        put_change_blocks(&mut batch, cf, &records_of(&changes[..300]));
+        put_change_blocks(&mut batch, cf, &records_of(&changes[300..]));
         store.db.write(batch).expect("writes");
         let mut blocks = 0;
         for item in store.db.iterator_cf(cf, IteratorMode::Start) {

@@ -101,6 +101,26 @@ fn shipment_record(state: &ShipmentState) -> ShipmentRecord {
     }
 }
 
+/// Encoded length of a proto3 string field (absent when empty).
+fn str_len(tag: u32, value: &str) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    if value.is_empty() {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(value.len() as u64) + value.len()
+    }
+}
+
+/// Writes a proto3 string field (nothing when empty).
+fn put_str(tag: u32, value: &str, buf: &mut Vec<u8>) {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    if !value.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(value.len() as u64, buf);
+        buf.extend_from_slice(value.as_bytes());
+    }
+}
+
 /// Encodes the state as a `ShipmentRecord`, field by field from the state itself: the writer
 /// encodes every touched shipment in every group, and building the owned record first would
 /// copy each scan id of the timeline. Same bytes as prost's encoding of the record (tested).
@@ -110,20 +130,6 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
         uint32, uint64, WireType,
     };
 
-    fn str_len(tag: u32, value: &str) -> usize {
-        if value.is_empty() {
-            0
-        } else {
-            key_len(tag) + encoded_len_varint(value.len() as u64) + value.len()
-        }
-    }
-    fn put_str(tag: u32, value: &str, buf: &mut Vec<u8>) {
-        if !value.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, buf);
-            encode_varint(value.len() as u64, buf);
-            buf.extend_from_slice(value.as_bytes());
-        }
-    }
     fn entry_len(e: &Entry) -> usize {
         let time = e.event_time.0;
         let scan_type = e.scan_type.as_i32();
@@ -219,6 +225,112 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
 pub struct ChangeBlock {
     #[prost(message, repeated, tag = "1")]
     pub changes: Vec<pb::StatusChange>,
+}
+
+/// A `scand.v1.StatusChange` as it is published, borrowing its strings from the shipment's
+/// state and the scan that caused it: the writer encodes one for most scans, and an owned
+/// message would copy five strings each time. [`encode_change_block`] writes the same bytes as
+/// prost's encoding of the owned [`ChangeBlock`] (tested).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChangeRecord<'a> {
+    pub sequence: u64,
+    pub tracking_number: &'a str,
+    pub version: u64,
+    pub previous_status: i32,
+    pub status: i32,
+    pub sub_status: i32,
+    pub cause_scan_id: &'a str,
+    pub event_time: Option<prost_types::Timestamp>,
+    pub location: Option<&'a pb::Location>,
+    pub regression: bool,
+    pub previous_sub_status: i32,
+    pub correction: bool,
+    pub committed_time: Option<prost_types::Timestamp>,
+    pub stalled_status: i32,
+    pub carrier: &'a str,
+    pub carrier_service: &'a str,
+    pub previous_stalled_status: i32,
+}
+
+impl<'a> ChangeRecord<'a> {
+    /// The record of an owned change (an earlier build's change log being moved into blocks).
+    pub fn of(change: &'a pb::StatusChange) -> Self {
+        ChangeRecord {
+            sequence: change.sequence,
+            tracking_number: &change.tracking_number,
+            version: change.version,
+            previous_status: change.previous_status,
+            status: change.status,
+            sub_status: change.sub_status,
+            cause_scan_id: &change.cause_scan_id,
+            event_time: change.event_time,
+            location: change.location.as_ref(),
+            regression: change.regression,
+            previous_sub_status: change.previous_sub_status,
+            correction: change.correction,
+            committed_time: change.committed_time,
+            stalled_status: change.stalled_status,
+            carrier: &change.carrier,
+            carrier_service: &change.carrier_service,
+            previous_stalled_status: change.previous_stalled_status,
+        }
+    }
+
+    /// The message's fields in tag order, proto3 defaults left out (prost's encoding).
+    fn encode(&self, buf: &mut Vec<u8>) {
+        use prost::encoding::{bool, int32, message, uint64};
+        let enum_field = |tag: u32, value: i32, buf: &mut Vec<u8>| {
+            if value != 0 {
+                int32::encode(tag, &value, buf);
+            }
+        };
+        if self.sequence != 0 {
+            uint64::encode(1, &self.sequence, buf);
+        }
+        put_str(2, self.tracking_number, buf);
+        if self.version != 0 {
+            uint64::encode(3, &self.version, buf);
+        }
+        enum_field(4, self.previous_status, buf);
+        enum_field(5, self.status, buf);
+        enum_field(6, self.sub_status, buf);
+        put_str(7, self.cause_scan_id, buf);
+        if let Some(time) = &self.event_time {
+            message::encode(8, time, buf);
+        }
+        if let Some(location) = self.location {
+            message::encode(9, location, buf);
+        }
+        if self.regression {
+            bool::encode(10, &self.regression, buf);
+        }
+        enum_field(11, self.previous_sub_status, buf);
+        if self.correction {
+            bool::encode(12, &self.correction, buf);
+        }
+        if let Some(time) = &self.committed_time {
+            message::encode(13, time, buf);
+        }
+        enum_field(14, self.stalled_status, buf);
+        put_str(15, self.carrier, buf);
+        put_str(16, self.carrier_service, buf);
+        enum_field(17, self.previous_stalled_status, buf);
+    }
+}
+
+/// Encodes consecutive changes as a [`ChangeBlock`] value, without owned messages.
+pub fn encode_change_block(changes: &[ChangeRecord<'_>]) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let mut block = Vec::with_capacity(changes.len() * 160);
+    let mut change = Vec::with_capacity(256);
+    for record in changes {
+        change.clear();
+        record.encode(&mut change);
+        encode_key(1, WireType::LengthDelimited, &mut block);
+        encode_varint(change.len() as u64, &mut block);
+        block.extend_from_slice(&change);
+    }
+    block
 }
 
 pub fn decode_change_block(key: &[u8], bytes: &[u8]) -> Result<ChangeBlock, StoreError> {
@@ -346,6 +458,57 @@ mod tests {
             encode_shipment(&empty),
             shipment_record(&empty).encode_to_vec()
         );
+    }
+
+    #[test]
+    fn change_blocks_are_prost_encodings_of_their_changes() {
+        let full = pb::StatusChange {
+            sequence: 300,
+            tracking_number: "1Z999AA10123456784".into(),
+            version: 7,
+            previous_status: pb::Status::Stalled as i32,
+            status: pb::Status::InTransit as i32,
+            sub_status: pb::ScanType::Sorted as i32,
+            cause_scan_id: "dev7-000123".into(),
+            event_time: Some(prost_types::Timestamp {
+                seconds: -5,
+                nanos: 250,
+            }),
+            location: Some(pb::Location {
+                facility_id: "HUB-FRA-1".into(),
+                kind: 2,
+                latitude: Some(50.1),
+                longitude: Some(0.0),
+            }),
+            regression: true,
+            previous_sub_status: -1,
+            correction: true,
+            committed_time: Some(prost_types::Timestamp::default()),
+            stalled_status: pb::Status::InTransit as i32,
+            carrier: "ups".into(),
+            carrier_service: "UPS Ground".into(),
+            previous_stalled_status: pb::Status::OutForDelivery as i32,
+        };
+        let sparse = pb::StatusChange {
+            sequence: 301,
+            tracking_number: "PARCEL0001".into(),
+            version: 1,
+            status: pb::Status::LabelCreated as i32,
+            ..Default::default()
+        };
+        for changes in [
+            vec![],
+            vec![pb::StatusChange::default()],
+            vec![full.clone()],
+            vec![sparse, full],
+        ] {
+            let records: Vec<_> = changes.iter().map(ChangeRecord::of).collect();
+            let expected = ChangeBlock {
+                changes: changes.clone(),
+            }
+            .encode_to_vec();
+            assert_eq!(encode_change_block(&records), expected);
+        }
     }
 
     #[test]

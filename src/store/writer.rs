@@ -23,6 +23,7 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cache::ShipmentCache;
+use super::records::ChangeRecord;
 use super::{keys, records, Store, StoreError};
 use crate::api::{pb, stalled_status, status_fields};
 pub use crate::domain::Origin;
@@ -617,7 +618,13 @@ impl Writer {
             after_terminal,
         } = self.engine.apply(incoming, &mut states);
 
-        let mut batch = WriteBatch::default();
+        // Sized up front: grown by doubling, a group's multi-megabyte batch would be copied
+        // and faulted in several times over. Events are about half of what a group writes.
+        let event_bytes: usize = scans
+            .iter()
+            .map(|s| s.event_key.len() + s.stored.len())
+            .sum();
+        let mut batch = WriteBatch::with_capacity_bytes(2 * event_bytes);
         let received_time = prost_types::Timestamp::from(SystemTime::now());
         let mut touched: Vec<&TrackingNumber> = Vec::new();
         // `stored` comes shipment by shipment (the engine applies them so): one state lookup
@@ -666,7 +673,7 @@ impl Writer {
                 received_time,
             ));
         }
-        super::put_change_blocks(&mut batch, changes_cf, records);
+        super::put_change_blocks(&mut batch, changes_cf, &records);
         let stalled_shipments = self.stalled_shipments.saturating_sub(woken);
         if woken > 0 {
             batch.put_cf(
@@ -798,7 +805,7 @@ impl Writer {
         let committed = prost_types::Timestamp::from(SystemTime::now());
         let mut sequence = self.last_sequence;
         let mut stalled = Vec::new();
-        let mut records = Vec::new();
+        let mut changes = Vec::new();
         for ((deadline, number), value) in entries.into_iter().zip(values) {
             // The sweep reads and writes records itself; a cached copy would go stale.
             self.cache.forget(&number);
@@ -826,9 +833,6 @@ impl Writer {
             };
             state.stall_deadline = None;
             sequence = Sequence(sequence.0 + 1);
-            let mut record = change_record(sequence, &change, None, Some(&state), committed);
-            record.event_time = Some(timestamp(deadline));
-            records.push(record);
             batch.put_cf(
                 shipments_cf,
                 keys::shipment_key(&number),
@@ -838,9 +842,19 @@ impl Writer {
                 .increment(1);
             metrics::counter!(m::STATUS_CHANGES_TOTAL, "status" => Status::Stalled.label())
                 .increment(1);
+            changes.push((sequence, change, deadline));
             stalled.push((number, state));
         }
-        super::put_change_blocks(&mut batch, self.store.cf(keys::CHANGES), records);
+        // One change per stalled shipment, in the same order.
+        let records: Vec<ChangeRecord<'_>> = changes
+            .iter()
+            .zip(&stalled)
+            .map(|((sequence, change, deadline), (_, state))| ChangeRecord {
+                event_time: Some(timestamp(*deadline)),
+                ..change_record(*sequence, change, None, Some(state), committed)
+            })
+            .collect();
+        super::put_change_blocks(&mut batch, self.store.cf(keys::CHANGES), &records);
         let stalled_shipments = self.stalled_shipments + stalled.len() as u64;
         if !stalled.is_empty() {
             let meta = self.store.cf(keys::META);
@@ -930,33 +944,33 @@ fn timestamp(t: EventTime) -> prost_types::Timestamp {
 }
 
 /// The published form of a change. `cause` is the scan behind it (none for a stall).
-fn change_record(
+fn change_record<'a>(
     sequence: Sequence,
-    change: &Change,
-    cause: Option<&StoreScan>,
-    state: Option<&ShipmentState>,
+    change: &'a Change,
+    cause: Option<&'a StoreScan>,
+    state: Option<&'a ShipmentState>,
     committed: prost_types::Timestamp,
-) -> pb::StatusChange {
+) -> ChangeRecord<'a> {
     let (previous_status, previous_sub_status) = status_fields(change.previous);
     let (status, sub_status) = status_fields(Some(change.current));
     let number_check = state.map(|s| &s.flags.tracking_number);
-    pb::StatusChange {
+    ChangeRecord {
         sequence: sequence.0,
-        tracking_number: change.tracking_number.to_string(),
+        tracking_number: change.tracking_number.as_str(),
         version: change.version.0,
         previous_status,
         status,
         sub_status,
-        cause_scan_id: cause.map(|c| c.scan_id.to_string()).unwrap_or_default(),
+        cause_scan_id: cause.map_or("", |c| c.scan_id.as_str()),
         event_time: cause.and_then(|c| c.wire.event_time),
-        location: cause.and_then(|c| c.wire.location.clone()),
+        location: cause.and_then(|c| c.wire.location.as_ref()),
         regression: change.regression,
         previous_sub_status,
         correction: change.correction,
         committed_time: Some(committed),
         stalled_status: stalled_status(Some(change.current)),
-        carrier: number_check.map(|c| c.carrier.clone()).unwrap_or_default(),
-        carrier_service: number_check.map(|c| c.service.clone()).unwrap_or_default(),
+        carrier: number_check.map_or("", |c| c.carrier.as_str()),
+        carrier_service: number_check.map_or("", |c| c.service.as_str()),
         previous_stalled_status: stalled_status(change.previous),
     }
 }

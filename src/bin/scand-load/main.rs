@@ -26,6 +26,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use workload::{Planned, Shape};
 
+/// The allocator scand runs with, so `--mode store` measures scand's writer as it runs.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// Stream to scand over gRPC and check every answer.
