@@ -251,11 +251,13 @@ impl Store {
         numbers: &[&TrackingNumber],
     ) -> Result<Vec<Option<crate::engine::ShipmentState>>, StoreError> {
         let keys = numbers.iter().map(|n| keys::shipment_key(n));
+        // The writer asks in key order; RocksDB then skips sorting the keys itself.
+        let sorted = numbers.is_sorted();
         numbers
             .iter()
             .zip(
                 self.db
-                    .batched_multi_get_cf(self.cf(keys::SHIPMENTS), keys, false),
+                    .batched_multi_get_cf(self.cf(keys::SHIPMENTS), keys, sorted),
             )
             .map(|(number, value)| match value? {
                 Some(bytes) => {
