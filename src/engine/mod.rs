@@ -191,9 +191,10 @@ impl Engine {
     pub fn apply(&self, batch: Vec<Incoming>, states: &mut States) -> Effects {
         let mut effects = Effects::default();
         // Scans of one shipment are applied in timeline order, so a bulk upload publishes
-        // each milestone in sequence; the arrival index breaks exact ties deterministically.
+        // each milestone in sequence; the arrival index breaks exact ties deterministically
+        // (and makes every key distinct, so an unstable sort gives the one order).
         let mut batch = batch;
-        batch.sort_by(|a, b| {
+        batch.sort_unstable_by(|a, b| {
             (&a.tracking_number, a.event_time, &a.scan_id, a.index).cmp(&(
                 &b.tracking_number,
                 b.event_time,
