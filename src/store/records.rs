@@ -231,7 +231,7 @@ pub struct ChangeBlock {
 /// state and the scan that caused it: the writer encodes one for most scans, and an owned
 /// message would copy five strings each time. [`encode_change_block`] writes the same bytes as
 /// prost's encoding of the owned [`ChangeBlock`] (tested).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug)]
 pub struct ChangeRecord<'a> {
     pub sequence: u64,
     pub tracking_number: &'a str,

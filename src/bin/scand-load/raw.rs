@@ -79,19 +79,17 @@ pub fn rocksdb(
         .cf_handle(keys::EVENTS)
         .ok_or("no events column family")?;
     let started = Instant::now();
-    let mut order: Vec<usize> = Vec::new();
     for group in stored.chunks(batch_size * group_batches.max(1)) {
         let write_started = Instant::now();
-        order.clear();
-        order.extend(0..group.len());
-        order.sort_unstable_by(|&a, &b| group[a].event_key.cmp(&group[b].event_key));
+        let mut sorted: Vec<_> = group.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.event_key.cmp(&b.event_key));
         let bytes = group
             .iter()
             .map(|s| s.event_key.len() + s.stored.len())
             .sum::<usize>();
         let mut batch = WriteBatch::with_capacity_bytes(bytes + 32 * group.len());
-        for &i in &order {
-            batch.put_cf(events, &group[i].event_key, &group[i].stored);
+        for scan in sorted {
+            batch.put_cf(events, &scan.event_key, &scan.stored);
         }
         db.write_opt(batch, &WriteOptions::default())
             .map_err(|e| e.to_string())?;
