@@ -37,7 +37,11 @@ pub const LEGACY_CHANGES: &str = "changes";
 pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
 /// Layout version of this data directory.
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: `shipments` values may be merge operands (deltas), which builds reading version 1
+/// cannot apply. A version 1 directory opens as is and is marked 2.
+pub const SCHEMA_VERSION: u32 = 2;
+/// Versions this build opens and upgrades by marking them current.
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u32; 1] = [1];
 /// Shipments currently stalled (u64 BE), kept in the same writes that stall and wake them.
 pub const META_STALLED_SHIPMENTS: &[u8] = b"stalled_shipments";
 /// Written (synced) to learn whether a store that refused writes takes them again.
@@ -87,6 +91,16 @@ pub fn timeline_range(tracking_number: &TrackingNumber) -> (Vec<u8>, Vec<u8>) {
     let mut end = tracking_number.as_str().as_bytes().to_vec();
     end.push(SEPARATOR + 1);
     (start, end)
+}
+
+/// The tracking number an `events` or `shipments` key belongs to: the prefix their memtables
+/// hash by, so a shipment's keys share one bucket. Bytes before the first separator (all of a
+/// shipment key, which has none).
+pub fn tracking_number_prefix(key: &[u8]) -> &[u8] {
+    match key.iter().position(|b| *b == SEPARATOR) {
+        Some(end) => &key[..end],
+        None => key,
+    }
 }
 
 pub fn shipment_key(tracking_number: &TrackingNumber) -> &[u8] {
@@ -160,6 +174,16 @@ mod tests {
             &ScanId::parse("a").expect("valid"),
         );
         assert!(!(other.as_slice() >= start.as_slice() && other.as_slice() < end.as_slice()));
+    }
+
+    #[test]
+    fn events_and_shipment_keys_share_their_tracking_number_prefix() {
+        let n = tn("PARCEL0001");
+        let event = event_key(&n, EventTime(0), &ScanId::parse("a").expect("valid"));
+        assert_eq!(tracking_number_prefix(&event), b"PARCEL0001");
+        assert_eq!(tracking_number_prefix(shipment_key(&n)), b"PARCEL0001");
+        let (start, _) = timeline_range(&n);
+        assert_eq!(tracking_number_prefix(&start), b"PARCEL0001");
     }
 
     #[test]

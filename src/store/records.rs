@@ -1,5 +1,6 @@
 //! Value codecs: the engine's shipment state as a protobuf record (`shipments`), so fields can
-//! be added without a migration, and blocks of the change log (`changes`).
+//! be added without a migration, the deltas the writer merges into it and their merge, and
+//! blocks of the change log (`changes`).
 
 use prost::Message;
 
@@ -121,23 +122,60 @@ fn put_str(tag: u32, value: &str, buf: &mut Vec<u8>) {
     }
 }
 
-/// Encodes the state as a `ShipmentRecord`, field by field from the state itself: the writer
-/// encodes every touched shipment in every group, and building the owned record first would
-/// copy each scan id of the timeline. Same bytes as prost's encoding of the record (tested).
+/// One timeline entry's fields, borrowed from the state or from the scan that added it.
+#[derive(Clone, Copy)]
+pub struct EntryFields<'a> {
+    pub event_time: EventTime,
+    pub scan_id: &'a str,
+    pub scan_type: ScanType,
+    pub facility: u64,
+}
+
+impl<'a> From<&'a Entry> for EntryFields<'a> {
+    fn from(e: &'a Entry) -> Self {
+        EntryFields {
+            event_time: e.event_time,
+            scan_id: e.scan_id.as_str(),
+            scan_type: e.scan_type,
+            facility: e.facility,
+        }
+    }
+}
+
+/// Encodes the state as a `ShipmentRecord`, field by field from the state itself: building the
+/// owned record first would copy each scan id of the timeline. Same bytes as prost's encoding
+/// of the record (tested). A whole record is the delta from nothing.
 pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
+    encode_shipment_delta(
+        state,
+        state.timeline.iter().map(EntryFields::from),
+        state.replaced.iter().map(ScanId::as_str),
+    )
+}
+
+/// Encodes what one write changed in a shipment, the operand [`merge_shipment_records`]
+/// applies to the stored record: the state's head (status, version, flags, ...) whole, the
+/// timeline entries the write added, and the scan ids it replaced (whose entries the merge
+/// removes). A `ShipmentRecord` in form, so a delta merged into nothing is the record of
+/// a shipment that had nothing before.
+pub fn encode_shipment_delta<'a>(
+    state: &ShipmentState,
+    timeline: impl Iterator<Item = EntryFields<'a>> + Clone,
+    replaced: impl Iterator<Item = &'a str> + Clone,
+) -> Vec<u8> {
     use prost::encoding::{
         bool, encode_key, encode_varint, encoded_len_varint, fixed64, int32, key_len, sint64,
         uint32, uint64, WireType,
     };
 
-    fn entry_len(e: &Entry) -> usize {
+    fn entry_len(e: &EntryFields<'_>) -> usize {
         let time = e.event_time.0;
         let scan_type = e.scan_type.as_i32();
         (if time != 0 {
             sint64::encoded_len(1, &time)
         } else {
             0
-        }) + str_len(2, e.scan_id.as_str())
+        }) + str_len(2, e.scan_id)
             + (if scan_type != 0 {
                 int32::encoded_len(3, &scan_type)
             } else {
@@ -156,16 +194,17 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
     let check = &state.flags.tracking_number;
     let owner_topic = state.owner.as_ref().map_or("", |o| o.topic.as_str());
     let owner_partition = state.owner.as_ref().map_or(0, |o| o.partition);
-    let timeline_bytes: usize = state
-        .timeline
-        .iter()
+    let timeline_bytes: usize = timeline
+        .clone()
         .map(|e| {
-            let len = entry_len(e);
+            let len = entry_len(&e);
             key_len(5) + encoded_len_varint(len as u64) + len
         })
         .sum();
-    let mut buf =
-        Vec::with_capacity(timeline_bytes + 96 + check.carrier.len() + check.service.len());
+    let replaced_bytes: usize = replaced.clone().map(|id| id.len() + 2).sum();
+    let mut buf = Vec::with_capacity(
+        timeline_bytes + replaced_bytes + 96 + check.carrier.len() + check.service.len(),
+    );
     if status != 0 {
         int32::encode(1, &status, &mut buf);
     }
@@ -178,13 +217,13 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
     if state.derived.scans_after_terminal != 0 {
         uint32::encode(4, &state.derived.scans_after_terminal, &mut buf);
     }
-    for e in &state.timeline {
+    for e in timeline {
         encode_key(5, WireType::LengthDelimited, &mut buf);
-        encode_varint(entry_len(e) as u64, &mut buf);
+        encode_varint(entry_len(&e) as u64, &mut buf);
         if e.event_time.0 != 0 {
             sint64::encode(1, &e.event_time.0, &mut buf);
         }
-        put_str(2, e.scan_id.as_str(), &mut buf);
+        put_str(2, e.scan_id, &mut buf);
         if e.scan_type.as_i32() != 0 {
             int32::encode(3, &e.scan_type.as_i32(), &mut buf);
         }
@@ -211,13 +250,54 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
     if owner_partition != 0 {
         int32::encode(14, &owner_partition, &mut buf);
     }
-    for id in &state.replaced {
+    for id in replaced {
         // Repeated strings are written even when empty.
         encode_key(15, WireType::LengthDelimited, &mut buf);
-        encode_varint(id.as_str().len() as u64, &mut buf);
-        buf.extend_from_slice(id.as_str().as_bytes());
+        encode_varint(id.len() as u64, &mut buf);
+        buf.extend_from_slice(id.as_bytes());
     }
     buf
+}
+
+impl ShipmentRecord {
+    /// Applies a delta of [`encode_shipment_delta`]: its head replaces this one; its entries
+    /// join the timeline in (event_time, scan_id) order; the entries of the scan ids it
+    /// replaced leave the timeline for the replaced list. A replaced scan id is never stored
+    /// again (the engine deduplicates against the replaced list), so applying deltas one by
+    /// one equals applying their combination: the merge is associative.
+    fn apply(&mut self, mut delta: ShipmentRecord) {
+        let added = std::mem::take(&mut delta.timeline);
+        let newly_replaced = std::mem::take(&mut delta.replaced_scan_ids);
+        let mut timeline = std::mem::take(&mut self.timeline);
+        let mut replaced = std::mem::take(&mut self.replaced_scan_ids);
+        timeline.extend(added);
+        timeline.sort_by(|a, b| (a.event_time, &a.scan_id).cmp(&(b.event_time, &b.scan_id)));
+        timeline.dedup_by(|a, b| a.event_time == b.event_time && a.scan_id == b.scan_id);
+        timeline.retain(|e| !newly_replaced.contains(&e.scan_id));
+        replaced.extend(newly_replaced);
+        *self = ShipmentRecord {
+            timeline,
+            replaced_scan_ids: replaced,
+            ..delta
+        };
+    }
+}
+
+/// The merge operator of the `shipments` column family (associative, so RocksDB also uses it
+/// to combine deltas without their record). `None`, RocksDB's "corrupt", only when a value
+/// does not decode.
+pub fn merge_shipment_records<'a>(
+    record: Option<&[u8]>,
+    deltas: impl IntoIterator<Item = &'a [u8]>,
+) -> Option<Vec<u8>> {
+    let mut merged = match record {
+        Some(bytes) => ShipmentRecord::decode(bytes).ok()?,
+        None => ShipmentRecord::default(),
+    };
+    for delta in deltas {
+        merged.apply(ShipmentRecord::decode(delta).ok()?);
+    }
+    Some(merged.encode_to_vec())
 }
 
 /// A value of the `changes` column family: consecutive status changes, in sequence order.

@@ -311,6 +311,7 @@ pub fn spawn(
         last_sequence: last,
         stalled_shipments,
         group_commit_batches: config.group_commit_batches,
+        batch_bytes_per_scan: 512,
         cache: ShipmentCache::new(config.shipment_cache_entries, store.restore_epoch()),
         store,
         changelog,
@@ -473,6 +474,9 @@ struct Writer {
     /// Mirrors `META_STALLED_SHIPMENTS`: moves only with a successful write.
     stalled_shipments: u64,
     group_commit_batches: usize,
+    /// What the last group's WriteBatch held per scan (events, shipment records, changes):
+    /// the next one is sized from it.
+    batch_bytes_per_scan: usize,
     cache: ShipmentCache,
     /// Where shipments owned by a source partition are replicated after each durable write.
     changelog: Option<mpsc::Sender<Snapshot>>,
@@ -619,22 +623,23 @@ impl Writer {
         } = self.engine.apply(incoming, &mut states);
 
         // Sized up front: grown by doubling, a group's multi-megabyte batch would be copied
-        // and faulted in several times over. Events are about half of what a group writes.
-        let event_bytes: usize = scans
-            .iter()
-            .map(|s| s.event_key.len() + s.stored.len())
-            .sum();
-        let mut batch = WriteBatch::with_capacity_bytes(2 * event_bytes);
+        // and faulted in several times over. Events are only a third to a half of it.
+        let mut batch =
+            WriteBatch::with_capacity_bytes(scans.len() * self.batch_bytes_per_scan * 9 / 8);
         let received_time = prost_types::Timestamp::from(SystemTime::now());
-        let mut touched: Vec<&TrackingNumber> = Vec::new();
-        // `stored` comes shipment by shipment (the engine applies them so): one state lookup
-        // per shipment, not per scan.
+        // Each touched shipment with the scans this group stored for it. `stored` comes
+        // shipment by shipment (the engine applies them so): one state lookup per shipment,
+        // not per scan.
+        let mut touched: Vec<(&TrackingNumber, Vec<&StoreScan>)> = Vec::new();
         let mut annotating: Option<&mut ShipmentState> = None;
         for &index in &stored {
             let scan = scans[index];
-            if touched.last() != Some(&&scan.tracking_number) {
-                touched.push(&scan.tracking_number);
-                annotating = states.get_mut(&scan.tracking_number);
+            match touched.last_mut() {
+                Some((number, added)) if *number == &scan.tracking_number => added.push(scan),
+                _ => {
+                    touched.push((&scan.tracking_number, vec![scan]));
+                    annotating = states.get_mut(&scan.tracking_number);
+                }
             }
             if let Some(state) = annotating.as_deref_mut() {
                 annotate(state, scan);
@@ -644,19 +649,37 @@ impl Writer {
         for (number, event_time, scan_id) in &removed {
             batch.delete_cf(events_cf, keys::event_key(number, *event_time, scan_id));
         }
-        touched.sort_unstable();
-        touched.dedup();
+        touched.sort_unstable_by_key(|(number, _)| *number);
+        touched.dedup_by(|(number, later), (kept_number, kept)| {
+            let same = number == kept_number;
+            if same {
+                kept.append(later);
+            }
+            same
+        });
         let mut woken = 0u64;
-        for number in touched {
+        for (number, added) in touched {
             if let Some(state) = states.get_mut(number) {
                 if !state.stalled && stalled_before.contains(number) {
                     woken += 1;
                 }
                 self.index_stall_deadline(&mut batch, number, state);
-                batch.put_cf(
+                // A delta, not the whole record: the timeline summary is what a record holds
+                // most of, and a group adds a scan or two to it (see `records`).
+                let replaced = removed
+                    .iter()
+                    .filter(|(removed_from, _, _)| removed_from == number)
+                    .map(|(_, _, scan_id)| scan_id.as_str());
+                let added = added.iter().map(|scan| records::EntryFields {
+                    event_time: scan.event_time,
+                    scan_id: scan.scan_id.as_str(),
+                    scan_type: scan.scan_type,
+                    facility: scan.facility,
+                });
+                batch.merge_cf(
                     shipments_cf,
                     keys::shipment_key(number),
-                    records::encode_shipment(state),
+                    records::encode_shipment_delta(state, added, replaced),
                 );
             }
         }
@@ -697,6 +720,9 @@ impl Writer {
             );
         }
 
+        if !scans.is_empty() {
+            self.batch_bytes_per_scan = batch.size_in_bytes() / scans.len();
+        }
         // Not synced here: the syncer syncs the WAL for this and any later group at once.
         db.write_opt(batch, &WriteOptions::default())?;
 
@@ -1126,6 +1152,94 @@ mod tests {
         )
         .expect("spawns");
         (writer, thread)
+    }
+
+    /// Deltas written group by group, merged by RocksDB on read, at flush (deltas combined
+    /// without their record) and at compaction, give the bytes of the record the engine's
+    /// state has after the same groups: late scans, fingerprint replacements (also within a
+    /// group) and duplicates included.
+    #[tokio::test]
+    async fn shipment_deltas_merge_into_the_record_of_the_engines_state() {
+        let (_dir, store) = crate::store::tests::temp_store();
+        let (writer, _, thread) = spawn(
+            store.clone(),
+            Engine::new(Duration::from_secs(60)),
+            StallPolicy::new([]),
+            &crate::config::StoreConfig::default(),
+            None,
+        )
+        .expect("spawns");
+        let engine = Engine::new(Duration::from_secs(60));
+        let mut expected = States::default();
+        let types = [
+            ScanType::LabelCreated,
+            ScanType::Sorted,
+            ScanType::DepartedFacility,
+            ScanType::OutForDelivery,
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let shipments_cf = store.cf(keys::SHIPMENTS);
+        let stored_records = |store: &Store, expected: &States| {
+            expected
+                .iter()
+                .map(|(number, state)| {
+                    let merged = store
+                        .db
+                        .get_cf(store.cf(keys::SHIPMENTS), keys::shipment_key(number))
+                        .expect("reads");
+                    (merged, Some(records::encode_shipment(state)))
+                })
+                .collect::<Vec<_>>()
+        };
+        for group in 0..40 {
+            let batch: Vec<StoreScan> = (0..1 + next(8))
+                .map(|_| {
+                    scan(
+                        &format!("DELTA{:05}", next(5)),
+                        &format!("s{}", next(60)),
+                        types[next(4) as usize],
+                        next(12) as i64,
+                    )
+                })
+                .collect();
+            let incoming = batch
+                .iter()
+                .enumerate()
+                .map(|(index, s)| Incoming {
+                    index,
+                    tracking_number: s.tracking_number.clone(),
+                    scan_id: s.scan_id.clone(),
+                    scan_type: s.scan_type,
+                    event_time: s.event_time,
+                    facility: s.facility,
+                    clock_skewed: s.clock_skewed,
+                })
+                .collect();
+            engine.apply(incoming, &mut expected);
+            ingest(&writer, batch).await;
+            if group % 10 == 9 {
+                store.db.flush_cf(shipments_cf).expect("flushes");
+            }
+        }
+        let replaced: usize = expected.values().map(|s| s.replaced.len()).sum();
+        assert!(replaced > 0, "the workload replaces some reads");
+        for (merged, record) in stored_records(&store, &expected) {
+            assert_eq!(merged, record);
+        }
+        store
+            .db
+            .compact_range_cf(shipments_cf, None::<&[u8]>, None::<&[u8]>);
+        for (merged, record) in stored_records(&store, &expected) {
+            assert_eq!(merged, record);
+        }
+        drop(writer);
+        thread.join().expect("writer stops");
     }
 
     fn deadline_index(store: &Store) -> Vec<(i64, String)> {

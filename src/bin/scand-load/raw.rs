@@ -50,10 +50,13 @@ pub fn rocksdb(
     options.create_if_missing(true);
     options.create_missing_column_families(true);
     options.increase_parallelism(2);
+    options.set_allow_concurrent_memtable_write(false);
     let cf = |name: &str| {
         let mut o = Options::default();
         o.set_write_buffer_size(memtable_bytes);
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // scand's own memtables for this column family, so the limit is RocksDB's best at it.
+        scand::store::hash_memtable_by_tracking_number(&mut o, memtable_bytes);
         ColumnFamilyDescriptor::new(name, o)
     };
     let db = std::sync::Arc::new(
