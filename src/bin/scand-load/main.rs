@@ -294,7 +294,7 @@ async fn run(args: Args) -> Result<bool, String> {
     let started = Instant::now();
     let per_stream_rate = args.rate.map(|r| r / streams as f64);
     let mut tasks = Vec::new();
-    for batches in prepared {
+    for (stream, batches) in prepared.into_iter().enumerate() {
         let target = target.clone();
         let shared = shared.clone();
         let progress = progress.clone();
@@ -307,6 +307,11 @@ async fn run(args: Args) -> Result<bool, String> {
                     batch_size,
                     window,
                     rate: per_stream_rate,
+                    // Streams take turns: the offered load arrives evenly, not in bursts of
+                    // one batch per stream at once.
+                    phase: args.rate.map_or(Duration::ZERO, |r| {
+                        Duration::from_secs_f64((stream * batch_size) as f64 / r)
+                    }),
                 },
                 check_outcomes,
                 shared,
@@ -384,6 +389,8 @@ struct Pace {
     batch_size: usize,
     window: usize,
     rate: Option<f64>,
+    /// Delay of this stream's schedule (open loop).
+    phase: Duration,
 }
 
 /// Sends one shard's batches down one stream and checks every answer (only that each scan was
@@ -395,6 +402,7 @@ async fn drive(
         batch_size,
         window,
         rate,
+        phase,
     }: Pace,
     check_outcomes: bool,
     shared: Arc<Shared>,
@@ -424,7 +432,7 @@ async fn drive(
         let slots = slots.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let start = Instant::now();
+            let start = Instant::now() + phase;
             for (i, Prepared { message, planned }) in batches.into_iter().enumerate() {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return;
