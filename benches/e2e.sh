@@ -2,8 +2,9 @@
 # End-to-end benchmark, all figures from one run on this machine (see BENCHMARKS.md):
 #   1. raw RocksDB limit: the workload's records in WriteBatches in key order, the WAL synced
 #      behind them on a second thread (as scand does), no gRPC, no logic
-#   2. raw transport limit: the workload streamed to a server that accepts without work
-#      (and scand's store path alone: its writer fed in-process, no gRPC)
+#   2. raw transport limit: the workload streamed to a server that accepts without work,
+#      the disk's own fdatasync latency (no ack can be faster than the sync it waits for),
+#      and scand's store path alone (its writer fed in-process, no gRPC)
 #   3. scand at peak (closed loop) and at half of peak (open loop, latency honest)
 #   4. the same logic in PostgreSQL (INSERT … ON CONFLICT DO NOTHING + a status upsert per
 #      shipment, one transaction per batch, synchronous commit) at its best batch size
@@ -57,6 +58,19 @@ echo "== 1. raw RocksDB limit" >&2
 RAW_DB=$(load --mode raw-rocksdb --data "$WORK/raw")
 echo "== 2. raw transport limit" >&2
 RAW_NET=$(load --mode raw-transport)
+echo "== 2a. raw disk: fdatasync after each 200 KB append for 10 s (~25 MB/s, scand's WAL pattern)" >&2
+FSYNC=$(python3 - "$WORK/fsync.test" <<'EOF_FSYNC'
+import json, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+block, lat, start = b"x" * 200_000, [], time.time()
+while time.time() - start < 10:
+    os.write(fd, block)
+    t = time.perf_counter(); os.fdatasync(fd); lat.append((time.perf_counter() - t) * 1000)
+    time.sleep(0.008)
+os.close(fd); os.unlink(sys.argv[1]); lat.sort(); n = len(lat)
+print(json.dumps({"syncs": n, "p50": lat[n // 2], "p99": lat[n * 99 // 100], "max": lat[-1]}))
+EOF_FSYNC
+)
 echo "== 2b. scand's store path without gRPC (engine, group commit, RocksDB)" >&2
 STORE=$(load --mode store --data "$WORK/store" --config config/scand.toml)
 echo "== 3a. scand at peak (closed loop)" >&2
@@ -91,13 +105,14 @@ for size in 100 500 2000; do
 done
 run_pg "$PG_BIN/pg_ctl -D $PG_DIR/data -m fast stop" >/dev/null
 
-python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" "$BEST" "$STORE" <<'EOF'
+python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" "$BEST" "$STORE" "$FSYNC" <<'EOF'
 import json, sys
-raw_db, raw_net, peak, half, pg, store = (json.loads(a) for a in sys.argv[1:7])
+raw_db, raw_net, peak, half, pg, store, fsync = (json.loads(a) for a in sys.argv[1:8])
 def lat(d): l = d["ack_latency_ms"]; return f'p50 {l["p50"]:.1f}  p90 {l["p90"]:.1f}  p99 {l["p99"]:.1f}  p99.9 {l["p999"]:.1f}  max {l["max"]:.1f} ms'
 print(f'{"run":<34} {"scans/s":>10}   latency')
 print(f'{"raw RocksDB (1 key/scan, durable)":<34} {raw_db["scans_per_s"]:>10.0f}   write p50 {raw_db["write_ms"]["p50"]:.1f}  p99 {raw_db["write_ms"]["p99"]:.1f} ms')
 print(f'{"raw transport (tonic, no work)":<34} {raw_net["scans_per_s"]:>10.0f}   {lat(raw_net)}')
+print(f'{"raw disk (append + fdatasync)":<34} {"":>10}   sync p50 {fsync["p50"]:.1f}  p99 {fsync["p99"]:.1f}  max {fsync["max"]:.1f} ms ({fsync["syncs"]} syncs)')
 print(f'{"scand store path (no gRPC)":<34} {store["scans_per_s"]:>10.0f}   batch p50 {store["batch_ms"]["p50"]:.1f}  p99 {store["batch_ms"]["p99"]:.1f} ms')
 print(f'{"scand at peak":<34} {peak["scans_per_s"]:>10.0f}   {lat(peak)}')
 print(f'{"scand at half of peak (open loop)":<34} {half["scans_per_s"]:>10.0f}   {lat(half)}')
