@@ -483,6 +483,114 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// One write's delta as a model: `adds` new entries (event times), `replaces` entries
+    /// picked from the timeline so far (by position, modulo its length).
+    type WriteModel = (Vec<i64>, Vec<usize>);
+
+    /// Deltas built from writes that keep the engine's invariants (scan ids are fresh, a
+    /// replaced id is one the timeline holds), and the record they must merge into: the last
+    /// head, every added entry not replaced in (event_time, scan_id) order, replaced ids in
+    /// the order they were replaced.
+    fn deltas_and_expected(writes: &[WriteModel]) -> (Vec<Vec<u8>>, ShipmentRecord) {
+        let mut timeline: Vec<EntryRecord> = Vec::new();
+        let mut replaced = Vec::new();
+        let mut deltas = Vec::new();
+        let mut next_id = 0;
+        for (version, (adds, replaces)) in writes.iter().enumerate() {
+            let added: Vec<EntryRecord> = adds
+                .iter()
+                .map(|t| {
+                    next_id += 1;
+                    EntryRecord {
+                        event_time: *t,
+                        scan_id: format!("s{:03}", 97 * next_id % 1000),
+                        scan_type: 6,
+                        facility: 1,
+                    }
+                })
+                .collect();
+            timeline.extend(added.iter().cloned());
+            let mut newly_replaced = Vec::new();
+            for pick in replaces {
+                if !timeline.is_empty() {
+                    let gone = timeline.remove(pick % timeline.len());
+                    newly_replaced.push(gone.scan_id);
+                }
+            }
+            replaced.extend(newly_replaced.iter().cloned());
+            deltas.push(
+                ShipmentRecord {
+                    version: version as u64 + 1,
+                    status: 3,
+                    timeline: added,
+                    replaced_scan_ids: newly_replaced,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            );
+        }
+        timeline.sort_by(|a, b| (a.event_time, &a.scan_id).cmp(&(b.event_time, &b.scan_id)));
+        let expected = ShipmentRecord {
+            version: writes.len() as u64,
+            status: 3,
+            timeline,
+            replaced_scan_ids: replaced,
+            ..Default::default()
+        };
+        (deltas, expected)
+    }
+
+    fn slices(deltas: &[Vec<u8>]) -> Vec<&[u8]> {
+        deltas.iter().map(Vec::as_slice).collect()
+    }
+
+    proptest! {
+        /// What RocksDB may do with deltas: apply them one by one to the record, combine a run
+        /// of them without the record first (flush), or fold a prefix into the record and
+        /// the rest later (compaction, then reads). All give the same record.
+        #[test]
+        fn merging_deltas_is_associative_and_matches_the_model(
+            writes in prop::collection::vec(
+                (prop::collection::vec(0i64..6, 0..4), prop::collection::vec(0usize..8, 0..2)),
+                1..12,
+            ),
+            split in 0usize..12,
+        ) {
+            let (deltas, expected) = deltas_and_expected(&writes);
+            let split = split.min(deltas.len());
+            let all = merge_shipment_records(None, slices(&deltas)).expect("merges");
+            prop_assert_eq!(
+                ShipmentRecord::decode(all.as_slice()).expect("decodes"),
+                expected
+            );
+            let folded = merge_shipment_records(None, slices(&deltas[..split])).expect("merges");
+            let rest = slices(&deltas[split..]);
+            prop_assert_eq!(
+                &merge_shipment_records(Some(&folded), rest.iter().copied()).expect("merges"),
+                &all
+            );
+            if !rest.is_empty() {
+                let combined = merge_shipment_records(None, rest.iter().copied()).expect("merges");
+                prop_assert_eq!(
+                    &merge_shipment_records(Some(&folded), [combined.as_slice()])
+                        .expect("merges"),
+                    &all
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_that_does_not_decode_fails_the_merge() {
+        let record = ShipmentRecord::default().encode_to_vec();
+        assert_eq!(
+            merge_shipment_records(Some(&record), [&[0xff, 0xff][..]]),
+            None
+        );
+        assert_eq!(merge_shipment_records(Some(&[0xff][..]), []), None);
+    }
 
     #[test]
     fn shipment_state_round_trips() {
