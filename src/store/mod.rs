@@ -55,6 +55,10 @@ pub struct Store {
     telemetry: Arc<StoreTelemetry>,
     /// Bumped by every write of shipment state that bypasses the writer (changelog restore).
     restore_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// Held by the writer from reading a group's states to writing them, and by a restore
+    /// for its write and epoch bump: a restore never lands in between, so the writer never
+    /// merges a delta built on a state the restore replaced into the restored record.
+    state_writes: Arc<std::sync::Mutex<()>>,
 }
 
 struct StoreTelemetry {
@@ -176,6 +180,7 @@ impl Store {
                 cache_capacity: config.block_cache_bytes,
             }),
             restore_epoch: Arc::default(),
+            state_writes: Arc::default(),
         };
         store.check_schema()?;
         Ok(store)
@@ -278,6 +283,14 @@ impl Store {
         metrics::counter!(m::ROCKSDB_BLOCK_CACHE_MISSES_TOTAL)
             .absolute(telemetry.options.get_ticker_count(Ticker::BlockCacheMiss));
         Ok(())
+    }
+
+    /// Shipment state is read and written by the holder alone (see `state_writes`). Nothing
+    /// panics while holding it, so a poisoned lock only means its holder's thread died.
+    pub(crate) fn exclusive_state_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.state_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Changes whenever shipment state was written behind the writer (see `cache`).
@@ -465,6 +478,7 @@ impl Store {
         );
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
+        let _exclusive = self.exclusive_state_writes();
         self.db.write_opt(batch, &sync)?;
         self.restore_epoch
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

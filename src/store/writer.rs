@@ -575,6 +575,8 @@ impl Writer {
 
     /// Applies and writes a group (its WAL not yet synced).
     fn commit(&mut self, group: &[Request]) -> Result<Applied, StoreError> {
+        let store = self.store.clone();
+        let _exclusive = store.exclusive_state_writes();
         let scans: Vec<&StoreScan> = group.iter().flat_map(|r| r.scans.iter()).collect();
         let db = &self.store.db;
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
@@ -797,6 +799,8 @@ impl Writer {
     /// later scans is moved to its real deadline), and writes the STALLED changes, the states
     /// and the index edits as one synced write.
     fn sweep(&mut self, now: EventTime) -> Result<Swept, StoreError> {
+        let store = self.store.clone();
+        let _exclusive = store.exclusive_state_writes();
         let db = &self.store.db;
         let index = self.store.cf(keys::STALL_DEADLINES);
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
