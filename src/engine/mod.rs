@@ -139,9 +139,10 @@ pub struct Change {
 pub struct Effects {
     /// One per incoming scan, by `Incoming::index`.
     pub outcomes: Vec<(usize, Outcome)>,
-    /// Scans to store in the timeline (by `Incoming::index`).
+    /// Scans to store in the timeline (by `Incoming::index`), in tracking-number order.
     pub stored: Vec<usize>,
-    /// Timeline entries replaced by an earlier read of the same physical event.
+    /// Timeline entries replaced by an earlier read of the same physical event, in
+    /// tracking-number order (each comes with a stored scan of its shipment).
     pub removed: Vec<(TrackingNumber, EventTime, ScanId)>,
     pub changes: Vec<Change>,
     /// Scans placed after a terminal status (kept, not moving the status).

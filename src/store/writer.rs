@@ -61,6 +61,21 @@ pub struct StoreScan {
     pub number_check: Option<Arc<NumberCheck>>,
 }
 
+impl StoreScan {
+    /// What the engine needs of this scan, as the `index`-th of its group.
+    fn incoming(&self, index: usize) -> Incoming {
+        Incoming {
+            index,
+            tracking_number: self.tracking_number.clone(),
+            scan_id: self.scan_id.clone(),
+            scan_type: self.scan_type,
+            event_time: self.event_time,
+            facility: self.facility,
+            clock_skewed: self.clock_skewed,
+        }
+    }
+}
+
 /// A shipment's whole stored state after a durable write, for replication to a new owner of
 /// its partition: the shipment record, every stored scan, and the partition position the
 /// state covers.
@@ -603,15 +618,7 @@ impl Writer {
         let incoming = scans
             .iter()
             .enumerate()
-            .map(|(index, s)| Incoming {
-                index,
-                tracking_number: s.tracking_number.clone(),
-                scan_id: s.scan_id.clone(),
-                scan_type: s.scan_type,
-                event_time: s.event_time,
-                facility: s.facility,
-                clock_skewed: s.clock_skewed,
-            })
+            .map(|(index, s)| s.incoming(index))
             .collect();
         let stalled_before: Vec<TrackingNumber> = states
             .iter()
@@ -631,9 +638,9 @@ impl Writer {
         let mut batch =
             WriteBatch::with_capacity_bytes(scans.len() * self.batch_bytes_per_scan * 9 / 8);
         let received_time = prost_types::Timestamp::from(SystemTime::now());
-        // Each touched shipment with the scans this group stored for it. `stored` comes
-        // shipment by shipment (the engine applies them so): one state lookup per shipment,
-        // not per scan.
+        // Each touched shipment with the scans this group stored for it. `stored` comes in
+        // tracking-number order (the engine applies scans so): one run per shipment, one
+        // state lookup per shipment, not per scan.
         let mut touched: Vec<(&TrackingNumber, Vec<&StoreScan>)> = Vec::new();
         let mut annotating: Option<&mut ShipmentState> = None;
         for &index in &stored {
@@ -653,16 +660,14 @@ impl Writer {
         for (number, event_time, scan_id) in &removed {
             batch.delete_cf(events_cf, keys::event_key(number, *event_time, scan_id));
         }
-        touched.sort_unstable_by_key(|(number, _)| *number);
-        touched.dedup_by(|(number, later), (kept_number, kept)| {
-            let same = number == kept_number;
-            if same {
-                kept.append(later);
-            }
-            same
-        });
+        // `removed` is in tracking-number order too, and each of its shipments stored a scan:
+        // its runs are met in step with `touched`.
+        let mut removed_runs = removed.chunk_by(|(a, _, _), (b, _, _)| a == b).peekable();
         let mut woken = 0u64;
         for (number, added) in touched {
+            let replaced = removed_runs
+                .next_if(|run| run.first().is_some_and(|(of, _, _)| of == number))
+                .unwrap_or_default();
             if let Some(state) = states.get_mut(number) {
                 if !state.stalled && stalled_before.contains(number) {
                     woken += 1;
@@ -670,10 +675,7 @@ impl Writer {
                 self.index_stall_deadline(&mut batch, number, state);
                 // A delta, not the whole record: the timeline summary is what a record holds
                 // most of, and a group adds a scan or two to it (see `records`).
-                let replaced = removed
-                    .iter()
-                    .filter(|(removed_from, _, _)| removed_from == number)
-                    .map(|(_, _, scan_id)| scan_id.as_str());
+                let replaced = replaced.iter().map(|(_, _, scan_id)| scan_id.as_str());
                 let added = added.iter().map(|scan| records::EntryFields {
                     event_time: scan.event_time,
                     scan_id: scan.scan_id.as_str(),
@@ -1217,15 +1219,7 @@ mod tests {
             let incoming = batch
                 .iter()
                 .enumerate()
-                .map(|(index, s)| Incoming {
-                    index,
-                    tracking_number: s.tracking_number.clone(),
-                    scan_id: s.scan_id.clone(),
-                    scan_type: s.scan_type,
-                    event_time: s.event_time,
-                    facility: s.facility,
-                    clock_skewed: s.clock_skewed,
-                })
+                .map(|(index, s)| s.incoming(index))
                 .collect();
             engine.apply(incoming, &mut expected);
             ingest(&writer, batch).await;
