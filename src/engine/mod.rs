@@ -11,6 +11,8 @@
 pub mod stall;
 pub mod status;
 
+use std::collections::HashMap;
+
 use crate::domain::{EventTime, Origin, ScanId, ScanType, TrackingNumber, Version};
 use status::{Derived, StatusPoint};
 
@@ -139,14 +141,17 @@ pub struct Change {
 pub struct Effects {
     /// One per incoming scan, by `Incoming::index`.
     pub outcomes: Vec<(usize, Outcome)>,
-    /// Scans to store in the timeline (by `Incoming::index`), in tracking-number order.
+    /// Scans to store in the timeline (by `Incoming::index`), grouped by shipment (see
+    /// [`Engine::apply`] for the order).
     pub stored: Vec<usize>,
-    /// Timeline entries replaced by an earlier read of the same physical event, in
-    /// tracking-number order (each comes with a stored scan of its shipment).
+    /// Timeline entries replaced by an earlier read of the same physical event, grouped by
+    /// shipment in the order of `stored` (each comes with a stored scan of its shipment).
     pub removed: Vec<(TrackingNumber, EventTime, ScanId)>,
     pub changes: Vec<Change>,
     /// Scans placed after a terminal status (kept, not moving the status).
     pub after_terminal: u32,
+    /// Stalled shipments a scan after their latest one woke.
+    pub woken: u32,
 }
 
 /// Stable 64-bit FNV-1a: fingerprints are stored, so the hash must never change between builds.
@@ -191,23 +196,55 @@ impl Engine {
     /// touches (absent = never seen); it is updated in place.
     pub fn apply(&self, batch: Vec<Incoming>, states: &mut States) -> Effects {
         let mut effects = Effects::default();
-        // Scans of one shipment are applied in timeline order, so a bulk upload publishes
-        // each milestone in sequence; the arrival index breaks exact ties deterministically
-        // (and makes every key distinct, so an unstable sort gives the one order).
-        let mut batch = batch;
-        batch.sort_unstable_by(|a, b| {
-            (&a.tracking_number, a.event_time, &a.scan_id, a.index).cmp(&(
-                &b.tracking_number,
-                b.event_time,
-                &b.scan_id,
-                b.index,
-            ))
-        });
-        for scan in batch {
-            let state = states.entry(scan.tracking_number.clone()).or_default();
-            let outcome = self.place(scan, state, &mut effects);
-            effects.outcomes.push(outcome);
+        // A shipment's scans are applied together, in timeline order, so a bulk upload
+        // publishes each milestone in sequence; the arrival index breaks exact ties
+        // deterministically. Shipments go in order of their first scan in the batch, grouped
+        // by a counting sort: sorting the scans themselves by tracking number had been a
+        // seventh of the writer's instructions. Only a shipment's own few scans are compared.
+        let mut shipment_ids: HashMap<&TrackingNumber, usize, Hasher> =
+            HashMap::with_capacity_and_hasher(batch.len(), Hasher::default());
+        let shipment_of: Vec<usize> = batch
+            .iter()
+            .map(|scan| {
+                let next = shipment_ids.len();
+                *shipment_ids.entry(&scan.tracking_number).or_insert(next)
+            })
+            .collect();
+        let mut run_starts = vec![0usize; shipment_ids.len() + 1];
+        for &shipment in &shipment_of {
+            run_starts[shipment + 1] += 1;
         }
+        for shipment in 0..shipment_ids.len() {
+            run_starts[shipment + 1] += run_starts[shipment];
+        }
+        let mut order = vec![0usize; batch.len()];
+        let mut next_slot = run_starts.clone();
+        for (position, &shipment) in shipment_of.iter().enumerate() {
+            order[next_slot[shipment]] = position;
+            next_slot[shipment] += 1;
+        }
+        for run in run_starts.windows(2) {
+            order[run[0]..run[1]].sort_unstable_by(|&a, &b| {
+                let (a, b) = (&batch[a], &batch[b]);
+                (a.event_time, &a.scan_id, a.index).cmp(&(b.event_time, &b.scan_id, b.index))
+            });
+        }
+        let mut scans: Vec<Option<Incoming>> = batch.into_iter().map(Some).collect();
+        let mut outcomes = vec![None; scans.len()];
+        for run in run_starts.windows(2) {
+            let run = &order[run[0]..run[1]];
+            let Some(first) = run.first().and_then(|&position| scans[position].as_ref()) else {
+                continue;
+            };
+            let state = states.entry(first.tracking_number.clone()).or_default();
+            for &position in run {
+                if let Some(scan) = scans[position].take() {
+                    outcomes[position] = Some(self.place(scan, state, &mut effects));
+                }
+            }
+        }
+        // By position first: in arrival order, which is usually index order already.
+        effects.outcomes = outcomes.into_iter().flatten().collect();
         effects.outcomes.sort_unstable_by_key(|(index, _)| *index);
         effects
     }
@@ -298,8 +335,9 @@ impl Engine {
         state.derived = derived;
         // Only a scan after the latest one wakes a stalled shipment: a late upload of older
         // reads says nothing about where the parcel is now.
-        if appended {
+        if appended && state.stalled {
             state.stalled = false;
+            effects.woken += 1;
         }
         let Some(current) = state.point() else {
             return;

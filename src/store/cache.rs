@@ -1,14 +1,18 @@
 //! The writer's cache of shipment state: the engine's view of recently touched shipments, so a
 //! group does not read and decode their records again. Owned by the writer thread alone.
 //!
+//! The engine applies a group to the cached states in place: a group's shipments are looked up
+//! once, with no copy in and out of a separate map.
+//!
 //! Invariants:
-//! - Write-through: an entry equals the stored record. The writer takes entries out before
-//!   applying a group and puts them back only after the group's write succeeded; a failed write
-//!   drops them, so the next group reads the stored state again.
+//! - Write-through: between groups every entry equals the stored record. A group changes its
+//!   entries before its write; if that write fails, the writer empties the cache, so the next
+//!   group reads the stored state again.
 //! - Anything that writes shipment records behind the writer's back (a changelog restore)
 //!   bumps the store's restore epoch; a changed epoch empties the cache.
-//! - Bounded by entry count; when full, arbitrary entries are evicted (a hash map's order is as
-//!   good as random here, and costs no bookkeeping per access).
+//! - Bounded by entry count between groups: after a group's write the cache evicts down to its
+//!   capacity (arbitrary entries: a hash map's order is as good as random here, and costs no
+//!   bookkeeping per access). During a group it also holds that group's shipments.
 
 use crate::domain::TrackingNumber;
 use crate::engine::{ShipmentState, States};
@@ -36,30 +40,49 @@ impl ShipmentCache {
         }
     }
 
-    pub fn take(&mut self, number: &TrackingNumber) -> Option<ShipmentState> {
-        self.entries.remove(number)
+    pub fn contains(&self, number: &TrackingNumber) -> bool {
+        self.entries.contains_key(number)
+    }
+
+    pub fn get(&self, number: &TrackingNumber) -> Option<&ShipmentState> {
+        self.entries.get(number)
+    }
+
+    /// Adds a state read from the store.
+    pub fn insert(&mut self, number: TrackingNumber, state: ShipmentState) {
+        self.entries.insert(number, state);
+    }
+
+    /// The states a group applies to: every shipment it touches must be in it (absent = never
+    /// stored); shipments the group creates are added to it.
+    pub fn states(&mut self) -> &mut States {
+        &mut self.entries
     }
 
     pub fn forget(&mut self, number: &TrackingNumber) {
         self.entries.remove(number);
     }
 
-    /// Puts back the states of a durable group, evicting others beyond the capacity.
-    pub fn put_all(&mut self, states: impl IntoIterator<Item = (TrackingNumber, ShipmentState)>) {
-        if self.capacity == 0 {
+    /// Drops everything: a write failed, so entries may be ahead of the store.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Evicts entries beyond the capacity, once the group that added them is written.
+    pub fn trim(&mut self) {
+        let excess = self.entries.len().saturating_sub(self.capacity);
+        if excess == 0 {
             return;
         }
-        for (number, state) in states {
-            self.entries.insert(number, state);
+        if self.capacity == 0 {
+            self.entries.clear();
+            return;
         }
-        let excess = self.entries.len().saturating_sub(self.capacity);
-        if excess > 0 {
-            // Evict a little more than needed so eviction is not paid on every group.
-            let evict = excess + self.capacity / 16;
-            let victims: Vec<TrackingNumber> = self.entries.keys().take(evict).cloned().collect();
-            for number in victims {
-                self.entries.remove(&number);
-            }
+        // Evict a little more than needed so eviction is not paid on every group.
+        let evict = excess + self.capacity / 16;
+        let victims: Vec<TrackingNumber> = self.entries.keys().take(evict).cloned().collect();
+        for number in victims {
+            self.entries.remove(&number);
         }
     }
 
@@ -77,27 +100,35 @@ mod tests {
     }
 
     #[test]
-    fn entries_are_taken_out_and_put_back() {
+    fn a_group_changes_entries_in_place_and_a_failed_write_clears_them() {
         let mut cache = ShipmentCache::new(10, 0);
-        cache.put_all([(number(1), ShipmentState::default())]);
-        assert!(cache.take(&number(1)).is_some());
-        assert!(cache.take(&number(1)).is_none(), "taken out, not copied");
+        cache.insert(number(1), ShipmentState::default());
+        assert!(cache.contains(&number(1)));
+        cache.states().entry(number(2)).or_default().stalled = true;
+        assert!(cache.contains(&number(2)), "created by the group");
+        cache.clear();
+        assert_eq!(cache.len(), 0);
     }
 
     #[test]
-    fn stays_within_its_capacity() {
+    fn trims_to_its_capacity() {
         let mut cache = ShipmentCache::new(32, 0);
-        cache.put_all((0..100).map(|i| (number(i), ShipmentState::default())));
+        for i in 0..100 {
+            cache.insert(number(i), ShipmentState::default());
+        }
+        assert_eq!(cache.len(), 100, "a group may exceed it until its write");
+        cache.trim();
         assert!(cache.len() <= 32, "{}", cache.len());
         let mut off = ShipmentCache::new(0, 0);
-        off.put_all([(number(1), ShipmentState::default())]);
+        off.insert(number(1), ShipmentState::default());
+        off.trim();
         assert_eq!(off.len(), 0);
     }
 
     #[test]
     fn a_new_restore_epoch_empties_it() {
         let mut cache = ShipmentCache::new(10, 3);
-        cache.put_all([(number(1), ShipmentState::default())]);
+        cache.insert(number(1), ShipmentState::default());
         cache.check_epoch(3);
         assert_eq!(cache.len(), 1);
         cache.check_epoch(4);

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+use rocksdb::{ColumnFamily, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cache::ShipmentCache;
@@ -29,9 +29,7 @@ use crate::api::{pb, stalled_status, status_fields};
 pub use crate::domain::Origin;
 use crate::domain::{EventTime, ScanId, ScanType, Sequence, Status, TrackingNumber};
 use crate::engine::stall::StallPolicy;
-use crate::engine::{
-    Change, Effects, Engine, Incoming, NumberCheck, Outcome, ShipmentState, States,
-};
+use crate::engine::{Change, Effects, Engine, Incoming, NumberCheck, Outcome, ShipmentState};
 use crate::telemetry::metrics as m;
 
 /// Most shipments one sweep stalls in one write; the rest are due at the next sweep, which
@@ -536,6 +534,10 @@ impl Writer {
             let started = Instant::now();
             let result = self.commit(&group);
             metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+            if result.is_err() {
+                // The group was applied to the cached states before its write failed.
+                self.cache.clear();
+            }
             match result {
                 Ok(applied) => self.hand_to_syncer(Written { group, applied }),
                 Err(error) => {
@@ -598,21 +600,19 @@ impl Writer {
         let events_cf = self.store.cf(keys::EVENTS);
         let changes_cf = self.store.cf(keys::CHANGES);
 
-        let mut numbers: Vec<&TrackingNumber> = scans.iter().map(|s| &s.tracking_number).collect();
-        numbers.sort_unstable();
-        numbers.dedup();
+        // The engine applies the group to the cached states in place; only shipments the
+        // cache lacks are read, in key order.
         self.cache.check_epoch(self.store.restore_epoch());
-        let mut states = States::with_capacity_and_hasher(numbers.len(), Default::default());
-        numbers.retain(|number| match self.cache.take(number) {
-            Some(state) => {
-                states.insert((*number).clone(), state);
-                false
-            }
-            None => true,
-        });
-        for (number, state) in numbers.iter().zip(self.store.shipment_states(&numbers)?) {
+        let mut misses: Vec<&TrackingNumber> = scans
+            .iter()
+            .map(|s| &s.tracking_number)
+            .filter(|number| !self.cache.contains(number))
+            .collect();
+        misses.sort_unstable();
+        misses.dedup();
+        for (number, state) in misses.iter().zip(self.store.shipment_states(&misses)?) {
             if let Some(state) = state {
-                states.insert((*number).clone(), state);
+                self.cache.insert((*number).clone(), state);
             }
         }
         let incoming = scans
@@ -620,35 +620,32 @@ impl Writer {
             .enumerate()
             .map(|(index, s)| s.incoming(index))
             .collect();
-        let stalled_before: Vec<TrackingNumber> = states
-            .iter()
-            .filter(|(_, state)| state.stalled)
-            .map(|(number, _)| number.clone())
-            .collect();
+        let states = self.cache.states();
         let Effects {
             outcomes,
             stored,
             removed,
             changes,
             after_terminal,
-        } = self.engine.apply(incoming, &mut states);
+            woken,
+        } = self.engine.apply(incoming, states);
 
         // Sized up front: grown by doubling, a group's multi-megabyte batch would be copied
         // and faulted in several times over. Events are only a third to a half of it.
         let mut batch =
             WriteBatch::with_capacity_bytes(scans.len() * self.batch_bytes_per_scan * 9 / 8);
         let received_time = prost_types::Timestamp::from(SystemTime::now());
-        // Each touched shipment with the scans this group stored for it. `stored` comes in
-        // tracking-number order (the engine applies scans so): one run per shipment, one
-        // state lookup per shipment, not per scan.
-        let mut touched: Vec<(&TrackingNumber, Vec<&StoreScan>)> = Vec::new();
+        // Each touched shipment with the positions in `stored` of the scans this group stored
+        // for it. `stored` comes grouped by shipment (the engine applies scans so): one run
+        // per shipment, one state lookup per shipment, not per scan.
+        let mut touched: Vec<(&TrackingNumber, std::ops::Range<usize>)> = Vec::new();
         let mut annotating: Option<&mut ShipmentState> = None;
-        for &index in &stored {
+        for (position, &index) in stored.iter().enumerate() {
             let scan = scans[index];
             match touched.last_mut() {
-                Some((number, added)) if *number == &scan.tracking_number => added.push(scan),
+                Some((number, run)) if *number == &scan.tracking_number => run.end = position + 1,
                 _ => {
-                    touched.push((&scan.tracking_number, vec![scan]));
+                    touched.push((&scan.tracking_number, position..position + 1));
                     annotating = states.get_mut(&scan.tracking_number);
                 }
             }
@@ -660,27 +657,27 @@ impl Writer {
         for (number, event_time, scan_id) in &removed {
             batch.delete_cf(events_cf, keys::event_key(number, *event_time, scan_id));
         }
-        // `removed` is in tracking-number order too, and each of its shipments stored a scan:
-        // its runs are met in step with `touched`.
+        // `removed` is grouped in the same shipment order, and each of its shipments stored a
+        // scan: its runs are met in step with `touched`.
         let mut removed_runs = removed.chunk_by(|(a, _, _), (b, _, _)| a == b).peekable();
-        let mut woken = 0u64;
+        let stall_index = self.store.cf(keys::STALL_DEADLINES);
         for (number, added) in touched {
             let replaced = removed_runs
                 .next_if(|run| run.first().is_some_and(|(of, _, _)| of == number))
                 .unwrap_or_default();
             if let Some(state) = states.get_mut(number) {
-                if !state.stalled && stalled_before.contains(number) {
-                    woken += 1;
-                }
-                self.index_stall_deadline(&mut batch, number, state);
+                index_stall_deadline(&self.stall, stall_index, &mut batch, number, state);
                 // A delta, not the whole record: the timeline summary is what a record holds
                 // most of, and a group adds a scan or two to it (see `records`).
                 let replaced = replaced.iter().map(|(_, _, scan_id)| scan_id.as_str());
-                let added = added.iter().map(|scan| records::EntryFields {
-                    event_time: scan.event_time,
-                    scan_id: scan.scan_id.as_str(),
-                    scan_type: scan.scan_type,
-                    facility: scan.facility,
+                let added = stored[added].iter().map(|&index| {
+                    let scan = scans[index];
+                    records::EntryFields {
+                        event_time: scan.event_time,
+                        scan_id: scan.scan_id.as_str(),
+                        scan_type: scan.scan_type,
+                        facility: scan.facility,
+                    }
                 });
                 batch.merge_cf(
                     shipments_cf,
@@ -703,7 +700,7 @@ impl Writer {
             ));
         }
         super::put_change_blocks(&mut batch, changes_cf, &records);
-        let stalled_shipments = self.stalled_shipments.saturating_sub(woken);
+        let stalled_shipments = self.stalled_shipments.saturating_sub(u64::from(woken));
         if woken > 0 {
             batch.put_cf(
                 self.store.cf(keys::META),
@@ -736,22 +733,18 @@ impl Writer {
         self.stalled_shipments = stalled_shipments;
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
         let snapshots = match self.changelog {
-            Some(_) => self
-                .snapshots(group, &scans, &states)
-                .unwrap_or_else(|error| {
-                    tracing::error!(%error, "changelog snapshots not built");
-                    Vec::new()
-                }),
+            Some(_) => self.snapshots(group, &scans).unwrap_or_else(|error| {
+                tracing::error!(%error, "changelog snapshots not built");
+                Vec::new()
+            }),
             None => Vec::new(),
         };
         record_metrics(&outcomes, &changes, after_terminal);
         let clock_skewed = stored.iter().filter(|&&i| scans[i].clock_skewed).count();
         metrics::counter!(m::SCANS_CLOCK_SKEW_TOTAL).increment(clock_skewed as u64);
 
-        // Written: the states are what RocksDB holds (and serves to any read), so they may serve
-        // the next group, unless a restore wrote shipments behind the writer meanwhile.
-        self.cache.check_epoch(self.store.restore_epoch());
-        self.cache.put_all(states);
+        // Written: the cached states are what RocksDB holds (and serves to any read).
+        self.cache.trim();
         metrics::gauge!(m::STORE_SHIPMENT_CACHE_ENTRIES).set(self.cache.len() as f64);
         let mut per_request = Vec::with_capacity(group.len());
         let mut outcomes = outcomes.into_iter().map(|(_, o)| o);
@@ -766,36 +759,36 @@ impl Writer {
     }
 }
 
-impl Writer {
-    /// Keeps the deadline index a lower bound of the shipment's deadline, one entry per
-    /// shipment at most, in the same write as its state. A scan usually moves the deadline
-    /// later: then nothing is written, and the sweep, finding the entry due, re-indexes the
-    /// shipment at its real deadline. An earlier deadline (a status with a shorter threshold)
-    /// replaces the entry, and a shipment that can no longer stall (delivered, returned)
-    /// removes it: entries the sweep would only read to drop cost it a shipment read each,
-    /// which at millions of stored shipments kept a core busy.
-    fn index_stall_deadline(
-        &self,
-        batch: &mut WriteBatch,
-        number: &TrackingNumber,
-        state: &mut ShipmentState,
-    ) {
-        let deadline = self.stall.deadline(state);
-        match (state.stall_deadline, deadline) {
-            (None, None) => return,
-            (Some(indexed), Some(deadline)) if indexed <= deadline => return,
-            _ => {}
-        }
-        let index = self.store.cf(keys::STALL_DEADLINES);
-        if let Some(indexed) = state.stall_deadline {
-            batch.delete_cf(index, keys::stall_key(indexed, number));
-        }
-        if let Some(deadline) = deadline {
-            batch.put_cf(index, keys::stall_key(deadline, number), []);
-        }
-        state.stall_deadline = deadline;
+/// Keeps the deadline index a lower bound of the shipment's deadline, one entry per
+/// shipment at most, in the same write as its state. A scan usually moves the deadline
+/// later: then nothing is written, and the sweep, finding the entry due, re-indexes the
+/// shipment at its real deadline. An earlier deadline (a status with a shorter threshold)
+/// replaces the entry, and a shipment that can no longer stall (delivered, returned)
+/// removes it: entries the sweep would only read to drop cost it a shipment read each,
+/// which at millions of stored shipments kept a core busy.
+fn index_stall_deadline(
+    stall: &StallPolicy,
+    index: &ColumnFamily,
+    batch: &mut WriteBatch,
+    number: &TrackingNumber,
+    state: &mut ShipmentState,
+) {
+    let deadline = stall.deadline(state);
+    match (state.stall_deadline, deadline) {
+        (None, None) => return,
+        (Some(indexed), Some(deadline)) if indexed <= deadline => return,
+        _ => {}
     }
+    if let Some(indexed) = state.stall_deadline {
+        batch.delete_cf(index, keys::stall_key(indexed, number));
+    }
+    if let Some(deadline) = deadline {
+        batch.put_cf(index, keys::stall_key(deadline, number), []);
+    }
+    state.stall_deadline = deadline;
+}
 
+impl Writer {
     /// Stalls the shipments due at `now`: reads only the due part of the deadline index,
     /// checks each against its stored state (a stale entry is dropped, one whose shipment had
     /// later scans is moved to its real deadline), and writes the STALLED changes, the states
@@ -1017,7 +1010,6 @@ impl Writer {
         &self,
         group: &[Request],
         scans: &[&StoreScan],
-        states: &States,
     ) -> Result<Vec<Snapshot>, StoreError> {
         let mut owned: HashMap<&TrackingNumber, &Origin> = HashMap::new();
         for scan in scans {
@@ -1036,7 +1028,7 @@ impl Writer {
         };
         let mut snapshots = Vec::with_capacity(owned.len() + 1);
         for (number, origin) in owned {
-            let Some(state) = states.get(number) else {
+            let Some(state) = self.cache.get(number) else {
                 continue;
             };
             snapshots.push(Snapshot {
@@ -1093,6 +1085,7 @@ fn record_metrics(outcomes: &[(usize, Outcome)], changes: &[Change], after_termi
 mod tests {
     use super::*;
     use crate::domain::Status;
+    use crate::engine::States;
     use prost::Message;
     use std::time::Duration;
 
