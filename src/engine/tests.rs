@@ -98,6 +98,61 @@ fn journey_publishes_each_milestone_in_order() {
 }
 
 #[test]
+fn a_batch_is_applied_by_shipment_in_order_of_first_scan_and_outcomes_keep_arrival_order() {
+    let engine = engine();
+    let mut states = States::default();
+    let (b, a) = ("SHIPMENTB1", "SHIPMENTA1");
+    let effects = engine.apply(
+        vec![
+            scan(0, b, "b2", ArrivedAtFacility, 20, "hub"),
+            scan(1, a, "a1", LabelCreated, 5, "shop"),
+            scan(2, b, "b1", LabelCreated, 10, "shop"),
+            scan(3, a, "a1", LabelCreated, 5, "shop"),
+        ],
+        &mut states,
+    );
+    assert_eq!(
+        effects.outcomes,
+        vec![
+            (0, Outcome::Accepted),
+            (1, Outcome::Accepted),
+            (2, Outcome::Accepted),
+            (3, Outcome::Duplicate(DuplicateKind::ScanId)),
+        ]
+    );
+    // B came first: its scans in timeline order, then A's.
+    assert_eq!(effects.stored, vec![2, 0, 1]);
+    assert_eq!(
+        effects
+            .changes
+            .iter()
+            .map(|c| (c.tracking_number.as_str(), c.version.0, c.cause))
+            .collect::<Vec<_>>(),
+        vec![(b, 1, Some(2)), (b, 2, Some(0)), (a, 1, Some(1))]
+    );
+}
+
+#[test]
+fn a_scan_after_the_latest_wakes_a_stalled_shipment_once_and_is_counted() {
+    let engine = engine();
+    let mut states = States::default();
+    let n = "PARCEL0001";
+    engine.apply(vec![scan(0, n, "a", LabelCreated, 10, "shop")], &mut states);
+    states.get_mut(&tn(n)).expect("stored").stalled = true;
+    let late = engine.apply(vec![scan(0, n, "old", PickedUp, 5, "van")], &mut states);
+    assert_eq!(late.woken, 0, "an older read says nothing about now");
+    let effects = engine.apply(
+        vec![
+            scan(0, n, "b", PickedUp, 20, "van"),
+            scan(1, n, "c", ArrivedAtFacility, 30, "hub"),
+        ],
+        &mut states,
+    );
+    assert_eq!(effects.woken, 1);
+    assert!(!states[&tn(n)].stalled);
+}
+
+#[test]
 fn same_scan_id_is_a_duplicate_and_changes_nothing() {
     let mut h = Harness::new();
     let n = "PARCEL0001";
