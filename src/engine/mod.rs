@@ -49,7 +49,7 @@ impl Entry {
 
 /// The shipments a batch touches, by tracking number. foldhash: several times faster than
 /// SipHash on short keys, and still randomly seeded per process against crafted collisions.
-pub type States = std::collections::HashMap<TrackingNumber, ShipmentState, Hasher>;
+pub type States = HashMap<TrackingNumber, ShipmentState, Hasher>;
 pub type Hasher = foldhash::fast::RandomState;
 
 /// A shipment as the engine sees it.

@@ -119,10 +119,6 @@ mod wire {
         buf.push(value as u8);
     }
 
-    fn varint_len(value: u64) -> usize {
-        (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
-    }
-
     #[inline]
     pub fn key(tag: u32, wire_type: u32, buf: &mut Vec<u8>) {
         varint(u64::from(tag << 3 | wire_type), buf);
@@ -161,22 +157,14 @@ mod wire {
 
     /// A `google.protobuf.Timestamp` field, defaults left out.
     pub fn timestamp(tag: u32, time: &prost_types::Timestamp, buf: &mut Vec<u8>) {
-        let seconds = time.seconds as u64;
-        let nanos = i64::from(time.nanos) as u64;
-        let len = if seconds != 0 {
-            1 + varint_len(seconds)
-        } else {
-            0
-        } + if nanos != 0 { 1 + varint_len(nanos) } else { 0 };
         key(tag, LEN, buf);
-        varint(len as u64, buf);
-        if seconds != 0 {
+        varint(prost::Message::encoded_len(time) as u64, buf);
+        if time.seconds != 0 {
             key(1, VARINT, buf);
-            varint(seconds, buf);
+            varint(time.seconds as u64, buf);
         }
-        if nanos != 0 {
-            key(2, VARINT, buf);
-            varint(nanos, buf);
+        if time.nanos != 0 {
+            int32(2, &time.nanos, buf);
         }
     }
 
@@ -201,7 +189,7 @@ mod wire {
                 let mut theirs = Vec::new();
                 prost::encoding::encode_varint(value, &mut theirs);
                 assert_eq!(ours, theirs);
-                assert_eq!(super::varint_len(value), theirs.len());
+                assert_eq!(prost::encoding::encoded_len_varint(value), ours.len());
             }
         }
     }

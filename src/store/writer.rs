@@ -639,18 +639,11 @@ impl Writer {
         // for it. `stored` comes grouped by shipment (the engine applies scans so): one run
         // per shipment, one state lookup per shipment, not per scan.
         let mut touched: Vec<(&TrackingNumber, std::ops::Range<usize>)> = Vec::new();
-        let mut annotating: Option<&mut ShipmentState> = None;
         for (position, &index) in stored.iter().enumerate() {
             let scan = scans[index];
             match touched.last_mut() {
                 Some((number, run)) if *number == &scan.tracking_number => run.end = position + 1,
-                _ => {
-                    touched.push((&scan.tracking_number, position..position + 1));
-                    annotating = states.get_mut(&scan.tracking_number);
-                }
-            }
-            if let Some(state) = annotating.as_deref_mut() {
-                annotate(state, scan);
+                _ => touched.push((&scan.tracking_number, position..position + 1)),
             }
             batch.put_cf(events_cf, &scan.event_key, &scan.stored);
         }
@@ -666,18 +659,19 @@ impl Writer {
                 .next_if(|run| run.first().is_some_and(|(of, _, _)| of == number))
                 .unwrap_or_default();
             if let Some(state) = states.get_mut(number) {
+                let added = stored[added].iter().map(|&index| scans[index]);
+                for scan in added.clone() {
+                    annotate(state, scan);
+                }
                 index_stall_deadline(&self.stall, stall_index, &mut batch, number, state);
                 // A delta, not the whole record: the timeline summary is what a record holds
                 // most of, and a group adds a scan or two to it (see `records`).
                 let replaced = replaced.iter().map(|(_, _, scan_id)| scan_id.as_str());
-                let added = stored[added].iter().map(|&index| {
-                    let scan = scans[index];
-                    records::EntryFields {
-                        event_time: scan.event_time,
-                        scan_id: scan.scan_id.as_str(),
-                        scan_type: scan.scan_type,
-                        facility: scan.facility,
-                    }
+                let added = added.map(|scan| records::EntryFields {
+                    event_time: scan.event_time,
+                    scan_id: scan.scan_id.as_str(),
+                    scan_type: scan.scan_type,
+                    facility: scan.facility,
                 });
                 batch.merge_cf(
                     shipments_cf,
