@@ -82,8 +82,8 @@ impl Rejection {
             Rejection::InvalidTrackingNumber(TrackingNumberError::Character(_)) => {
                 "tracking_number_charset"
             }
-            Rejection::TrackingNumberCheckDigit(_) => "tracking_number_check_digit",
-            Rejection::TrackingNumberUnknownFormat => "tracking_number_unknown_format",
+            Rejection::TrackingNumberCheckDigit(_) => Classification::CHECK_DIGIT_MISMATCH,
+            Rejection::TrackingNumberUnknownFormat => Classification::UNKNOWN_FORMAT,
             Rejection::UnspecifiedScanType => "unspecified_scan_type",
             Rejection::UnknownScanType(_) => "unknown_scan_type",
             Rejection::MissingEventTime => "missing_event_time",
@@ -112,6 +112,9 @@ pub struct Validator {
     carriers: Arc<CarrierRegistry>,
     policy: Policy,
     checked: Arc<CheckedNumbers>,
+    /// `scand_tracking_numbers_flagged_total` by reason, looked up once: counted per scan, and
+    /// a labelled lookup costs more than the memoized check it counts.
+    flagged: [(&'static str, metrics::Counter); 2],
 }
 
 /// The outcome of a tracking number's carrier check, as `check_number` returns it.
@@ -174,6 +177,11 @@ impl Validator {
             carriers: Arc::new(CarrierRegistry::new(&config.tracking_numbers)?),
             checked: Arc::new(CheckedNumbers::new()),
             policy: config.tracking_numbers.policy,
+            flagged: Classification::REASONS.map(|reason| {
+                let counter =
+                    metrics::counter!(m::TRACKING_NUMBERS_FLAGGED_TOTAL, "reason" => reason);
+                (reason, counter)
+            }),
         })
     }
 
@@ -185,9 +193,8 @@ impl Validator {
         let verdict = self.checked.get_or(number, || self.classify(number));
         // Counted per scan, as before the memo.
         if let Ok(Some(check)) = &verdict {
-            if !check.issue.is_empty() {
-                metrics::counter!(m::TRACKING_NUMBERS_FLAGGED_TOTAL, "reason" => check.issue.clone())
-                    .increment(1);
+            if let Some((_, counter)) = self.flagged.iter().find(|(r, _)| *r == check.issue) {
+                counter.increment(1);
             }
         }
         verdict
@@ -195,17 +202,17 @@ impl Validator {
 
     fn classify(&self, number: &TrackingNumber) -> NumberVerdict {
         let classification = self.carriers.classify(number.as_str());
-        let (carrier, issue) = match (&classification, self.policy) {
-            (Classification::Valid(c), _) => (Some(c), ""),
+        let carrier = match (&classification, self.policy) {
             (Classification::CheckDigitMismatch(c), Policy::Reject) => {
                 return Err(Rejection::TrackingNumberCheckDigit(c.carrier.clone()))
             }
             (Classification::UnknownFormat, Policy::Reject) => {
                 return Err(Rejection::TrackingNumberUnknownFormat)
             }
-            (Classification::CheckDigitMismatch(c), _) => (Some(c), "tracking_number_check_digit"),
-            (Classification::UnknownFormat, _) => (None, "tracking_number_unknown_format"),
+            (Classification::Valid(c) | Classification::CheckDigitMismatch(c), _) => Some(c),
+            (Classification::UnknownFormat, _) => None,
         };
+        let issue = classification.reason().unwrap_or_default();
         Ok(Some(Arc::new(NumberCheck {
             carrier: carrier.map(|c| c.carrier.clone()).unwrap_or_default(),
             service: carrier.and_then(|c| c.service.clone()).unwrap_or_default(),

@@ -1052,27 +1052,42 @@ impl Writer {
     }
 }
 
+/// One registry lookup per metric and label in a group, not one per scan: a labelled lookup
+/// builds and hashes its key, and the writer is the pipeline's serial stage.
 fn record_metrics(outcomes: &[(usize, Outcome)], changes: &[Change], after_terminal: u32) {
-    let mut accepted = 0u64;
-    let mut by_kind: HashMap<&'static str, u64> = HashMap::new();
-    for (_, outcome) in outcomes {
-        match outcome {
-            Outcome::Accepted => accepted += 1,
-            Outcome::Duplicate(kind) => *by_kind.entry(kind.label()).or_default() += 1,
-        }
-    }
-    metrics::counter!(m::SCANS_ACCEPTED_TOTAL).increment(accepted);
-    for (kind, n) in by_kind {
+    let accepted = outcomes
+        .iter()
+        .filter(|(_, outcome)| *outcome == Outcome::Accepted)
+        .count();
+    metrics::counter!(m::SCANS_ACCEPTED_TOTAL).increment(accepted as u64);
+    let duplicates = outcomes.iter().filter_map(|(_, outcome)| match outcome {
+        Outcome::Duplicate(kind) => Some(kind.label()),
+        Outcome::Accepted => None,
+    });
+    for (kind, n) in tally(duplicates) {
         metrics::counter!(m::SCANS_DUPLICATE_TOTAL, "kind" => kind).increment(n);
     }
-    for change in changes {
-        metrics::counter!(m::STATUS_CHANGES_TOTAL, "status" => change.current.status.label())
-            .increment(1);
-        if change.regression {
-            metrics::counter!(m::STATUS_REGRESSIONS_TOTAL).increment(1);
-        }
+    for (status, n) in tally(changes.iter().map(|c| c.current.status.label())) {
+        metrics::counter!(m::STATUS_CHANGES_TOTAL, "status" => status).increment(n);
+    }
+    let regressions = changes.iter().filter(|c| c.regression).count();
+    if regressions > 0 {
+        metrics::counter!(m::STATUS_REGRESSIONS_TOTAL).increment(regressions as u64);
     }
     metrics::counter!(m::SCANS_AFTER_TERMINAL_TOTAL).increment(u64::from(after_terminal));
+}
+
+/// Occurrences of each label, in order of first occurrence. Labels are few (a status, a
+/// duplicate kind), so a scan of the short list beats hashing.
+fn tally(labels: impl Iterator<Item = &'static str>) -> Vec<(&'static str, u64)> {
+    let mut counts: Vec<(&'static str, u64)> = Vec::new();
+    for label in labels {
+        match counts.iter_mut().find(|(seen, _)| *seen == label) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((label, 1)),
+        }
+    }
+    counts
 }
 
 #[cfg(test)]
@@ -1084,6 +1099,16 @@ mod tests {
     use std::time::Duration;
 
     const HOUR: i64 = 3_600_000_000;
+
+    #[test]
+    fn tally_counts_each_label_in_order_of_first_occurrence() {
+        let labels = ["in_transit", "delivered", "in_transit", "in_transit"];
+        assert_eq!(
+            tally(labels.into_iter()),
+            vec![("in_transit", 3), ("delivered", 1)]
+        );
+        assert_eq!(tally(std::iter::empty()), vec![]);
+    }
 
     fn policy() -> StallPolicy {
         StallPolicy::new([

@@ -91,12 +91,17 @@ pub enum Classification {
 }
 
 impl Classification {
+    pub const CHECK_DIGIT_MISMATCH: &'static str = "tracking_number_check_digit";
+    pub const UNKNOWN_FORMAT: &'static str = "tracking_number_unknown_format";
+    /// Every code `reason` gives.
+    pub const REASONS: [&'static str; 2] = [Self::CHECK_DIGIT_MISMATCH, Self::UNKNOWN_FORMAT];
+
     /// The reason code of a number that is not valid; `None` when valid.
     pub fn reason(&self) -> Option<&'static str> {
         match self {
             Classification::Valid(_) => None,
-            Classification::CheckDigitMismatch(_) => Some("tracking_number_check_digit"),
-            Classification::UnknownFormat => Some("tracking_number_unknown_format"),
+            Classification::CheckDigitMismatch(_) => Some(Self::CHECK_DIGIT_MISMATCH),
+            Classification::UnknownFormat => Some(Self::UNKNOWN_FORMAT),
         }
     }
 }
