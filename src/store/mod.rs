@@ -88,6 +88,19 @@ pub fn hash_memtable_by_tracking_number(options: &mut Options, memtable_bytes: u
     });
 }
 
+/// The deadline index takes an insert or a delete for about every other scan (a status with a
+/// shorter threshold moves a shipment's deadline earlier), at positions spread over every
+/// shipment's deadline: in a skip list those were a fifth of the writer's instructions. Only
+/// the sweep reads it, once per interval and in order, so an unsorted memtable that appends
+/// each entry and sorts when read or flushed serves it; kept small so that sort stays short.
+fn append_only_memtable(options: &mut Options, memtable_bytes: usize) {
+    options.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+    options.set_write_buffer_size(memtable_bytes.min(STALL_INDEX_MEMTABLE_BYTES));
+}
+
+/// Some 150,000 entries of the deadline index: sorted in a few milliseconds.
+const STALL_INDEX_MEMTABLE_BYTES: usize = 8 * 1024 * 1024;
+
 fn now_unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -120,6 +133,9 @@ impl Store {
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             if name == keys::EVENTS || name == keys::SHIPMENTS {
                 hash_memtable_by_tracking_number(&mut o, config.memtable_bytes);
+            }
+            if name == keys::STALL_DEADLINES {
+                append_only_memtable(&mut o, config.memtable_bytes);
             }
             if name == keys::SHIPMENTS {
                 o.set_merge_operator_associative(
