@@ -859,12 +859,16 @@ impl Writer {
                 keys::shipment_key(&number),
                 records::encode_shipment(&state),
             );
-            metrics::counter!(m::SHIPMENTS_STALLED_TOTAL, "status" => change.current.status.label())
-                .increment(1);
-            metrics::counter!(m::STATUS_CHANGES_TOTAL, "status" => Status::Stalled.label())
-                .increment(1);
             changes.push((sequence, change, deadline));
             stalled.push((number, state));
+        }
+        let stalled_in = changes.iter().map(|(_, c, _)| c.current.status.label());
+        for (status, n) in tally(stalled_in) {
+            metrics::counter!(m::SHIPMENTS_STALLED_TOTAL, "status" => status).increment(n);
+        }
+        if !changes.is_empty() {
+            metrics::counter!(m::STATUS_CHANGES_TOTAL, "status" => Status::Stalled.label())
+                .increment(changes.len() as u64);
         }
         // One change per stalled shipment, in the same order.
         let records: Vec<ChangeRecord<'_>> = changes
