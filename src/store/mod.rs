@@ -24,7 +24,7 @@ use rocksdb::{
 
 use crate::api::pb;
 use crate::config::StoreConfig;
-use crate::domain::{Sequence, TrackingNumber};
+use crate::domain::{EventTime, Sequence, TrackingNumber};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -359,6 +359,21 @@ impl Store {
         Ok(self.db.property_int_value_cf(self.cf(cf), property)?)
     }
 
+    /// Up to `limit` keys of the deadline index due at `now`, earliest first. Read by the
+    /// sweeper, not the writer: an iterator sorts a copy of the index's live (vector) memtable.
+    pub fn due_stall_keys(&self, now: EventTime, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(keys::stall_keys_due(now));
+        self.db
+            .iterator_cf_opt(self.cf(keys::STALL_DEADLINES), read, IteratorMode::Start)
+            .take(limit)
+            .map(|item| {
+                item.map(|(key, _)| key.into_vec())
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+
     /// Shipments currently stalled, as counted by the writes that stall and wake them.
     pub fn stalled_shipments(&self) -> Result<u64, StoreError> {
         let Some(v) = self
@@ -463,7 +478,7 @@ impl Store {
                 let scan_id = crate::domain::ScanId::from_stored(scan.scan_id.clone());
                 let event_time = scan
                     .event_time
-                    .and_then(|t| crate::domain::EventTime::from_parts(t.seconds, t.nanos))
+                    .and_then(|t| EventTime::from_parts(t.seconds, t.nanos))
                     .ok_or_else(|| {
                         corrupt(format!("scan {} has no valid event time", scan.scan_id))
                     })?;

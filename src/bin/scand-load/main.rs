@@ -292,6 +292,7 @@ async fn run(args: Args) -> Result<bool, String> {
         })
         .collect();
     let started = Instant::now();
+    let cpu_started = process_cpu_seconds();
     let per_stream_rate = args.rate.map(|r| r / streams as f64);
     let mut tasks = Vec::new();
     for (stream, batches) in prepared.into_iter().enumerate() {
@@ -324,6 +325,10 @@ async fn run(args: Args) -> Result<bool, String> {
         task.await.map_err(|e| e.to_string())??;
     }
     let elapsed = started.elapsed();
+    // The generator shares the machine with scand: what it spent of the cores in the window.
+    let generator_cpu_s = cpu_started
+        .zip(process_cpu_seconds())
+        .map(|(before, after)| after - before);
     progress.finish_and_clear();
 
     let tally = shared.tally.lock().map_err(|e| e.to_string())?;
@@ -339,6 +344,7 @@ async fn run(args: Args) -> Result<bool, String> {
             "elapsed_s": elapsed.as_secs_f64(), "scans_per_s": rate,
             "offered_scans_per_s": args.rate, "batch_size": args.batch_size, "streams": streams,
             "ack_latency_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0 },
+            "generator_cpu_s": generator_cpu_s,
             "ok": ok,
         });
         println!("{summary}");
@@ -354,6 +360,9 @@ async fn run(args: Args) -> Result<bool, String> {
         if let Some(r) = args.rate {
             println!("offered           {:>12.0} scans/s", r);
         }
+        if let Some(cpu) = generator_cpu_s {
+            println!("generator CPU     {cpu:>12.2} s (this process, inside the window)");
+        }
         println!(
             "ack latency (ms)  p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             ms(0.5),
@@ -367,6 +376,17 @@ async fn run(args: Args) -> Result<bool, String> {
         eprintln!("unexpected: {m}");
     }
     Ok(ok)
+}
+
+/// User plus system CPU of this process so far, from `/proc/self/stat` (Linux; its clock
+/// ticks are 1/100 s). `None` elsewhere.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is the first, utime the 12th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
 }
 
 fn fnv(s: &str) -> u64 {
