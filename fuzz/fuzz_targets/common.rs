@@ -6,7 +6,6 @@
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-use prost::Message;
 use scand::api::pb;
 use scand::config::IngestConfig;
 use scand::domain::{EventTime, ScanId, TrackingNumber};
@@ -16,7 +15,7 @@ use scand::ingest::validate::{
     Rejection, Validator, MAX_ATTRIBUTES, MAX_ATTRIBUTE_KEY_BYTES, MAX_ATTRIBUTE_VALUE_BYTES,
     MAX_FIELD_BYTES,
 };
-use scand::store::keys;
+use scand::store::{keys, records};
 use scand::store::writer::StoreScan;
 
 /// The server clock of every run: fixed, so a crash reproduces.
@@ -209,10 +208,8 @@ pub fn check_valid(input: &pb::Scan, v: &StoreScan, config: &IngestConfig) {
         v.event_key >= start && v.event_key < end,
         "event key outside its timeline"
     );
-    let stored = pb::Scan::decode(v.stored.as_slice()).expect("stored form decodes");
-    assert_eq!(stored.tracking_number, v.wire.tracking_number);
-    assert_eq!(stored.scan_id, v.wire.scan_id);
-    assert_eq!(stored.event_time, v.wire.event_time);
+    let stored = records::decode_event(&v.event_key, &v.stored).expect("stored form decodes");
+    assert_eq!(stored, v.wire);
     assert!(v.origin.is_none());
     let issue = v.number_check.as_ref().map(|c| c.issue.as_str());
     assert!(

@@ -12,9 +12,8 @@ use crate::config::IngestConfig;
 use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, TrackingNumberError};
 use crate::engine::facility_hash;
 use crate::engine::NumberCheck;
-use crate::store::{keys, writer::StoreScan};
+use crate::store::{keys, records, writer::StoreScan};
 use crate::telemetry::metrics as m;
-use prost::Message;
 
 /// Longest facility, device or exception code, in bytes.
 pub const MAX_FIELD_BYTES: usize = 128;
@@ -259,7 +258,7 @@ impl Validator {
         );
         Ok(StoreScan {
             event_key: keys::event_key(&tracking_number, event_time, &scan_id),
-            stored: scan.encode_to_vec(),
+            stored: records::encode_event(&mut scan),
             tracking_number,
             scan_id,
             scan_type,

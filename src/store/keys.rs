@@ -6,7 +6,8 @@
 
 use crate::domain::{EventTime, ScanId, Sequence, TrackingNumber};
 
-/// `tracking_number ␀ event_time ␀ scan_id` → the stored `scand.v1.Scan`.
+/// `tracking_number ␀ event_time ␀ scan_id` → the stored `scand.v1.Scan`, without the
+/// tracking number and scan id its key holds (see `records::encode_event`).
 pub const EVENTS: &str = "events";
 /// `tracking_number` → shipment record: status, version and the timeline summary that
 /// deduplicates and derives status without reading `events`.
@@ -82,6 +83,17 @@ pub fn event_key(
     key.push(SEPARATOR);
     key.extend_from_slice(scan_id.as_str().as_bytes());
     key
+}
+
+/// The tracking number and scan id of an `events` key; `None` for a key this module did not
+/// build. Fixed offsets after the number: the time may hold zero bytes, the scan id anything.
+pub fn decode_event_key(key: &[u8]) -> Option<(&str, &str)> {
+    let number = tracking_number_prefix(key);
+    let scan_id = key.get(number.len() + 10..)?;
+    Some((
+        std::str::from_utf8(number).ok()?,
+        std::str::from_utf8(scan_id).ok()?,
+    ))
 }
 
 /// The half-open key range `[start, end)` holding one shipment's timeline.
@@ -163,6 +175,14 @@ mod tests {
         assert!(keys
             .iter()
             .all(|k| k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice()));
+    }
+
+    #[test]
+    fn event_keys_give_back_their_number_and_scan_id() {
+        let id = ScanId::parse("a\u{0}b-7").expect("valid");
+        let key = event_key(&tn("PARCEL0001"), EventTime(256), &id);
+        assert_eq!(decode_event_key(&key), Some(("PARCEL0001", "a\u{0}b-7")));
+        assert_eq!(decode_event_key(b"PARCEL0001\0short"), None);
     }
 
     #[test]

@@ -431,7 +431,7 @@ impl Store {
         Ok(())
     }
 
-    /// The stored scans of one shipment, encoded, in timeline order.
+    /// The stored scans of one shipment, whole and encoded, in timeline order.
     pub fn timeline_values(
         &self,
         tracking_number: &TrackingNumber,
@@ -445,7 +445,10 @@ impl Store {
                 read,
                 IteratorMode::From(&start, Direction::Forward),
             )
-            .map(|item| item.map(|(_, v)| v.to_vec()).map_err(StoreError::from))
+            .map(|item| {
+                let (key, value) = item?;
+                records::event_wire(&key, &value)
+            })
             .collect()
     }
 
@@ -473,7 +476,7 @@ impl Store {
             let (start, end) = keys::timeline_range(&number);
             batch.delete_range_cf(self.cf(keys::EVENTS), start, end);
             for bytes in &snapshot.events {
-                let scan =
+                let mut scan =
                     pb::Scan::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
                 let scan_id = crate::domain::ScanId::from_stored(scan.scan_id.clone());
                 let event_time = scan
@@ -485,7 +488,7 @@ impl Store {
                 batch.put_cf(
                     self.cf(keys::EVENTS),
                     keys::event_key(&number, event_time, &scan_id),
-                    bytes,
+                    records::encode_event(&mut scan),
                 );
             }
             batch.put_cf(
@@ -539,13 +542,8 @@ impl Store {
             read,
             IteratorMode::From(&start, Direction::Forward),
         ) {
-            let (k, v) = item?;
-            timeline.push(
-                pb::Scan::decode(v.as_ref()).map_err(|e| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    what: e.to_string(),
-                })?,
-            );
+            let (key, value) = item?;
+            timeline.push(records::decode_event(&key, &value)?);
         }
         let (status, sub_status) = crate::api::status_fields(state.point());
         let stalled_status = crate::api::stalled_status(state.point());
@@ -880,12 +878,23 @@ pub(crate) mod tests {
             store.source_offset("scans.raw", 1).expect("offset"),
             Some(20)
         );
+        // Stored without what the key holds, read back whole: the bytes the snapshot carried.
         assert_eq!(
-            store
-                .timeline_values(&n("PARCEL0001"))
-                .expect("events")
-                .len(),
-            2
+            store.timeline_values(&n("PARCEL0001")).expect("events"),
+            snapshot("PARCEL0001", 10, &["a", "b"]).events
+        );
+        let timeline = store
+            .shipment(&n("PARCEL0002"))
+            .expect("read")
+            .expect("restored")
+            .timeline;
+        assert_eq!(timeline.len(), 1);
+        assert_eq!(
+            (
+                timeline[0].scan_id.as_str(),
+                timeline[0].tracking_number.as_str()
+            ),
+            ("c", "PARCEL0002")
         );
         // A previous owner coming back further along keeps its own newer state and position.
         store

@@ -1141,7 +1141,6 @@ mod tests {
     use super::*;
     use crate::domain::Status;
     use crate::engine::States;
-    use prost::Message;
     use rocksdb::IteratorMode;
     use std::time::Duration;
 
@@ -1168,7 +1167,7 @@ mod tests {
         let event_time = EventTime(hours * HOUR);
         let tracking_number = TrackingNumber::parse(number).expect("valid");
         let scan_id = ScanId::parse(id).expect("valid");
-        let wire = pb::Scan {
+        let mut wire = pb::Scan {
             scan_id: id.into(),
             tracking_number: number.into(),
             scan_type: scan_type.as_i32(),
@@ -1177,7 +1176,7 @@ mod tests {
         };
         StoreScan {
             event_key: keys::event_key(&tracking_number, event_time, &scan_id),
-            stored: wire.encode_to_vec(),
+            stored: records::encode_event(&mut wire),
             tracking_number,
             scan_id,
             scan_type,
