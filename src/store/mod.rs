@@ -476,7 +476,7 @@ impl Store {
             let (start, end) = keys::timeline_range(&number);
             batch.delete_range_cf(self.cf(keys::EVENTS), start, end);
             for bytes in &snapshot.events {
-                let mut scan =
+                let scan =
                     pb::Scan::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
                 let scan_id = crate::domain::ScanId::from_stored(scan.scan_id.clone());
                 let event_time = scan
@@ -485,10 +485,12 @@ impl Store {
                     .ok_or_else(|| {
                         corrupt(format!("scan {} has no valid event time", scan.scan_id))
                     })?;
+                // Stored whole, as the snapshot carries it (fields a newer build added
+                // included): readers take both forms (`records::event_wire`).
                 batch.put_cf(
                     self.cf(keys::EVENTS),
                     keys::event_key(&number, event_time, &scan_id),
-                    records::encode_event(&mut scan),
+                    bytes,
                 );
             }
             batch.put_cf(
@@ -878,7 +880,7 @@ pub(crate) mod tests {
             store.source_offset("scans.raw", 1).expect("offset"),
             Some(20)
         );
-        // Stored without what the key holds, read back whole: the bytes the snapshot carried.
+        // Read back whole: the bytes the snapshot carried.
         assert_eq!(
             store.timeline_values(&n("PARCEL0001")).expect("events"),
             snapshot("PARCEL0001", 10, &["a", "b"]).events
