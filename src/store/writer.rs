@@ -864,26 +864,43 @@ impl Writer {
         let mut batch = WriteBatch::default();
         let mut entries = Vec::with_capacity(due.len());
         for key in due {
-            batch.delete_cf(index, key);
             match keys::decode_stall_key(key) {
-                Some(entry) => entries.push(entry),
-                None => tracing::warn!(key = ?key, "unreadable stall index key dropped"),
+                Some(entry) => entries.push((key, entry)),
+                None => {
+                    batch.delete_cf(index, key);
+                    tracing::warn!(key = ?key, "unreadable stall index key dropped");
+                }
             }
         }
         let values = db.batched_multi_get_cf(
             shipments_cf,
-            entries.iter().map(|(_, number)| keys::shipment_key(number)),
+            entries
+                .iter()
+                .map(|(_, (_, number))| keys::shipment_key(number)),
             false,
         );
         let committed = prost_types::Timestamp::from(SystemTime::now());
         let mut sequence = self.last_sequence;
         let mut stalled = Vec::new();
         let mut changes = Vec::new();
-        for ((deadline, number), value) in entries.into_iter().zip(values) {
+        for ((key, (deadline, number)), value) in entries.into_iter().zip(values) {
             // The sweep reads and writes records itself; a cached copy would go stale.
             self.cache.forget(&number);
-            let Some(bytes) = value? else { continue };
-            let mut state = records::decode_shipment(keys::shipment_key(&number), &bytes)?;
+            let Some(bytes) = value? else {
+                batch.delete_cf(index, key);
+                continue;
+            };
+            let mut state = match records::decode_shipment(keys::shipment_key(&number), &bytes) {
+                Ok(state) => state,
+                Err(error) => {
+                    // Its entry stays, so it is tried again, and the rest of the chunk goes
+                    // on: failing the chunk would fail every sweep on the same entries.
+                    tracing::error!(%error, %number, "shipment record unreadable; not stalled");
+                    metrics::counter!(m::STALL_SWEEP_UNREADABLE_TOTAL).increment(1);
+                    continue;
+                }
+            };
+            batch.delete_cf(index, key);
             if state.stall_deadline != Some(deadline) {
                 continue;
             }
@@ -1366,6 +1383,38 @@ mod tests {
         assert_eq!((first.stalled, first.more_due), (SWEEP_READ, true));
         let second = writer.sweep(EventTime(48 * HOUR)).await.expect("sweeps");
         assert_eq!((second.stalled, second.more_due), (1, false));
+        drop(writer);
+        thread.join().expect("writer stops");
+    }
+
+    /// A record that does not decode fails neither its chunk nor the sweeps after it: the
+    /// shipments beside it stall, and its own entry stays for the next sweep to try again.
+    #[tokio::test]
+    async fn a_due_shipment_whose_record_is_unreadable_is_kept_and_the_rest_stall() {
+        let (_dir, store) = crate::store::tests::temp_store();
+        let (writer, thread) = spawn_writer(&store);
+        ingest(
+            &writer,
+            vec![
+                scan("BROKEN0001", "a1", ScanType::Sorted, 0),
+                scan("SOUND00001", "b1", ScanType::Sorted, 0),
+            ],
+        )
+        .await;
+        store
+            .db
+            .put_cf(store.cf(keys::SHIPMENTS), b"BROKEN0001", [0xff; 3])
+            .expect("overwrites");
+        for expected_stalls in [1, 0] {
+            let swept = writer.sweep(EventTime(48 * HOUR)).await.expect("sweeps");
+            assert_eq!((swept.stalled, swept.more_due), (expected_stalls, false));
+            assert_eq!(deadline_index(&store), vec![(48, "BROKEN0001".into())]);
+        }
+        assert_eq!(
+            shipment(&store, "SOUND00001").status,
+            pb::Status::Stalled as i32
+        );
+        assert_eq!(store.stalled_shipments().expect("count"), 1);
         drop(writer);
         thread.join().expect("writer stops");
     }

@@ -44,6 +44,7 @@ pub const ROCKSDB_BLOCK_CACHE_MISSES_TOTAL: &str = "scand_rocksdb_block_cache_mi
 pub const SHIPMENTS_STALLED: &str = "scand_shipments_stalled";
 pub const SHIPMENTS_STALLED_TOTAL: &str = "scand_shipments_stalled_total";
 pub const STALL_SWEEP_SECONDS: &str = "scand_stall_sweep_seconds";
+pub const STALL_SWEEP_UNREADABLE_TOTAL: &str = "scand_stall_sweep_unreadable_total";
 pub const STATUS_REGRESSIONS_TOTAL: &str = "scand_status_regressions_total";
 pub const SCANS_CLOCK_SKEW_TOTAL: &str = "scand_scans_clock_skew_total";
 pub const TRACKING_NUMBERS_FLAGGED_TOTAL: &str = "scand_tracking_numbers_flagged_total";
@@ -101,6 +102,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         SCANS_CLOCK_SKEW_TOTAL,
         STORE_WRITE_ERRORS_TOTAL,
         KAFKA_DEAD_LETTER_ERRORS_TOTAL,
+        STALL_SWEEP_UNREADABLE_TOTAL,
     ] {
         metrics::counter!(counter).absolute(0);
     }
@@ -266,6 +268,12 @@ fn describe() {
         STALL_SWEEP_SECONDS,
         Unit::Seconds,
         "One stall sweep: read the due deadlines, write the STALLED changes."
+    );
+    describe_counter!(
+        STALL_SWEEP_UNREADABLE_TOTAL,
+        Unit::Count,
+        "Due shipments whose stored record did not decode: not stalled, kept in the deadline \
+         index and tried again at every sweep."
     );
     describe_counter!(
         STATUS_REGRESSIONS_TOTAL,
