@@ -508,11 +508,7 @@ pub fn event_wire(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
     if value.first() == Some(&SCAN_ID_KEY) {
         return Ok(value.to_vec());
     }
-    let (tracking_number, scan_id) =
-        super::keys::decode_event_key(key).ok_or_else(|| StoreError::Corrupt {
-            key: String::from_utf8_lossy(key).into_owned(),
-            what: "not an event key".to_owned(),
-        })?;
+    let (tracking_number, scan_id) = event_key_fields(key)?;
     let mut whole = Vec::with_capacity(value.len() + tracking_number.len() + scan_id.len() + 6);
     put_str(1, scan_id, &mut whole);
     put_str(2, tracking_number, &mut whole);
@@ -520,12 +516,29 @@ pub fn event_wire(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
     Ok(whole)
 }
 
-/// A stored scan, whole, from its `events` key and value.
+/// A stored scan, whole, from its `events` key and value: the key's fields, then the value
+/// merged over them (a value written whole sets them again, to the same).
 pub fn decode_event(key: &[u8], value: &[u8]) -> Result<pb::Scan, StoreError> {
-    pb::Scan::decode(event_wire(key, value)?.as_slice()).map_err(|e| StoreError::Corrupt {
+    let (tracking_number, scan_id) = event_key_fields(key)?;
+    let mut scan = pb::Scan {
+        scan_id: scan_id.to_owned(),
+        tracking_number: tracking_number.to_owned(),
+        ..Default::default()
+    };
+    scan.merge(value)
+        .map_err(|e| corrupt_event(key, &e.to_string()))?;
+    Ok(scan)
+}
+
+fn event_key_fields(key: &[u8]) -> Result<(&str, &str), StoreError> {
+    super::keys::decode_event_key(key).ok_or_else(|| corrupt_event(key, "not an event key"))
+}
+
+fn corrupt_event(key: &[u8], what: &str) -> StoreError {
+    StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
-        what: e.to_string(),
-    })
+        what: what.to_owned(),
+    }
 }
 
 /// Encodes consecutive changes as a [`ChangeBlock`] value, without owned messages.

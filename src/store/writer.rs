@@ -1221,6 +1221,15 @@ mod tests {
             .expect("exists")
     }
 
+    /// One sorting scan at hour 0 for each shipment: in transit, due to stall at hour 48.
+    async fn ingest_in_transit(writer: &WriterHandle, numbers: &[&str]) {
+        let scans = numbers
+            .iter()
+            .map(|number| scan(number, "a1", ScanType::Sorted, 0))
+            .collect();
+        ingest(writer, scans).await;
+    }
+
     fn spawn_writer(store: &Store) -> (WriterHandle, std::thread::JoinHandle<()>) {
         let (writer, _, thread) = spawn(
             store.clone(),
@@ -1393,14 +1402,7 @@ mod tests {
     async fn a_due_shipment_whose_record_is_unreadable_is_kept_and_the_rest_stall() {
         let (_dir, store) = crate::store::tests::temp_store();
         let (writer, thread) = spawn_writer(&store);
-        ingest(
-            &writer,
-            vec![
-                scan("BROKEN0001", "a1", ScanType::Sorted, 0),
-                scan("SOUND00001", "b1", ScanType::Sorted, 0),
-            ],
-        )
-        .await;
+        ingest_in_transit(&writer, &["BROKEN0001", "SOUND00001"]).await;
         store
             .db
             .put_cf(store.cf(keys::SHIPMENTS), b"BROKEN0001", [0xff; 3])
@@ -1425,14 +1427,7 @@ mod tests {
     async fn due_entries_a_scan_superseded_after_the_sweep_read_them_are_not_stalled() {
         let (_dir, store) = crate::store::tests::temp_store();
         let (writer, thread) = spawn_writer(&store);
-        ingest(
-            &writer,
-            vec![
-                scan("RACE000001", "a1", ScanType::Sorted, 0),
-                scan("RACE000002", "b1", ScanType::Sorted, 0),
-            ],
-        )
-        .await;
+        ingest_in_transit(&writer, &["RACE000001", "RACE000002"]).await;
         let now = EventTime(48 * HOUR);
         let due = store.due_stall_keys(now, SWEEP_READ).expect("reads");
         assert_eq!(due.len(), 2);
