@@ -198,18 +198,13 @@ pub fn check_valid(input: &pb::Scan, v: &StoreScan, config: &IngestConfig) {
         assert!(value.len() <= MAX_ATTRIBUTE_VALUE_BYTES);
     }
 
-    // What is stored: the stamped wire form, under a key inside the shipment's timeline range.
-    assert_eq!(
-        v.event_key,
-        keys::event_key(&v.tracking_number, v.event_time, &v.scan_id)
+    // What is stored: the stamped wire form, less what its timeline entry holds.
+    let whole = records::whole_scan(
+        v.tracking_number.as_str(),
+        v.scan_id.as_str(),
+        &v.stored,
     );
-    let (start, end) = keys::timeline_range(&v.tracking_number);
-    assert!(
-        v.event_key >= start && v.event_key < end,
-        "event key outside its timeline"
-    );
-    let stored = records::decode_event(&v.event_key, &v.stored).expect("stored form decodes");
-    assert_eq!(stored, v.wire);
+    assert_eq!(whole, v.wire.encode_to_vec());
     assert!(v.origin.is_none());
     let issue = v.number_check.as_ref().map(|c| c.issue.as_str());
     assert!(

@@ -52,7 +52,7 @@ fn stats(store: &Store, sinks: &[&'static str]) -> Result<pb::Stats, StoreError>
         uptime_seconds: 0,
         last_sequence,
         shipments_estimate: store.estimate_keys(keys::SHIPMENTS)?,
-        stored_scans_estimate: store.estimate_keys(keys::EVENTS)?,
+        stored_scans_estimate: store.stored_scans()?,
         stalled_shipments: store.stalled_shipments()?,
         data_bytes,
         sinks,

@@ -12,7 +12,7 @@ use crate::config::IngestConfig;
 use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, TrackingNumberError};
 use crate::engine::facility_hash;
 use crate::engine::NumberCheck;
-use crate::store::{keys, records, writer::StoreScan};
+use crate::store::{records, writer::StoreScan};
 use crate::telemetry::metrics as m;
 
 /// Longest facility, device or exception code, in bytes.
@@ -257,7 +257,6 @@ impl Validator {
                 .map_or("", |l| l.facility_id.as_str()),
         );
         Ok(StoreScan {
-            event_key: keys::event_key(&tracking_number, event_time, &scan_id),
             stored: records::encode_event(&mut scan),
             tracking_number,
             scan_id,

@@ -39,10 +39,15 @@ pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
 /// Layout version of this data directory.
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 /// 2: `shipments` values may be merge operands (deltas), which builds reading version 1
-/// cannot apply. A version 1 directory opens as is and is marked 2.
-pub const SCHEMA_VERSION: u32 = 2;
+/// cannot apply. 3: a scan is stored in its shipment's timeline entry, where builds reading
+/// version 2 would not look. Older directories open as they are and are marked 3: their
+/// scans under `events` keys are read from there.
+pub const SCHEMA_VERSION: u32 = 3;
 /// Versions this build opens and upgrades by marking them current.
-pub const UPGRADABLE_SCHEMA_VERSIONS: [u32; 1] = [1];
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u32; 2] = [1, 2];
+/// Scans stored (u64 BE), kept in the same writes that store and replace them; set from
+/// RocksDB's estimate of the `events` keys when a directory from before version 3 opens.
+pub const META_STORED_SCANS: &[u8] = b"stored_scans";
 /// Shipments currently stalled (u64 BE), kept in the same writes that stall and wake them.
 pub const META_STALLED_SHIPMENTS: &[u8] = b"stalled_shipments";
 /// Written (synced) to learn whether a store that refused writes takes them again.

@@ -56,9 +56,10 @@ pub struct Store {
     /// Bumped by every write of shipment state that bypasses the writer (changelog restore).
     restore_epoch: Arc<std::sync::atomic::AtomicU64>,
     /// Held by the writer from reading a group's states to writing them, and by a restore
-    /// for its write and epoch bump: a restore never lands in between, so the writer never
-    /// merges a delta built on a state the restore replaced into the restored record.
-    state_writes: Arc<std::sync::Mutex<()>>,
+    /// for its reads, write and epoch bump: a restore never lands in between, so the writer
+    /// never merges a delta built on a state the restore replaced into the restored record.
+    /// It guards the count of stored scans, which both keep in `meta` with what they write.
+    state_writes: Arc<std::sync::Mutex<u64>>,
 }
 
 struct StoreTelemetry {
@@ -201,7 +202,29 @@ impl Store {
             state_writes: Arc::default(),
         };
         store.check_schema()?;
+        let stored_scans = store.stored_scans()?;
+        *store.exclusive_state_writes() = stored_scans;
         Ok(store)
+    }
+
+    /// Scans stored, as counted by the writes that store them; for a directory from before
+    /// the count, RocksDB's estimate of its `events` keys (recorded, so later writes count on).
+    pub fn stored_scans(&self) -> Result<u64, StoreError> {
+        let meta = self.cf(keys::META);
+        if let Some(v) = self.db.get_cf(meta, keys::META_STORED_SCANS)? {
+            return v
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    key: "stored_scans".into(),
+                    what: format!("{} bytes", v.len()),
+                });
+        }
+        let estimate = self.estimate_keys(keys::EVENTS)?;
+        self.db
+            .put_cf(meta, keys::META_STORED_SCANS, estimate.to_be_bytes())?;
+        Ok(estimate)
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
@@ -303,9 +326,10 @@ impl Store {
         Ok(())
     }
 
-    /// Shipment state is read and written by the holder alone (see `state_writes`). Nothing
-    /// panics while holding it, so a poisoned lock only means its holder's thread died.
-    pub(crate) fn exclusive_state_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+    /// Shipment state is read and written by the holder alone, which keeps the count of
+    /// stored scans it guards (see `state_writes`). Nothing panics while holding it, so a
+    /// poisoned lock only means its holder's thread died.
+    pub(crate) fn exclusive_state_writes(&self) -> std::sync::MutexGuard<'_, u64> {
         self.state_writes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -436,26 +460,70 @@ impl Store {
         &self,
         tracking_number: &TrackingNumber,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let (start, end) = keys::timeline_range(tracking_number);
-        let mut read = ReadOptions::default();
-        read.set_iterate_upper_bound(end);
-        self.db
-            .iterator_cf_opt(
-                self.cf(keys::EVENTS),
-                read,
-                IteratorMode::From(&start, Direction::Forward),
-            )
-            .map(|item| {
-                let (key, value) = item?;
-                records::event_wire(&key, &value)
-            })
-            .collect()
+        let snapshot = self.db.snapshot();
+        let key = keys::shipment_key(tracking_number);
+        match snapshot.get_cf(self.cf(keys::SHIPMENTS), key)? {
+            Some(bytes) => self.scans_at(&snapshot, tracking_number, key, &bytes),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The whole scans of a shipment's record as read in `snapshot`, in timeline order: from
+    /// its entries, or, for entries of an earlier layout or a restore, from their `events`
+    /// keys (one range read, in the same order).
+    fn scans_at(
+        &self,
+        snapshot: &rocksdb::Snapshot<'_>,
+        tracking_number: &TrackingNumber,
+        key: &[u8],
+        record: &[u8],
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let record = records::decode_shipment_record(key, record)?;
+        let number = tracking_number.as_str();
+        let mut events = None;
+        let mut scans = Vec::with_capacity(record.timeline.len());
+        for entry in &record.timeline {
+            if let Some(scan) = records::entry_scan(number, entry) {
+                scans.push(scan);
+                continue;
+            }
+            let events = events.get_or_insert_with(|| {
+                let (start, end) = keys::timeline_range(tracking_number);
+                let mut read = ReadOptions::default();
+                read.set_snapshot(snapshot);
+                read.set_iterate_upper_bound(end);
+                self.db.iterator_cf_opt(
+                    self.cf(keys::EVENTS),
+                    read,
+                    IteratorMode::From(&start, Direction::Forward),
+                )
+            });
+            let wanted = keys::event_key(
+                tracking_number,
+                EventTime(entry.event_time),
+                &crate::domain::ScanId::from_stored(entry.scan_id.clone()),
+            );
+            let value = loop {
+                match events.next().transpose()? {
+                    Some((key, value)) if *key == *wanted => break value,
+                    Some((key, _)) if *key < *wanted => continue,
+                    _ => {
+                        return Err(StoreError::Corrupt {
+                            key: String::from_utf8_lossy(&wanted).into_owned(),
+                            what: "timeline entry without its stored scan".into(),
+                        })
+                    }
+                }
+            };
+            scans.push(records::whole_scan(number, &entry.scan_id, &value));
+        }
+        Ok(scans)
     }
 
     /// Installs shipments of one source partition replicated from its previous owner: every
     /// snapshot newer than the local state replaces what is stored for its shipment, and the
     /// partition resumes at `resume` (the last complete-state marker) unless the local state is
-    /// further along. One synced write.
+    /// further along. One synced write, counted in the stored scans.
     pub fn restore(
         &self,
         topic: &str,
@@ -463,9 +531,13 @@ impl Store {
         snapshots: &[writer::Snapshot],
         resume: i64,
     ) -> Result<usize, StoreError> {
+        let mut stored_scans = self.exclusive_state_writes();
         let local = self.source_offset(topic, partition)?.unwrap_or(-1);
         let mut batch = rocksdb::WriteBatch::default();
         let mut restored = 0;
+        // Per restored shipment: the scans it had here, and those it has restored.
+        let mut scan_counts: std::collections::HashMap<TrackingNumber, (u64, u64)> =
+            std::collections::HashMap::new();
         for snapshot in snapshots.iter().filter(|s| s.next_offset > local) {
             let corrupt = |what: String| StoreError::Corrupt {
                 key: snapshot.tracking_number.clone(),
@@ -473,6 +545,11 @@ impl Store {
             };
             let number = TrackingNumber::parse(&snapshot.tracking_number)
                 .map_err(|e| corrupt(e.to_string()))?;
+            let had = match scan_counts.get(&number) {
+                Some(&(had, _)) => had,
+                None => self.scans_stored_for(&number)?,
+            };
+            scan_counts.insert(number.clone(), (had, snapshot.events.len() as u64));
             let (start, end) = keys::timeline_range(&number);
             batch.delete_range_cf(self.cf(keys::EVENTS), start, end);
             for bytes in &snapshot.events {
@@ -514,13 +591,30 @@ impl Store {
             keys::source_offset_key(topic, partition),
             resume.max(local).to_be_bytes(),
         );
+        let now_stored = scan_counts.values().fold(*stored_scans, |n, &(had, now)| {
+            (n + now).saturating_sub(had)
+        });
+        batch.put_cf(
+            self.cf(keys::META),
+            keys::META_STORED_SCANS,
+            now_stored.to_be_bytes(),
+        );
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
-        let _exclusive = self.exclusive_state_writes();
         self.db.write_opt(batch, &sync)?;
+        *stored_scans = now_stored;
         self.restore_epoch
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(restored)
+    }
+
+    /// The length of a shipment's stored timeline (0 for one never seen).
+    fn scans_stored_for(&self, tracking_number: &TrackingNumber) -> Result<u64, StoreError> {
+        let key = keys::shipment_key(tracking_number);
+        Ok(match self.db.get_cf(self.cf(keys::SHIPMENTS), key)? {
+            Some(bytes) => records::decode_shipment_record(key, &bytes)?.timeline.len() as u64,
+            None => 0,
+        })
     }
 
     /// A shipment with its timeline in order, read from one snapshot.
@@ -534,19 +628,16 @@ impl Store {
             return Ok(None);
         };
         let state = records::decode_shipment(key, &bytes)?;
-        let (start, end) = keys::timeline_range(tracking_number);
-        let mut read = ReadOptions::default();
-        read.set_snapshot(&snapshot);
-        read.set_iterate_upper_bound(end);
-        let mut timeline = Vec::with_capacity(state.timeline.len());
-        for item in self.db.iterator_cf_opt(
-            self.cf(keys::EVENTS),
-            read,
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (key, value) = item?;
-            timeline.push(records::decode_event(&key, &value)?);
-        }
+        let timeline = self
+            .scans_at(&snapshot, tracking_number, key, &bytes)?
+            .into_iter()
+            .map(|scan| {
+                pb::Scan::decode(scan.as_slice()).map_err(|e| StoreError::Corrupt {
+                    key: tracking_number.to_string(),
+                    what: e.to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let (status, sub_status) = crate::api::status_fields(state.point());
         let stalled_status = crate::api::stalled_status(state.point());
         let flags = state.flags;
@@ -674,7 +765,7 @@ pub(crate) mod tests {
     }
 
     /// An empty data directory and the default store config pointing at it.
-    fn temp_config() -> (tempfile::TempDir, StoreConfig) {
+    pub(crate) fn temp_config() -> (tempfile::TempDir, StoreConfig) {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = StoreConfig {
             path: dir.path().to_owned(),
@@ -833,8 +924,20 @@ pub(crate) mod tests {
         assert!(!left.iter().any(|l| l == keys::LEGACY_CHANGES), "{left:?}");
     }
 
+    /// A snapshot as a writer builds one: its record's timeline lists the scans it carries.
     fn snapshot(number: &str, next_offset: i64, scan_ids: &[&str]) -> writer::Snapshot {
-        let state = crate::engine::ShipmentState::default();
+        let state = crate::engine::ShipmentState {
+            timeline: scan_ids
+                .iter()
+                .map(|id| crate::engine::Entry {
+                    event_time: EventTime(60_000_000),
+                    scan_id: crate::domain::ScanId::from_stored((*id).into()),
+                    scan_type: crate::domain::ScanType::LabelCreated,
+                    facility: 0,
+                })
+                .collect(),
+            ..Default::default()
+        };
         writer::Snapshot {
             tracking_number: number.into(),
             topic: "scans.raw".into(),
@@ -876,6 +979,7 @@ pub(crate) mod tests {
             )
             .expect("restore");
         assert_eq!(restored, 2);
+        assert_eq!(store.stored_scans().expect("reads"), 3);
         assert_eq!(
             store.source_offset("scans.raw", 1).expect("offset"),
             Some(20)
@@ -913,6 +1017,24 @@ pub(crate) mod tests {
                 .len(),
             2
         );
+        assert_eq!(store.stored_scans().expect("reads"), 3);
+        // A newer snapshot replaces what it restores, in the count too, twice in one batch.
+        store
+            .restore(
+                "scans.raw",
+                1,
+                &[
+                    snapshot("PARCEL0001", 40, &["d", "e", "f"]),
+                    snapshot("PARCEL0001", 41, &["g"]),
+                ],
+                41,
+            )
+            .expect("restore");
+        assert_eq!(store.stored_scans().expect("reads"), 2);
+        assert_eq!(
+            store.timeline_values(&n("PARCEL0001")).expect("events"),
+            snapshot("PARCEL0001", 41, &["g"]).events
+        );
     }
 
     #[test]
@@ -933,29 +1055,31 @@ pub(crate) mod tests {
         let err = Store::open(&config).err().expect("refused");
         assert_eq!(
             err.to_string(),
-            "data directory has schema version 99; this build reads 2"
+            "data directory has schema version 99; this build reads 3"
         );
     }
 
     #[test]
-    fn a_version_1_directory_opens_and_is_marked_current() {
-        let (_dir, config) = temp_config();
-        {
-            let store = Store::open(&config).expect("opens");
-            store
+    fn version_1_and_2_directories_open_and_are_marked_current() {
+        for old in [1u32, 2] {
+            let (_dir, config) = temp_config();
+            {
+                let store = Store::open(&config).expect("opens");
+                store
+                    .db
+                    .put_cf(
+                        store.cf(keys::META),
+                        keys::META_SCHEMA_VERSION,
+                        old.to_be_bytes(),
+                    )
+                    .expect("writes");
+            }
+            let store = Store::open(&config).expect("upgrades");
+            let version = store
                 .db
-                .put_cf(
-                    store.cf(keys::META),
-                    keys::META_SCHEMA_VERSION,
-                    1u32.to_be_bytes(),
-                )
-                .expect("writes");
+                .get_cf(store.cf(keys::META), keys::META_SCHEMA_VERSION)
+                .expect("reads");
+            assert_eq!(version.as_deref(), Some(&3u32.to_be_bytes()[..]));
         }
-        let store = Store::open(&config).expect("upgrades");
-        let version = store
-            .db
-            .get_cf(store.cf(keys::META), keys::META_SCHEMA_VERSION)
-            .expect("reads");
-        assert_eq!(version.as_deref(), Some(&2u32.to_be_bytes()[..]));
     }
 }

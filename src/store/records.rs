@@ -1,7 +1,8 @@
 //! Value codecs: the engine's shipment state as a protobuf record (`shipments`), so fields can
 //! be added without a migration, the deltas the writer merges into it and their merge, and
-//! blocks of the change log (`changes`), and stored scans (`events`) without what their key
-//! already says.
+//! blocks of the change log (`changes`). A stored scan is kept in its timeline entry, without
+//! the scan id and tracking number the entry and key already hold; scans an earlier build
+//! stored under their own `events` keys are read from there.
 
 use prost::Message;
 
@@ -60,6 +61,10 @@ pub struct EntryRecord {
     pub scan_type: i32,
     #[prost(fixed64, tag = "4")]
     pub facility: u64,
+    /// The stored scan ([`encode_event`]); empty when it is under its own `events` key (an
+    /// earlier build's layout, or a changelog restore's).
+    #[prost(bytes = "bytes", tag = "5")]
+    pub event: prost::bytes::Bytes,
 }
 
 /// The record of a state, as owned protobuf; `encode_shipment` writes the same bytes without
@@ -80,6 +85,7 @@ fn shipment_record(state: &ShipmentState) -> ShipmentRecord {
                 scan_id: e.scan_id.as_str().to_owned(),
                 scan_type: e.scan_type.as_i32(),
                 facility: e.facility,
+                event: Default::default(),
             })
             .collect(),
         stalled: state.stalled,
@@ -222,6 +228,8 @@ pub struct EntryFields<'a> {
     pub scan_id: &'a str,
     pub scan_type: ScanType,
     pub facility: u64,
+    /// The stored scan, in the delta that adds it; empty where only the summary is written.
+    pub event: &'a [u8],
 }
 
 impl<'a> From<&'a Entry> for EntryFields<'a> {
@@ -231,13 +239,15 @@ impl<'a> From<&'a Entry> for EntryFields<'a> {
             scan_id: e.scan_id.as_str(),
             scan_type: e.scan_type,
             facility: e.facility,
+            event: &[],
         }
     }
 }
 
 /// Encodes the state as a `ShipmentRecord`, field by field from the state itself: building the
 /// owned record first would copy each scan id of the timeline. Same bytes as prost's encoding
-/// of the record (tested). A whole record is the delta from nothing.
+/// of the record (tested). A whole record is the delta from nothing. It holds no stored
+/// scans (the state has none): written only with the scans under their `events` keys.
 pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
     encode_shipment_delta(
         state,
@@ -246,11 +256,17 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
     )
 }
 
+/// A delta of the state's head alone (status, version, flags, deadline): what the stall sweep
+/// changes, written without rewriting the timeline and the scans it stores.
+pub fn encode_shipment_head(state: &ShipmentState) -> Vec<u8> {
+    encode_shipment_delta(state, std::iter::empty(), std::iter::empty())
+}
+
 /// Encodes what one write changed in a shipment, the operand [`merge_shipment_records`]
 /// applies to the stored record: the state's head (status, version, flags, ...) whole, the
-/// timeline entries the write added, and the scan ids it replaced (whose entries the merge
-/// removes). A `ShipmentRecord` in form, so a delta merged into nothing is the record of
-/// a shipment that had nothing before.
+/// timeline entries the write added with their stored scans, and the scan ids it replaced
+/// (whose entries the merge removes). A `ShipmentRecord` in form, so a delta merged into
+/// nothing is the record of a shipment that had nothing before.
 pub fn encode_shipment_delta<'a>(
     state: &ShipmentState,
     timeline: impl Iterator<Item = EntryFields<'a>> + Clone,
@@ -275,6 +291,11 @@ pub fn encode_shipment_delta<'a>(
                 fixed64::encoded_len(4, &e.facility)
             } else {
                 0
+            })
+            + (if e.event.is_empty() {
+                0
+            } else {
+                key_len(5) + encoded_len_varint(e.event.len() as u64) + e.event.len()
             })
     }
 
@@ -319,6 +340,11 @@ pub fn encode_shipment_delta<'a>(
         }
         if e.facility != 0 {
             wire::fixed64(4, &e.facility, &mut buf);
+        }
+        if !e.event.is_empty() {
+            wire::key(5, wire::LEN, &mut buf);
+            wire::varint(e.event.len() as u64, &mut buf);
+            buf.extend_from_slice(e.event);
         }
     }
     if state.stalled {
@@ -381,13 +407,27 @@ pub fn merge_shipment_records<'a>(
     deltas: impl IntoIterator<Item = &'a [u8]>,
 ) -> Option<Vec<u8>> {
     let mut merged = match record {
-        Some(bytes) => ShipmentRecord::decode(bytes).ok()?,
+        Some(bytes) => decode_record(bytes).ok()?,
         None => ShipmentRecord::default(),
     };
     for delta in deltas {
-        merged.apply(ShipmentRecord::decode(delta).ok()?);
+        merged.apply(decode_record(delta).ok()?);
     }
     Some(merged.encode_to_vec())
+}
+
+/// Decodes a record or delta. Copied once into a shared buffer, which the entries' stored
+/// scans then point into: decoded from the slice, each would be an allocation of its own.
+fn decode_record(bytes: &[u8]) -> Result<ShipmentRecord, prost::DecodeError> {
+    ShipmentRecord::decode(prost::bytes::Bytes::copy_from_slice(bytes))
+}
+
+/// A shipment's record with its stored scans, as read for GetShipment and changelog snapshots.
+pub fn decode_shipment_record(key: &[u8], bytes: &[u8]) -> Result<ShipmentRecord, StoreError> {
+    decode_record(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        what: e.to_string(),
+    })
 }
 
 /// A value of the `changes` column family: consecutive status changes, in sequence order.
@@ -499,46 +539,39 @@ pub fn encode_event(scan: &mut pb::Scan) -> Vec<u8> {
     value
 }
 
-/// The whole wire form of a stored scan from its `events` key and value. Prost writes fields
-/// in tag order and the value lacks only the first two, so the two put in front give the bytes
-/// the whole scan encodes to. A value written whole (by builds before this layout) starts with
-/// its scan id (field 1) and is returned as it is.
+/// The whole wire form of a stored scan from its `events` key and value (see [`whole_scan`]).
 pub fn event_wire(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let (tracking_number, scan_id) = event_key_fields(key)?;
+    Ok(whole_scan(tracking_number, scan_id, value))
+}
+
+/// The whole wire form of a stored scan of an entry, `None` when the entry's scan is under
+/// its own `events` key.
+pub fn entry_scan(tracking_number: &str, entry: &EntryRecord) -> Option<Vec<u8>> {
+    (!entry.event.is_empty()).then(|| whole_scan(tracking_number, &entry.scan_id, &entry.event))
+}
+
+/// A stored scan's whole wire form. Prost writes fields in tag order and a stored scan lacks
+/// only the first two, so the two put in front give the bytes the whole scan encodes to. A
+/// value written whole (by builds before session 12) starts with its scan id (field 1) and is
+/// returned as it is.
+pub fn whole_scan(tracking_number: &str, scan_id: &str, value: &[u8]) -> Vec<u8> {
     const SCAN_ID_KEY: u8 = (1 << 3 | wire::LEN) as u8;
     if value.first() == Some(&SCAN_ID_KEY) {
-        return Ok(value.to_vec());
+        return value.to_vec();
     }
-    let (tracking_number, scan_id) = event_key_fields(key)?;
     let mut whole = Vec::with_capacity(value.len() + tracking_number.len() + scan_id.len() + 6);
     put_str(1, scan_id, &mut whole);
     put_str(2, tracking_number, &mut whole);
     whole.extend_from_slice(value);
-    Ok(whole)
-}
-
-/// A stored scan, whole, from its `events` key and value: the key's fields, then the value
-/// merged over them (a value written whole sets them again, to the same).
-pub fn decode_event(key: &[u8], value: &[u8]) -> Result<pb::Scan, StoreError> {
-    let (tracking_number, scan_id) = event_key_fields(key)?;
-    let mut scan = pb::Scan {
-        scan_id: scan_id.to_owned(),
-        tracking_number: tracking_number.to_owned(),
-        ..Default::default()
-    };
-    scan.merge(value)
-        .map_err(|e| corrupt_event(key, &e.to_string()))?;
-    Ok(scan)
+    whole
 }
 
 fn event_key_fields(key: &[u8]) -> Result<(&str, &str), StoreError> {
-    super::keys::decode_event_key(key).ok_or_else(|| corrupt_event(key, "not an event key"))
-}
-
-fn corrupt_event(key: &[u8], what: &str) -> StoreError {
-    StoreError::Corrupt {
+    super::keys::decode_event_key(key).ok_or_else(|| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
-        what: what.to_owned(),
-    }
+        what: "not an event key".to_owned(),
+    })
 }
 
 /// Encodes consecutive changes as a [`ChangeBlock`] value, without owned messages.
@@ -562,12 +595,13 @@ pub fn decode_change_block(key: &[u8], bytes: &[u8]) -> Result<ChangeBlock, Stor
     })
 }
 
+/// The engine's state of a shipment from its record (its stored scans left out).
 pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
         what: what.to_owned(),
     };
-    let record = ShipmentRecord::decode(bytes).map_err(|e| corrupt(&e.to_string()))?;
+    let record = decode_shipment_record(key, bytes)?;
     let point = match record.status {
         0 => None,
         n => Some(StatusPoint {
@@ -664,7 +698,12 @@ mod tests {
             };
             assert_eq!(value, without.encode_to_vec());
             assert_eq!(event_wire(&key, &value).expect("whole"), whole);
-            assert_eq!(decode_event(&key, &value).expect("decodes"), scan);
+            let entry = EntryRecord {
+                scan_id: scan_id.to_owned(),
+                event: value.into(),
+                ..Default::default()
+            };
+            assert_eq!(entry_scan("PARCEL0001", &entry), Some(whole));
         }
     }
 
@@ -673,7 +712,17 @@ mod tests {
         let (key, scan) = stored_scan("s-1");
         let whole = scan.encode_to_vec();
         assert_eq!(event_wire(&key, &whole).expect("whole"), whole);
-        assert_eq!(decode_event(&key, &whole).expect("decodes"), scan);
+        assert_eq!(whole_scan("PARCEL0001", "s-1", &whole), whole);
+        assert_eq!(pb::Scan::decode(whole.as_slice()).expect("decodes"), scan);
+    }
+
+    #[test]
+    fn an_entry_without_its_scan_gives_none() {
+        let entry = EntryRecord {
+            scan_id: "s-1".to_owned(),
+            ..Default::default()
+        };
+        assert_eq!(entry_scan("PARCEL0001", &entry), None);
     }
 
     #[test]
@@ -709,6 +758,7 @@ mod tests {
                         scan_id: format!("s{:03}", 97 * next_id % 1000),
                         scan_type: 6,
                         facility: 1,
+                        event: format!("scan {next_id}").into_bytes().into(),
                     }
                 })
                 .collect();
@@ -847,6 +897,51 @@ mod tests {
             encode_shipment(&empty),
             shipment_record(&empty).encode_to_vec()
         );
+    }
+
+    #[test]
+    fn a_delta_carries_its_stored_scans_as_prost_would_and_the_state_leaves_them_out() {
+        let state = ShipmentState {
+            version: Version(2),
+            ..Default::default()
+        };
+        let scans: [&[u8]; 2] = [b"first scan", &[7u8; 300]];
+        let added = [("a", 5, scans[0]), ("b", 9, scans[1])].map(|(id, time, event)| EntryFields {
+            event_time: EventTime(time),
+            scan_id: id,
+            scan_type: ScanType::Sorted,
+            facility: 3,
+            event,
+        });
+        let delta = encode_shipment_delta(&state, added.into_iter(), std::iter::empty());
+        let expected = ShipmentRecord {
+            version: 2,
+            timeline: added
+                .iter()
+                .map(|e| EntryRecord {
+                    event_time: e.event_time.0,
+                    scan_id: e.scan_id.to_owned(),
+                    scan_type: e.scan_type.as_i32(),
+                    facility: e.facility,
+                    event: e.event.to_vec().into(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(delta, expected.encode_to_vec());
+        let merged = merge_shipment_records(None, [delta.as_slice()]).expect("merges");
+        let record = decode_shipment_record(b"k", &merged).expect("decodes");
+        assert_eq!(
+            record
+                .timeline
+                .iter()
+                .map(|e| &e.event[..])
+                .collect::<Vec<_>>(),
+            scans
+        );
+        let decoded = decode_shipment(b"k", &merged).expect("decodes");
+        assert_eq!(decoded.timeline.len(), 2);
+        assert_eq!(decoded.version, Version(2));
     }
 
     #[test]

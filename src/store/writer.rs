@@ -57,9 +57,9 @@ pub struct StoreScan {
     pub origin: Option<Origin>,
     /// Event time far from receipt time (flagged on the shipment, not rejected).
     pub clock_skewed: bool,
-    /// Its `events` key and value (the wire form stamped with its receipt time), encoded at
-    /// the edge so the single writer does not spend its time encoding.
-    pub event_key: Vec<u8>,
+    /// Its stored form (the wire form stamped with its receipt time, without what its
+    /// timeline entry holds), encoded at the edge so the single writer does not spend its
+    /// time encoding.
     pub stored: Vec<u8>,
     /// The carrier check of the tracking number, when the policy checks it.
     pub number_check: Option<Arc<NumberCheck>>,
@@ -657,11 +657,10 @@ impl Writer {
     /// Applies and writes a group (its WAL not yet synced).
     fn commit(&mut self, group: &[Request]) -> Result<Applied, StoreError> {
         let store = self.store.clone();
-        let _exclusive = store.exclusive_state_writes();
+        let mut stored_scans = store.exclusive_state_writes();
         let scans: Vec<&StoreScan> = group.iter().flat_map(|r| r.scans.iter()).collect();
         let db = &self.store.db;
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
-        let events_cf = self.store.cf(keys::EVENTS);
         let changes_cf = self.store.cf(keys::CHANGES);
 
         // The engine applies the group to the cached states in place; only shipments the
@@ -709,10 +708,14 @@ impl Writer {
                 Some((number, run)) if *number == &scan.tracking_number => run.end = position + 1,
                 _ => touched.push((&scan.tracking_number, position..position + 1)),
             }
-            batch.put_cf(events_cf, &scan.event_key, &scan.stored);
         }
+        // A replaced scan leaves its entry with the merge; one stored by an earlier layout
+        // also has an `events` key.
         for (number, event_time, scan_id) in &removed {
-            batch.delete_cf(events_cf, keys::event_key(number, *event_time, scan_id));
+            batch.delete_cf(
+                self.store.cf(keys::EVENTS),
+                keys::event_key(number, *event_time, scan_id),
+            );
         }
         // `removed` is grouped in the same shipment order, and each of its shipments stored a
         // scan: its runs are met in step with `touched`.
@@ -736,6 +739,7 @@ impl Writer {
                     scan_id: scan.scan_id.as_str(),
                     scan_type: scan.scan_type,
                     facility: scan.facility,
+                    event: &scan.stored,
                 });
                 batch.merge_cf(
                     shipments_cf,
@@ -780,6 +784,14 @@ impl Writer {
                 keys::change_key(sequence),
             );
         }
+        let now_stored = (*stored_scans + stored.len() as u64).saturating_sub(removed.len() as u64);
+        if now_stored != *stored_scans {
+            batch.put_cf(
+                self.store.cf(keys::META),
+                keys::META_STORED_SCANS,
+                now_stored.to_be_bytes(),
+            );
+        }
 
         if !scans.is_empty() {
             self.batch_bytes_per_scan = batch.size_in_bytes() / scans.len();
@@ -787,6 +799,7 @@ impl Writer {
         // Not synced here: the syncer syncs the WAL for this and any later group at once.
         db.write_opt(batch, &WriteOptions::default())?;
 
+        *stored_scans = now_stored;
         self.last_sequence = sequence;
         self.stalled_shipments = stalled_shipments;
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
@@ -914,19 +927,19 @@ impl Writer {
                 if let Some(later) = state.stall_deadline {
                     batch.put_cf(index, keys::stall_key(later, &number), []);
                 }
-                batch.put_cf(
+                batch.merge_cf(
                     shipments_cf,
                     keys::shipment_key(&number),
-                    records::encode_shipment(&state),
+                    records::encode_shipment_head(&state),
                 );
                 continue;
             };
             state.stall_deadline = None;
             sequence = Sequence(sequence.0 + 1);
-            batch.put_cf(
+            batch.merge_cf(
                 shipments_cf,
                 keys::shipment_key(&number),
-                records::encode_shipment(&state),
+                records::encode_shipment_head(&state),
             );
             changes.push((sequence, change, deadline));
             stalled.push((number, state));
@@ -1158,6 +1171,7 @@ mod tests {
     use super::*;
     use crate::domain::Status;
     use crate::engine::States;
+    use prost::Message;
     use rocksdb::IteratorMode;
     use std::time::Duration;
 
@@ -1192,7 +1206,6 @@ mod tests {
             ..Default::default()
         };
         StoreScan {
-            event_key: keys::event_key(&tracking_number, event_time, &scan_id),
             stored: records::encode_event(&mut wire),
             tracking_number,
             scan_id,
@@ -1246,6 +1259,68 @@ mod tests {
         (writer, thread)
     }
 
+    #[tokio::test]
+    async fn scans_an_earlier_layout_stored_under_events_keys_read_in_order_with_later_ones() {
+        let (_dir, config) = crate::store::tests::temp_config();
+        let number = TrackingNumber::parse("PARCEL0001").expect("valid");
+        {
+            // What a version 2 build left: the scan under its `events` key, the record without
+            // it, no count of stored scans.
+            let store = Store::open(&config).expect("opens");
+            let old = scan("PARCEL0001", "old", ScanType::PickedUp, 5);
+            let mut states = States::default();
+            Engine::new(Duration::from_secs(60)).apply(vec![old.incoming(0)], &mut states);
+            let state = states.get(&number).expect("applied");
+            let db = &store.db;
+            db.put_cf(
+                store.cf(keys::EVENTS),
+                keys::event_key(&number, old.event_time, &old.scan_id),
+                &old.stored,
+            )
+            .expect("writes");
+            db.put_cf(
+                store.cf(keys::SHIPMENTS),
+                keys::shipment_key(&number),
+                records::encode_shipment(state),
+            )
+            .expect("writes");
+            let meta = store.cf(keys::META);
+            db.put_cf(meta, keys::META_SCHEMA_VERSION, 2u32.to_be_bytes())
+                .expect("writes");
+            db.delete_cf(meta, keys::META_STORED_SCANS).expect("writes");
+        }
+        let store = Store::open(&config).expect("opens");
+        assert_eq!(store.stored_scans().expect("reads"), 1, "estimated");
+        let (writer, thread) = spawn_writer(&store);
+        // One late scan before the old one, one after it.
+        ingest(
+            &writer,
+            vec![
+                scan("PARCEL0001", "new", ScanType::Sorted, 9),
+                scan("PARCEL0001", "early", ScanType::LabelCreated, 1),
+            ],
+        )
+        .await;
+        let timeline = shipment(&store, "PARCEL0001").timeline;
+        let ids: Vec<&str> = timeline.iter().map(|s| s.scan_id.as_str()).collect();
+        assert_eq!(ids, ["early", "old", "new"]);
+        assert_eq!(
+            timeline[1],
+            scan("PARCEL0001", "old", ScanType::PickedUp, 5).wire
+        );
+        let values = store.timeline_values(&number).expect("reads");
+        assert_eq!(
+            values,
+            timeline
+                .iter()
+                .map(Message::encode_to_vec)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(store.stored_scans().expect("reads"), 3);
+        drop(writer);
+        thread.join().expect("writer stops");
+    }
+
     /// Deltas written group by group, merged by RocksDB on read, at flush (deltas combined
     /// without their record) and at compaction, give the bytes of the record the engine's
     /// state has after the same groups: late scans, fingerprint replacements (also within a
@@ -1281,11 +1356,26 @@ mod tests {
             expected
                 .iter()
                 .map(|(number, state)| {
+                    let key = keys::shipment_key(number);
                     let merged = store
                         .db
-                        .get_cf(store.cf(keys::SHIPMENTS), keys::shipment_key(number))
-                        .expect("reads");
-                    (merged, Some(records::encode_shipment(state)))
+                        .get_cf(store.cf(keys::SHIPMENTS), key)
+                        .expect("reads")
+                        .expect("stored");
+                    // The record's state, and its stored scans in timeline order.
+                    let scan_ids = |scans: Vec<Vec<u8>>| -> Vec<String> {
+                        scans
+                            .iter()
+                            .map(|bytes| pb::Scan::decode(bytes.as_slice()).expect("scan"))
+                            .map(|scan| scan.scan_id)
+                            .collect()
+                    };
+                    let merged = (
+                        records::decode_shipment(key, &merged).expect("decodes"),
+                        scan_ids(store.timeline_values(number).expect("scans")),
+                    );
+                    let ids = state.timeline.iter().map(|e| e.scan_id.to_string());
+                    (merged, (state.clone(), ids.collect::<Vec<_>>()))
                 })
                 .collect::<Vec<_>>()
         };
@@ -1510,6 +1600,14 @@ mod tests {
         assert_eq!(transit.stalled_status, pb::Status::InTransit as i32);
         assert_eq!(transit.sub_status, pb::ScanType::Sorted as i32);
         assert_eq!(transit.version, 2);
+        // The sweep rewrote the head, not the timeline: every stored scan is still there.
+        assert_eq!(
+            transit.timeline,
+            vec![scan("TRANSIT001", "a1", ScanType::Sorted, 0).wire]
+        );
+        let moving = shipment(&store, "MOVING0001").timeline;
+        let ids: Vec<&str> = moving.iter().map(|s| s.scan_id.as_str()).collect();
+        assert_eq!(ids, ["d1", "d2", "d3"]);
         let changes = store
             .changes(Sequence(0), Sequence(u64::MAX), 100)
             .expect("changes");

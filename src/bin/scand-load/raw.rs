@@ -42,9 +42,14 @@ pub fn rocksdb(
 ) -> Result<RawStore, String> {
     let validator = Validator::new(&IngestConfig::default()).map_err(|e| e.to_string())?;
     let now = SystemTime::now();
-    let stored: Vec<_> = planned
+    // Keyed before the clock starts, as scand's ingest side prepares a scan before its writer.
+    let stored: Vec<(Vec<u8>, Vec<u8>)> = planned
         .iter()
         .filter_map(|p| validator.validate(p.scan.clone(), now).ok())
+        .map(|s| {
+            let key = keys::event_key(&s.tracking_number, s.event_time, &s.scan_id);
+            (key, s.stored)
+        })
         .collect();
     let mut options = Options::default();
     options.create_if_missing(true);
@@ -85,14 +90,14 @@ pub fn rocksdb(
     for group in stored.chunks(batch_size * group_batches.max(1)) {
         let write_started = Instant::now();
         let mut sorted: Vec<_> = group.iter().collect();
-        sorted.sort_unstable_by(|a, b| a.event_key.cmp(&b.event_key));
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let bytes = group
             .iter()
-            .map(|s| s.event_key.len() + s.stored.len())
+            .map(|(key, value)| key.len() + value.len())
             .sum::<usize>();
         let mut batch = WriteBatch::with_capacity_bytes(bytes + 32 * group.len());
-        for scan in sorted {
-            batch.put_cf(events, &scan.event_key, &scan.stored);
+        for (key, value) in sorted {
+            batch.put_cf(events, key, value);
         }
         db.write_opt(batch, &WriteOptions::default())
             .map_err(|e| e.to_string())?;
