@@ -202,29 +202,41 @@ impl Store {
             state_writes: Arc::default(),
         };
         store.check_schema()?;
-        let stored_scans = store.stored_scans()?;
+        let stored_scans = match store.meta_u64(keys::META_STORED_SCANS)? {
+            Some(counted) => counted,
+            // A directory from before the count: its scans are all under `events` keys.
+            None => {
+                let estimate = store.estimate_keys(keys::EVENTS)?;
+                store.db.put_cf(
+                    store.cf(keys::META),
+                    keys::META_STORED_SCANS,
+                    estimate.to_be_bytes(),
+                )?;
+                estimate
+            }
+        };
         *store.exclusive_state_writes() = stored_scans;
         Ok(store)
     }
 
-    /// Scans stored, as counted by the writes that store them; for a directory from before
-    /// the count, RocksDB's estimate of its `events` keys (recorded, so later writes count on).
+    /// Scans stored, as counted by the writes that store and replace them (for a directory
+    /// from before the count, from RocksDB's estimate of its `events` keys on).
     pub fn stored_scans(&self) -> Result<u64, StoreError> {
-        let meta = self.cf(keys::META);
-        if let Some(v) = self.db.get_cf(meta, keys::META_STORED_SCANS)? {
-            return v
-                .as_slice()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    key: "stored_scans".into(),
-                    what: format!("{} bytes", v.len()),
-                });
-        }
-        let estimate = self.estimate_keys(keys::EVENTS)?;
-        self.db
-            .put_cf(meta, keys::META_STORED_SCANS, estimate.to_be_bytes())?;
-        Ok(estimate)
+        Ok(self.meta_u64(keys::META_STORED_SCANS)?.unwrap_or(0))
+    }
+
+    /// A u64 (BE) of `meta`.
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        let Some(v) = self.db.get_cf(self.cf(keys::META), key)? else {
+            return Ok(None);
+        };
+        v.as_slice()
+            .try_into()
+            .map(|bytes| Some(u64::from_be_bytes(bytes)))
+            .map_err(|_| StoreError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                what: format!("{} bytes", v.len()),
+            })
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
@@ -400,19 +412,7 @@ impl Store {
 
     /// Shipments currently stalled, as counted by the writes that stall and wake them.
     pub fn stalled_shipments(&self) -> Result<u64, StoreError> {
-        let Some(v) = self
-            .db
-            .get_cf(self.cf(keys::META), keys::META_STALLED_SHIPMENTS)?
-        else {
-            return Ok(0);
-        };
-        v.as_slice()
-            .try_into()
-            .map(u64::from_be_bytes)
-            .map_err(|_| StoreError::Corrupt {
-                key: "stalled_shipments".into(),
-                what: format!("{} bytes", v.len()),
-            })
+        Ok(self.meta_u64(keys::META_STALLED_SHIPMENTS)?.unwrap_or(0))
     }
 
     /// The next offset to consume from a source partition, as stored with the state it produced.
