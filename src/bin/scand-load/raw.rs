@@ -60,8 +60,15 @@ pub fn rocksdb(
         let mut o = Options::default();
         o.set_write_buffer_size(memtable_bytes);
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        // scand's own memtables for this column family, so the limit is RocksDB's best at it.
-        scand::store::hash_memtable_by_tracking_number(&mut o, memtable_bytes);
+        // Hashed by tracking number as scand's memtables are, with a skip list per bucket:
+        // these are many keys a shipment, mostly appended in order, which a skip list takes
+        // best (scand's buckets hold one key's operands, newest first: a linked list).
+        scand::store::prefix_by_tracking_number(&mut o);
+        o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+            bucket_count: scand::store::memtable_bucket_count(memtable_bytes),
+            height: 4,
+            branching_factor: 4,
+        });
         ColumnFamilyDescriptor::new(name, o)
     };
     let db = std::sync::Arc::new(
