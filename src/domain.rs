@@ -5,11 +5,14 @@
 
 use std::fmt;
 
+use smol_str::SmolStr;
+
 /// A normalized tracking number: `[A-Z0-9]{8,40}` after removing surrounding whitespace,
 /// inner spaces and dashes, and upper-casing letters, so `1z 999-aa1` and `1Z999AA1` are one
-/// shipment.
+/// shipment. Kept inline up to 23 bytes (most carriers' numbers): the writer compares and
+/// hashes tracking numbers several times a scan, and a heap string is a cache miss each time.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TrackingNumber(String);
+pub struct TrackingNumber(SmolStr);
 
 /// Why a raw tracking number is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,7 +44,7 @@ impl TrackingNumber {
             n if !(Self::MIN_LEN..=Self::MAX_LEN).contains(&n) => {
                 Err(TrackingNumberError::Length(n))
             }
-            _ => Ok(Self(normalized)),
+            _ => Ok(Self(SmolStr::from(normalized))),
         }
     }
 
@@ -56,9 +59,10 @@ impl fmt::Display for TrackingNumber {
     }
 }
 
-/// A scan's identity, minted by the device: unique per physical read.
+/// A scan's identity, minted by the device: unique per physical read. Inline up to 23 bytes,
+/// like [`TrackingNumber`]: the engine compares a scan's id with every id of its timeline.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ScanId(String);
+pub struct ScanId(SmolStr);
 
 impl ScanId {
     /// Longest accepted scan id, in bytes: it is part of every event key.
@@ -66,11 +70,11 @@ impl ScanId {
 
     /// `None` when empty or longer than [`Self::MAX_LEN`].
     pub fn parse(raw: &str) -> Option<Self> {
-        (!raw.is_empty() && raw.len() <= Self::MAX_LEN).then(|| Self(raw.to_owned()))
+        (!raw.is_empty() && raw.len() <= Self::MAX_LEN).then(|| Self(SmolStr::new(raw)))
     }
 
-    pub(crate) fn from_stored(raw: String) -> Self {
-        Self(raw)
+    pub(crate) fn from_stored(raw: &str) -> Self {
+        Self(SmolStr::new(raw))
     }
 
     pub fn as_str(&self) -> &str {

@@ -512,7 +512,7 @@ impl Store {
             let wanted = keys::event_key(
                 tracking_number,
                 EventTime(entry.event_time),
-                &crate::domain::ScanId::from_stored(entry.scan_id.clone()),
+                &crate::domain::ScanId::from_stored(&entry.scan_id),
             );
             let value = loop {
                 match events.next().transpose()? {
@@ -566,7 +566,7 @@ impl Store {
             for bytes in &snapshot.events {
                 let scan =
                     pb::Scan::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
-                let scan_id = crate::domain::ScanId::from_stored(scan.scan_id.clone());
+                let scan_id = crate::domain::ScanId::from_stored(&scan.scan_id);
                 let event_time = scan
                     .event_time
                     .and_then(|t| EventTime::from_parts(t.seconds, t.nanos))
@@ -942,7 +942,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|id| crate::engine::Entry {
                     event_time: EventTime(60_000_000),
-                    scan_id: crate::domain::ScanId::from_stored((*id).into()),
+                    scan_id: crate::domain::ScanId::from_stored(id),
                     scan_type: crate::domain::ScanType::LabelCreated,
                     facility: 0,
                 })

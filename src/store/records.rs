@@ -619,7 +619,7 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
         .map(|e| {
             Ok(Entry {
                 event_time: EventTime(e.event_time),
-                scan_id: ScanId::from_stored(e.scan_id),
+                scan_id: ScanId::from_stored(&e.scan_id),
                 scan_type: ScanType::from_i32(e.scan_type)
                     .ok_or_else(|| corrupt("unknown scan type"))?,
                 facility: e.facility,
@@ -650,8 +650,8 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
         }),
         replaced: record
             .replaced_scan_ids
-            .into_iter()
-            .map(ScanId::from_stored)
+            .iter()
+            .map(|id| ScanId::from_stored(id))
             .collect(),
     })
 }
@@ -849,13 +849,13 @@ mod tests {
             timeline: vec![
                 Entry {
                     event_time: EventTime(-3),
-                    scan_id: ScanId::from_stored("a".into()),
+                    scan_id: ScanId::from_stored("a"),
                     scan_type: ScanType::Sorted,
                     facility: u64::MAX,
                 },
                 Entry {
                     event_time: EventTime(9),
-                    scan_id: ScanId::from_stored("b".into()),
+                    scan_id: ScanId::from_stored("b"),
                     scan_type: ScanType::Delivered,
                     facility: 7,
                 },
@@ -884,10 +884,7 @@ mod tests {
                 topic: "scans.raw".into(),
                 partition: 3,
             }),
-            replaced: vec![
-                ScanId::from_stored("c".into()),
-                ScanId::from_stored("d".into()),
-            ],
+            replaced: vec![ScanId::from_stored("c"), ScanId::from_stored("d")],
         };
         let bytes = encode_shipment(&state);
         assert_eq!(bytes, shipment_record(&state).encode_to_vec());
