@@ -514,9 +514,9 @@ impl Store {
                 EventTime(entry.event_time),
                 &crate::domain::ScanId::from_stored(&entry.scan_id),
             );
-            let value = loop {
+            let (key, value) = loop {
                 match events.next().transpose()? {
-                    Some((key, value)) if *key == *wanted => break value,
+                    Some((key, value)) if *key == *wanted => break (key, value),
                     Some((key, _)) if *key < *wanted => continue,
                     _ => {
                         return Err(StoreError::Corrupt {
@@ -526,7 +526,7 @@ impl Store {
                     }
                 }
             };
-            scans.push(records::whole_scan(number, &entry.scan_id, &value));
+            scans.push(records::event_wire(&key, &value)?);
         }
         Ok(scans)
     }

@@ -661,6 +661,7 @@ impl Writer {
         let scans: Vec<&StoreScan> = group.iter().flat_map(|r| r.scans.iter()).collect();
         let db = &self.store.db;
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
+        let events_cf = self.store.cf(keys::EVENTS);
         let changes_cf = self.store.cf(keys::CHANGES);
 
         // The engine applies the group to the cached states in place; only shipments the
@@ -712,10 +713,7 @@ impl Writer {
         // A replaced scan leaves its entry with the merge; one stored by an earlier layout
         // also has an `events` key.
         for (number, event_time, scan_id) in &removed {
-            batch.delete_cf(
-                self.store.cf(keys::EVENTS),
-                keys::event_key(number, *event_time, scan_id),
-            );
+            batch.delete_cf(events_cf, keys::event_key(number, *event_time, scan_id));
         }
         // `removed` is grouped in the same shipment order, and each of its shipments stored a
         // scan: its runs are met in step with `touched`.
