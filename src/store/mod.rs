@@ -1,6 +1,7 @@
 //! The store: RocksDB behind one door. Column families and key layouts live in `keys`, value
-//! codecs in `records`, and every write goes through the single `writer`, which turns an
-//! engine result into one atomic, synced `WriteBatch`.
+//! codecs in `records`, the shipments' merge operator in `merge`, and every write goes
+//! through the single `writer`, which turns an engine result into one atomic, synced
+//! `WriteBatch`.
 //!
 //! Invariants:
 //! - One writer: no two threads ever write state, so the engine's read-modify-write of a
@@ -11,6 +12,7 @@
 
 pub mod cache;
 pub mod keys;
+pub mod merge;
 pub mod records;
 pub mod writer;
 
@@ -155,7 +157,7 @@ impl Store {
                 o.set_merge_operator_associative(
                     "scand.shipment_delta",
                     |_key: &[u8], record: Option<&[u8]>, deltas: &rocksdb::MergeOperands| {
-                        records::merge_shipment_records(record, deltas)
+                        merge::merge_shipment_records(record, deltas)
                     },
                 );
             }

@@ -262,8 +262,8 @@ pub fn encode_shipment_head(state: &ShipmentState) -> Vec<u8> {
     encode_shipment_delta(state, std::iter::empty(), std::iter::empty())
 }
 
-/// Encodes what one write changed in a shipment, the operand [`merge_shipment_records`]
-/// applies to the stored record: the state's head (status, version, flags, ...) whole, the
+/// Encodes what one write changed in a shipment, the operand [`super::merge`] applies to the
+/// stored record: the state's head (status, version, flags, ...) whole, the
 /// timeline entries the write added with their stored scans, and the scan ids it replaced
 /// (whose entries the merge removes). A `ShipmentRecord` in form, so a delta merged into
 /// nothing is the record of a shipment that had nothing before.
@@ -373,47 +373,6 @@ pub fn encode_shipment_delta<'a>(
         buf.extend_from_slice(id.as_bytes());
     }
     buf
-}
-
-impl ShipmentRecord {
-    /// Applies a delta of [`encode_shipment_delta`]: its head replaces this one; its entries
-    /// join the timeline in (event_time, scan_id) order; the entries of the scan ids it
-    /// replaced leave the timeline for the replaced list. A replaced scan id is never stored
-    /// again (the engine deduplicates against the replaced list), so applying deltas one by
-    /// one equals applying their combination: the merge is associative.
-    fn apply(&mut self, mut delta: ShipmentRecord) {
-        let added = std::mem::take(&mut delta.timeline);
-        let newly_replaced = std::mem::take(&mut delta.replaced_scan_ids);
-        let mut timeline = std::mem::take(&mut self.timeline);
-        let mut replaced = std::mem::take(&mut self.replaced_scan_ids);
-        timeline.extend(added);
-        timeline.sort_by(|a, b| (a.event_time, &a.scan_id).cmp(&(b.event_time, &b.scan_id)));
-        timeline.dedup_by(|a, b| a.event_time == b.event_time && a.scan_id == b.scan_id);
-        timeline.retain(|e| !newly_replaced.contains(&e.scan_id));
-        replaced.extend(newly_replaced);
-        *self = ShipmentRecord {
-            timeline,
-            replaced_scan_ids: replaced,
-            ..delta
-        };
-    }
-}
-
-/// The merge operator of the `shipments` column family (associative, so RocksDB also uses it
-/// to combine deltas without their record). `None`, RocksDB's "corrupt", only when a value
-/// does not decode.
-pub fn merge_shipment_records<'a>(
-    record: Option<&[u8]>,
-    deltas: impl IntoIterator<Item = &'a [u8]>,
-) -> Option<Vec<u8>> {
-    let mut merged = match record {
-        Some(bytes) => decode_record(bytes).ok()?,
-        None => ShipmentRecord::default(),
-    };
-    for delta in deltas {
-        merged.apply(decode_record(delta).ok()?);
-    }
-    Some(merged.encode_to_vec())
 }
 
 /// Decodes a record or delta. Copied once into a shared buffer, which the entries' stored
@@ -659,7 +618,6 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     fn stored_scan(scan_id: &str) -> (Vec<u8>, pb::Scan) {
         let number = crate::domain::TrackingNumber::parse("PARCEL0001").expect("valid");
@@ -733,114 +691,6 @@ mod tests {
             event_wire(b"PARCEL0001", &value),
             Err(StoreError::Corrupt { .. })
         ));
-    }
-
-    /// One write's delta as a model: `adds` new entries (event times), `replaces` entries
-    /// picked from the timeline so far (by position, modulo its length).
-    type WriteModel = (Vec<i64>, Vec<usize>);
-
-    /// Deltas built from writes that keep the engine's invariants (scan ids are fresh, a
-    /// replaced id is one the timeline holds), and the record they must merge into: the last
-    /// head, every added entry not replaced in (event_time, scan_id) order, replaced ids in
-    /// the order they were replaced.
-    fn deltas_and_expected(writes: &[WriteModel]) -> (Vec<Vec<u8>>, ShipmentRecord) {
-        let mut timeline: Vec<EntryRecord> = Vec::new();
-        let mut replaced = Vec::new();
-        let mut deltas = Vec::new();
-        let mut next_id = 0;
-        for (version, (adds, replaces)) in writes.iter().enumerate() {
-            let added: Vec<EntryRecord> = adds
-                .iter()
-                .map(|t| {
-                    next_id += 1;
-                    EntryRecord {
-                        event_time: *t,
-                        scan_id: format!("s{:03}", 97 * next_id % 1000),
-                        scan_type: 6,
-                        facility: 1,
-                        event: format!("scan {next_id}").into_bytes().into(),
-                    }
-                })
-                .collect();
-            timeline.extend(added.iter().cloned());
-            let mut newly_replaced = Vec::new();
-            for pick in replaces {
-                if !timeline.is_empty() {
-                    let gone = timeline.remove(pick % timeline.len());
-                    newly_replaced.push(gone.scan_id);
-                }
-            }
-            replaced.extend(newly_replaced.iter().cloned());
-            deltas.push(
-                ShipmentRecord {
-                    version: version as u64 + 1,
-                    status: 3,
-                    timeline: added,
-                    replaced_scan_ids: newly_replaced,
-                    ..Default::default()
-                }
-                .encode_to_vec(),
-            );
-        }
-        timeline.sort_by(|a, b| (a.event_time, &a.scan_id).cmp(&(b.event_time, &b.scan_id)));
-        let expected = ShipmentRecord {
-            version: writes.len() as u64,
-            status: 3,
-            timeline,
-            replaced_scan_ids: replaced,
-            ..Default::default()
-        };
-        (deltas, expected)
-    }
-
-    fn slices(deltas: &[Vec<u8>]) -> Vec<&[u8]> {
-        deltas.iter().map(Vec::as_slice).collect()
-    }
-
-    proptest! {
-        /// What RocksDB may do with deltas: apply them one by one to the record, combine a run
-        /// of them without the record first (flush), or fold a prefix into the record and
-        /// the rest later (compaction, then reads). All give the same record.
-        #[test]
-        fn merging_deltas_is_associative_and_matches_the_model(
-            writes in prop::collection::vec(
-                (prop::collection::vec(0i64..6, 0..4), prop::collection::vec(0usize..8, 0..2)),
-                1..12,
-            ),
-            split in 0usize..12,
-        ) {
-            let (deltas, expected) = deltas_and_expected(&writes);
-            let split = split.min(deltas.len());
-            let all = merge_shipment_records(None, slices(&deltas)).expect("merges");
-            prop_assert_eq!(
-                ShipmentRecord::decode(all.as_slice()).expect("decodes"),
-                expected
-            );
-            let folded = merge_shipment_records(None, slices(&deltas[..split])).expect("merges");
-            let rest = slices(&deltas[split..]);
-            prop_assert_eq!(
-                &merge_shipment_records(Some(&folded), rest.iter().copied()).expect("merges"),
-                &all
-            );
-            if !rest.is_empty() {
-                let combined = merge_shipment_records(None, rest.iter().copied()).expect("merges");
-                prop_assert_eq!(
-                    &merge_shipment_records(Some(&folded), [combined.as_slice()])
-                        .expect("merges"),
-                    &all
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn a_delta_that_does_not_decode_fails_the_merge() {
-        let record = ShipmentRecord::default().encode_to_vec();
-        assert_eq!(
-            merge_shipment_records(Some(&record), [&[0xff, 0xff][..]]),
-            None
-        );
-        assert_eq!(merge_shipment_records(Some(&[0xff][..]), []), None);
     }
 
     #[test]
@@ -926,7 +776,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(delta, expected.encode_to_vec());
-        let merged = merge_shipment_records(None, [delta.as_slice()]).expect("merges");
+        let merged =
+            super::super::merge::merge_shipment_records(None, [delta.as_slice()]).expect("merges");
         let record = decode_shipment_record(b"k", &merged).expect("decodes");
         assert_eq!(
             record

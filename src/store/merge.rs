@@ -1,0 +1,448 @@
+//! The merge operator of the `shipments` column family, on the wire bytes: RocksDB calls it
+//! at every flush, compaction and read that meets a shipment's deltas, so it never decodes a
+//! record into owned messages. It slices each operand into its fields, keeps the last head,
+//! merges the timeline entries by (event_time, scan_id) and copies every kept field's bytes
+//! as they lie.
+//!
+//! Invariants:
+//! - The result decodes to what applying the deltas one by one to the decoded record gives
+//!   (`records::ShipmentRecord` semantics: the last head whole, entries in order without
+//!   repeats, replaced scan ids out of the timeline and into the replaced list), and for
+//!   operands in prost's encoding it is byte for byte prost's encoding of that record (tested
+//!   against a prost model). Fields this build does not know are kept with the head.
+//! - Associative: combining deltas without their record, then merging that into the record,
+//!   gives the same bytes as merging them one by one.
+//! - A value that is not a well-formed `ShipmentRecord` fails the merge (`None`, RocksDB's
+//!   "corrupt"); nothing is dropped silently.
+
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LEN: u8 = 2;
+const FIXED32: u8 = 5;
+
+const TIMELINE: u32 = 5;
+const REPLACED: u32 = 15;
+const ENTRY_EVENT_TIME: u32 = 1;
+const ENTRY_SCAN_ID: u32 = 2;
+
+/// One field as it lies in its message: its tag, its whole bytes (key included) and its
+/// value's bytes (what the length covers, for a length-delimited field).
+#[derive(Clone, Copy)]
+struct Field<'a> {
+    tag: u32,
+    whole: &'a [u8],
+    payload: &'a [u8],
+}
+
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, &byte) in buf.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            *buf = &buf[i + 1..];
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// The next field of `buf`, advancing past it; `None` when the bytes are no protobuf field.
+fn field<'a>(buf: &mut &'a [u8]) -> Option<Field<'a>> {
+    let start = *buf;
+    let key = varint(buf)?;
+    let tag = u32::try_from(key >> 3).ok().filter(|&t| t != 0)?;
+    let value = *buf;
+    let payload = match (key & 7) as u8 {
+        VARINT => {
+            varint(buf)?;
+            &value[..value.len() - buf.len()]
+        }
+        FIXED64 => value.get(..8)?,
+        FIXED32 => value.get(..4)?,
+        LEN => {
+            let len = usize::try_from(varint(buf)?).ok()?;
+            buf.get(..len)?
+        }
+        _ => return None,
+    };
+    if (key & 7) as u8 != VARINT {
+        *buf = &buf[payload.len()..];
+    }
+    let whole = &start[..start.len() - buf.len()];
+    Some(Field {
+        tag,
+        whole,
+        payload,
+    })
+}
+
+/// The fields of a message, failing on the first malformed one.
+fn fields(mut buf: &[u8]) -> impl Iterator<Item = Option<Field<'_>>> {
+    std::iter::from_fn(move || (!buf.is_empty()).then(|| field(&mut buf)))
+}
+
+/// The wire type a known field of `ShipmentRecord` must have (`None`: unknown to this build).
+fn head_wire_type(tag: u32) -> Option<u8> {
+    match tag {
+        1..=4 | 6..=9 | 14 => Some(VARINT),
+        10..=13 => Some(LEN),
+        _ => None,
+    }
+}
+
+fn wire_type(field: &Field<'_>) -> u8 {
+    field.whole.first().map_or(0xff, |key| key & 7)
+}
+
+/// A timeline entry: what it is ordered and deduplicated by, and its field's bytes.
+#[derive(Clone, Copy)]
+struct Entry<'a> {
+    event_time: i64,
+    scan_id: &'a [u8],
+    whole: &'a [u8],
+}
+
+impl<'a> Entry<'a> {
+    fn of(field: Field<'a>) -> Option<Self> {
+        let mut entry = Entry {
+            event_time: 0,
+            scan_id: &[],
+            whole: field.whole,
+        };
+        // As prost decodes: a repeated scalar takes its last value.
+        for inner in fields(field.payload) {
+            let inner = inner?;
+            match (inner.tag, wire_type(&inner)) {
+                (ENTRY_EVENT_TIME, VARINT) => {
+                    let mut value = inner.payload;
+                    let zigzag = varint(&mut value)?;
+                    entry.event_time = (zigzag >> 1) as i64 ^ -((zigzag & 1) as i64);
+                }
+                (ENTRY_SCAN_ID, LEN) => entry.scan_id = inner.payload,
+                (ENTRY_EVENT_TIME | ENTRY_SCAN_ID, _) => return None,
+                _ => {}
+            }
+        }
+        Some(entry)
+    }
+
+    fn order(&self) -> (i64, &'a [u8]) {
+        (self.event_time, self.scan_id)
+    }
+}
+
+/// A record or delta sliced into its head (every field but the timeline and the replaced
+/// ids), its entries and its replaced scan ids.
+struct Sliced<'a> {
+    head: Vec<Field<'a>>,
+    entries: Vec<Entry<'a>>,
+    replaced: Vec<Field<'a>>,
+}
+
+fn slice(bytes: &[u8]) -> Option<Sliced<'_>> {
+    let mut sliced = Sliced {
+        head: Vec::with_capacity(16),
+        entries: Vec::new(),
+        replaced: Vec::new(),
+    };
+    for field in fields(bytes) {
+        let field = field?;
+        match field.tag {
+            TIMELINE if wire_type(&field) == LEN => sliced.entries.push(Entry::of(field)?),
+            REPLACED if wire_type(&field) == LEN => sliced.replaced.push(field),
+            TIMELINE | REPLACED => return None,
+            tag => {
+                if head_wire_type(tag).is_some_and(|expected| expected != wire_type(&field)) {
+                    return None;
+                }
+                sliced.head.push(field);
+            }
+        }
+    }
+    Some(sliced)
+}
+
+/// The merge operator of the `shipments` column family (associative, so RocksDB also uses it
+/// to combine deltas without their record): the record, if any, with each delta applied in
+/// order. `None`, RocksDB's "corrupt", only when a value is malformed.
+pub fn merge_shipment_records<'a>(
+    record: Option<&'a [u8]>,
+    deltas: impl IntoIterator<Item = &'a [u8]>,
+) -> Option<Vec<u8>> {
+    let mut merged = match record {
+        Some(bytes) => slice(bytes)?,
+        None => Sliced {
+            head: Vec::new(),
+            entries: Vec::new(),
+            replaced: Vec::new(),
+        },
+    };
+    for delta in deltas {
+        let delta = slice(delta)?;
+        merged.head = delta.head;
+        merged.entries.extend(delta.entries);
+        // Stable, so of two entries with one (event_time, scan_id) the earlier write's stays;
+        // the timeline so far is sorted, so this is a merge of two runs.
+        merged.entries.sort_by(|a, b| a.order().cmp(&b.order()));
+        merged.entries.dedup_by(|a, b| a.order() == b.order());
+        if !delta.replaced.is_empty() {
+            merged
+                .entries
+                .retain(|e| !delta.replaced.iter().any(|id| id.payload == e.scan_id));
+        }
+        merged.replaced.extend(delta.replaced);
+    }
+    Some(encode(&merged))
+}
+
+/// The fields in tag order, as prost writes a record: the head below the timeline, the
+/// entries, the head between them and the replaced ids, the ids, then fields unknown here.
+fn encode(merged: &Sliced<'_>) -> Vec<u8> {
+    let len = merged.head.iter().map(|f| f.whole.len()).sum::<usize>()
+        + merged.entries.iter().map(|e| e.whole.len()).sum::<usize>()
+        + merged.replaced.iter().map(|f| f.whole.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(len);
+    let head = |out: &mut Vec<u8>, tags: std::ops::Range<u32>| {
+        for f in merged.head.iter().filter(|f| tags.contains(&f.tag)) {
+            out.extend_from_slice(f.whole);
+        }
+    };
+    head(&mut out, 0..TIMELINE);
+    for entry in &merged.entries {
+        out.extend_from_slice(entry.whole);
+    }
+    head(&mut out, TIMELINE + 1..REPLACED);
+    for id in &merged.replaced {
+        out.extend_from_slice(id.whole);
+    }
+    head(&mut out, REPLACED + 1..u32::MAX);
+    out
+}
+
+/// The same merge through prost's owned messages, as it was done before this module: the
+/// reference its tests hold the wire merge to, and the baseline of `benches/merge.rs`.
+#[doc(hidden)]
+pub fn prost_merge<'a>(
+    record: Option<&[u8]>,
+    deltas: impl IntoIterator<Item = &'a [u8]>,
+) -> Option<Vec<u8>> {
+    use crate::store::records::ShipmentRecord;
+    use prost::Message;
+    let mut merged = match record {
+        Some(bytes) => ShipmentRecord::decode(bytes).ok()?,
+        None => ShipmentRecord::default(),
+    };
+    for delta in deltas {
+        let mut delta = ShipmentRecord::decode(delta).ok()?;
+        let added = std::mem::take(&mut delta.timeline);
+        let newly_replaced = std::mem::take(&mut delta.replaced_scan_ids);
+        let mut timeline = std::mem::take(&mut merged.timeline);
+        let mut replaced = std::mem::take(&mut merged.replaced_scan_ids);
+        timeline.extend(added);
+        timeline.sort_by(|a, b| (a.event_time, &a.scan_id).cmp(&(b.event_time, &b.scan_id)));
+        timeline.dedup_by(|a, b| a.event_time == b.event_time && a.scan_id == b.scan_id);
+        timeline.retain(|e| !newly_replaced.contains(&e.scan_id));
+        replaced.extend(newly_replaced);
+        merged = ShipmentRecord {
+            timeline,
+            replaced_scan_ids: replaced,
+            ..delta
+        };
+    }
+    Some(merged.encode_to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::records::{EntryRecord, ShipmentRecord};
+    use proptest::prelude::*;
+    use prost::Message;
+
+    /// One write's delta as a model: `adds` new entries (event times), `replaces` entries
+    /// picked from the timeline so far (by position, modulo its length), and a head field
+    /// that varies by write (carrier, deadline, stalled: fields on both sides of the
+    /// timeline in tag order).
+    type WriteModel = (Vec<i64>, Vec<usize>, u8);
+
+    /// Deltas built from writes that keep the engine's invariants (scan ids are fresh, a
+    /// replaced id is one the timeline holds), and the record they must merge into: the last
+    /// head, every added entry not replaced in (event_time, scan_id) order, replaced ids in
+    /// the order they were replaced.
+    fn deltas_and_expected(writes: &[WriteModel]) -> (Vec<Vec<u8>>, ShipmentRecord) {
+        let mut timeline: Vec<EntryRecord> = Vec::new();
+        let mut replaced = Vec::new();
+        let mut deltas = Vec::new();
+        let mut next_id = 0;
+        let head = |version: usize, variant: u8| ShipmentRecord {
+            version: version as u64 + 1,
+            status: 3,
+            sub_status: i32::from(variant % 3),
+            stalled: variant % 2 == 1,
+            stall_deadline: (variant % 4 != 0).then_some(-i64::from(variant) * 1_000_003),
+            carrier: ["", "ups", "dhl"][usize::from(variant % 3)].to_owned(),
+            owner_partition: i32::from(variant % 5) - 2,
+            ..Default::default()
+        };
+        for (version, (adds, replaces, variant)) in writes.iter().enumerate() {
+            let added: Vec<EntryRecord> = adds
+                .iter()
+                .map(|t| {
+                    next_id += 1;
+                    EntryRecord {
+                        event_time: *t,
+                        scan_id: format!("s{:03}", 97 * next_id % 1000),
+                        scan_type: 6,
+                        facility: 1,
+                        event: format!("scan {next_id}").into_bytes().into(),
+                    }
+                })
+                .collect();
+            timeline.extend(added.iter().cloned());
+            let mut newly_replaced = Vec::new();
+            for pick in replaces {
+                if !timeline.is_empty() {
+                    let gone = timeline.remove(pick % timeline.len());
+                    newly_replaced.push(gone.scan_id);
+                }
+            }
+            replaced.extend(newly_replaced.iter().cloned());
+            deltas.push(
+                ShipmentRecord {
+                    timeline: added,
+                    replaced_scan_ids: newly_replaced,
+                    ..head(version, *variant)
+                }
+                .encode_to_vec(),
+            );
+        }
+        timeline.sort_by(|a, b| (a.event_time, &a.scan_id).cmp(&(b.event_time, &b.scan_id)));
+        let last = writes.last().map_or(0, |w| w.2);
+        let expected = ShipmentRecord {
+            timeline,
+            replaced_scan_ids: replaced,
+            ..head(writes.len() - 1, last)
+        };
+        (deltas, expected)
+    }
+
+    fn slices(deltas: &[Vec<u8>]) -> Vec<&[u8]> {
+        deltas.iter().map(Vec::as_slice).collect()
+    }
+
+    proptest! {
+        /// What RocksDB may do with deltas: apply them one by one to the record, combine a run
+        /// of them without the record first (flush), or fold a prefix into the record and
+        /// the rest later (compaction, then reads). All give the same record, byte for byte
+        /// what prost's decode-apply-encode gives.
+        #[test]
+        fn merging_deltas_is_associative_and_matches_the_model(
+            writes in prop::collection::vec(
+                (
+                    prop::collection::vec(0i64..6, 0..4),
+                    prop::collection::vec(0usize..8, 0..2),
+                    any::<u8>(),
+                ),
+                1..12,
+            ),
+            split in 0usize..12,
+        ) {
+            let (deltas, expected) = deltas_and_expected(&writes);
+            let split = split.min(deltas.len());
+            let all = merge_shipment_records(None, slices(&deltas)).expect("merges");
+            prop_assert_eq!(
+                ShipmentRecord::decode(all.as_slice()).expect("decodes"),
+                expected.clone()
+            );
+            prop_assert_eq!(&all, &expected.encode_to_vec());
+            let reference = prost_merge(None, slices(&deltas));
+            prop_assert_eq!(Some(&all), reference.as_ref());
+            let folded = merge_shipment_records(None, slices(&deltas[..split])).expect("merges");
+            let rest = slices(&deltas[split..]);
+            prop_assert_eq!(
+                &merge_shipment_records(Some(&folded), rest.iter().copied()).expect("merges"),
+                &all
+            );
+            if !rest.is_empty() {
+                let combined = merge_shipment_records(None, rest.iter().copied()).expect("merges");
+                prop_assert_eq!(
+                    &merge_shipment_records(Some(&folded), [combined.as_slice()])
+                        .expect("merges"),
+                    &all
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_merged_with_nothing_keeps_its_bytes() {
+        let (deltas, expected) = deltas_and_expected(&[(vec![1, 3], vec![], 7)]);
+        let record = expected.encode_to_vec();
+        assert_eq!(
+            merge_shipment_records(Some(&deltas[0]), []),
+            Some(record.clone())
+        );
+        assert_eq!(merge_shipment_records(Some(&record), []), Some(record));
+    }
+
+    #[test]
+    fn two_reads_of_one_event_keep_the_first_written() {
+        let entry = |event: &str| EntryRecord {
+            event_time: 5,
+            scan_id: "s-1".to_owned(),
+            event: event.as_bytes().to_vec().into(),
+            ..Default::default()
+        };
+        let delta = |e: EntryRecord| {
+            ShipmentRecord {
+                timeline: vec![e],
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let (first, second) = (delta(entry("first")), delta(entry("second")));
+        let merged =
+            merge_shipment_records(None, [first.as_slice(), second.as_slice()]).expect("merges");
+        assert_eq!(merged, first);
+    }
+
+    #[test]
+    fn fields_this_build_does_not_know_are_kept_after_the_known_ones() {
+        let mut delta = ShipmentRecord {
+            version: 2,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        // Field 40, a string a newer build might add.
+        delta.extend_from_slice(&[0xc2, 0x02, 2, b'h', b'i']);
+        let merged = merge_shipment_records(None, [delta.as_slice()]).expect("merges");
+        assert_eq!(merged, delta);
+        assert_eq!(
+            ShipmentRecord::decode(merged.as_slice())
+                .expect("decodes")
+                .version,
+            2
+        );
+    }
+
+    #[test]
+    fn a_value_that_is_no_record_fails_the_merge() {
+        let record = ShipmentRecord::default().encode_to_vec();
+        let entry_time_as_string = [0x2a, 4, 0x0a, 2, b'h', b'i'];
+        let status_as_string = [0x0a, 1, b'x'];
+        for bad in [
+            &[0xff, 0xff][..],
+            &[0x2a, 9, 0x10][..],
+            &[0x7b][..],
+            &entry_time_as_string[..],
+            &status_as_string[..],
+        ] {
+            assert_eq!(
+                merge_shipment_records(Some(&record), [bad]),
+                None,
+                "{bad:?}"
+            );
+            assert_eq!(merge_shipment_records(Some(bad), []), None, "{bad:?}");
+        }
+    }
+}
