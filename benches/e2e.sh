@@ -4,11 +4,14 @@
 #      behind them on a second thread (as scand does), no gRPC, no logic
 #   2. raw transport limit: the workload streamed to a server that accepts without work,
 #      the disk's own fdatasync latency (no ack can be faster than the sync it waits for),
-#      and scand's store path alone (its writer fed in-process, no gRPC)
+#      and scand's store path alone (its writer fed in-process, no gRPC); 2c. the raw ingest
+#      floor: both limits in one process, a tonic server writing each scan under its event key
+#      into (1)'s RocksDB and acking after the WAL sync, no logic: what any gRPC ingest that
+#      stores each scan durably pays at least on this machine
 #   3. scand at peak (closed loop) and at half of peak (open loop, latency honest)
 #   4. the same logic in PostgreSQL (INSERT … ON CONFLICT DO NOTHING + a status upsert per
 #      shipment, one transaction per batch, synchronous commit) at its best batch size
-#   5. scand's ratios to (1), (2) and (4)
+#   5. scand's ratios to (1), (2), (2c) and (4)
 # Optional, slower: GROWTH=1 adds throughput/p99 with 1 M and 10 M stored events and with 10 M
 # stored shipments, peak RSS and restart time after SIGKILL (GROWTH_EVENTS="1000000 10000000
 # 100000000" for a long run; GROWTH_SHIPMENTS sets the shipments).
@@ -73,6 +76,8 @@ EOF_FSYNC
 )
 echo "== 2b. scand's store path without gRPC (engine, group commit, RocksDB)" >&2
 STORE=$(load --mode store --data "$WORK/store" --config config/scand.toml)
+echo "== 2c. raw ingest floor (transport + RocksDB, no logic)" >&2
+RAW_INGEST=$(load --mode raw-ingest --data "$WORK/raw-ingest")
 echo "== 3a. scand at peak (closed loop)" >&2
 start_scand "$WORK/peak"
 PEAK=$(load --target "http://127.0.0.1:$GRPC_PORT")
@@ -105,14 +110,15 @@ for size in 100 500 2000; do
 done
 run_pg "$PG_BIN/pg_ctl -D $PG_DIR/data -m fast stop" >/dev/null
 
-python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" "$BEST" "$STORE" "$FSYNC" <<'EOF'
+python3 - "$RAW_DB" "$RAW_NET" "$PEAK" "$HALF" "$BEST" "$STORE" "$FSYNC" "$RAW_INGEST" <<'EOF'
 import json, sys
-raw_db, raw_net, peak, half, pg, store, fsync = (json.loads(a) for a in sys.argv[1:8])
+raw_db, raw_net, peak, half, pg, store, fsync, raw_ingest = (json.loads(a) for a in sys.argv[1:9])
 def lat(d): l = d["ack_latency_ms"]; return f'p50 {l["p50"]:.1f}  p90 {l["p90"]:.1f}  p99 {l["p99"]:.1f}  p99.9 {l["p999"]:.1f}  max {l["max"]:.1f} ms'
 print(f'{"run":<34} {"scans/s":>10}   latency')
 print(f'{"raw RocksDB (1 key/scan, durable)":<34} {raw_db["scans_per_s"]:>10.0f}   write p50 {raw_db["write_ms"]["p50"]:.1f}  p99 {raw_db["write_ms"]["p99"]:.1f} ms')
 print(f'{"raw transport (tonic, no work)":<34} {raw_net["scans_per_s"]:>10.0f}   {lat(raw_net)}')
 print(f'{"raw disk (append + fdatasync)":<34} {"":>10}   sync p50 {fsync["p50"]:.1f}  p99 {fsync["p99"]:.1f}  max {fsync["max"]:.1f} ms ({fsync["syncs"]} syncs)')
+print(f'{"raw ingest floor (gRPC+RocksDB)":<34} {raw_ingest["scans_per_s"]:>10.0f}   {lat(raw_ingest)}')
 print(f'{"scand store path (no gRPC)":<34} {store["scans_per_s"]:>10.0f}   batch p50 {store["batch_ms"]["p50"]:.1f}  p99 {store["batch_ms"]["p99"]:.1f} ms')
 print(f'{"scand at peak":<34} {peak["scans_per_s"]:>10.0f}   {lat(peak)}')
 print(f'{"scand at half of peak (open loop)":<34} {half["scans_per_s"]:>10.0f}   {lat(half)}')
@@ -120,6 +126,7 @@ print(f'{"PostgreSQL baseline (batch " + str(pg["batch_size"]) + ")":<34} {pg["s
 print(f'scand / raw RocksDB   = {peak["scans_per_s"] / raw_db["scans_per_s"]:.2f}')
 print(f'scand / PostgreSQL    = {peak["scans_per_s"] / pg["scans_per_s"]:.1f}')
 print(f'scand / raw transport = {peak["scans_per_s"] / raw_net["scans_per_s"]:.2f}')
+print(f'scand / raw ingest floor = {peak["scans_per_s"] / raw_ingest["scans_per_s"]:.2f}')
 print(f'store path / raw RocksDB = {store["scans_per_s"] / raw_db["scans_per_s"]:.2f}')
 ok = peak["ok"] and half["ok"]
 print(f'outcomes as expected: {ok} (unexpected: {peak["mismatched"]} at peak, {half["mismatched"]} at half)')

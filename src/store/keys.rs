@@ -81,12 +81,18 @@ pub fn event_key(
     event_time: EventTime,
     scan_id: &ScanId,
 ) -> Vec<u8> {
-    let mut key = Vec::with_capacity(tracking_number.as_str().len() + 10 + scan_id.as_str().len());
-    key.extend_from_slice(tracking_number.as_str().as_bytes());
+    event_key_unchecked(tracking_number.as_str(), event_time, scan_id.as_str())
+}
+
+/// [`event_key`]'s layout from unvalidated parts, for `scand-load`'s raw limits, which store
+/// wire scans with no logic at all. scand itself keys validated scans only.
+pub fn event_key_unchecked(tracking_number: &str, event_time: EventTime, scan_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tracking_number.len() + 10 + scan_id.len());
+    key.extend_from_slice(tracking_number.as_bytes());
     key.push(SEPARATOR);
     key.extend_from_slice(&ordered_i64(event_time.0));
     key.push(SEPARATOR);
-    key.extend_from_slice(scan_id.as_str().as_bytes());
+    key.extend_from_slice(scan_id.as_bytes());
     key
 }
 

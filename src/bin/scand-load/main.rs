@@ -38,6 +38,11 @@ enum Mode {
     RawRocksdb,
     /// Stream to an in-process server that accepts everything without work.
     RawTransport,
+    /// Stream to an in-process server that writes each scan under its event key into a RocksDB
+    /// at --data as raw-rocksdb does and acks a batch once its WAL sync returned: transport and
+    /// store together, one key a scan, durable before the ack, no logic: what any gRPC ingest
+    /// that stores each scan durably pays at least on this machine.
+    RawIngest,
     /// Feed scand's writer (engine, group commit, RocksDB at --data) in this process, no gRPC.
     Store,
     /// Produce the scans to a Kafka topic (--kafka-brokers, --kafka-topic).
@@ -53,16 +58,16 @@ struct Args {
     /// What to drive with the workload.
     #[arg(long, value_enum, default_value_t = Mode::Scand)]
     mode: Mode,
-    /// raw-rocksdb, store: the (new) database directory.
+    /// raw-rocksdb, raw-ingest, store: the (new) database directory.
     #[arg(long, default_value = "./raw-rocksdb")]
     data: std::path::PathBuf,
-    /// raw-rocksdb: batches per synced write (scand groups queued batches likewise).
+    /// raw-rocksdb, raw-ingest: batches per synced write (scand groups queued batches likewise).
     #[arg(long, default_value_t = 8)]
     group_batches: usize,
     /// store: scand's config file (default: built-in defaults); SCAND_* variables override it.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
-    /// raw-rocksdb: memtable size per column family, as scand's store.memtable_bytes.
+    /// raw-rocksdb, raw-ingest: memtable size per column family, as scand's store.memtable_bytes.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     memtable_bytes: usize,
     /// kafka: bootstrap servers.
@@ -225,6 +230,9 @@ async fn run(args: Args) -> Result<bool, String> {
                 .await;
         }
         Mode::RawTransport => target = raw::null_server().await?,
+        Mode::RawIngest => {
+            target = raw::ingest_server(&args.data, args.group_batches, args.memtable_bytes).await?
+        }
         Mode::Postgres => {
             let pg = postgres::run(&args.pg_url, &planned, args.batch_size, args.streams).await?;
             let rate = pg.scans as f64 / pg.elapsed.as_secs_f64();
