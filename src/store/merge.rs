@@ -131,35 +131,14 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// A record or delta sliced into its head (every field but the timeline and the replaced
-/// ids), its entries and its replaced scan ids.
-struct Sliced<'a> {
+/// The merge so far: the head of the last value applied (every field but the timeline and
+/// the replaced ids), the timeline's entries in order, and the replaced scan ids.
+struct Merged<'a> {
     head: Vec<Field<'a>>,
     entries: Vec<Entry<'a>>,
+    /// Whether `entries` is strictly in (event_time, scan_id) order, so needs no sort.
+    in_order: bool,
     replaced: Vec<Field<'a>>,
-}
-
-fn slice(bytes: &[u8]) -> Option<Sliced<'_>> {
-    let mut sliced = Sliced {
-        head: Vec::with_capacity(16),
-        entries: Vec::new(),
-        replaced: Vec::new(),
-    };
-    for field in fields(bytes) {
-        let field = field?;
-        match field.tag {
-            TIMELINE if wire_type(&field) == LEN => sliced.entries.push(Entry::of(field)?),
-            REPLACED if wire_type(&field) == LEN => sliced.replaced.push(field),
-            TIMELINE | REPLACED => return None,
-            tag => {
-                if head_wire_type(tag).is_some_and(|expected| expected != wire_type(&field)) {
-                    return None;
-                }
-                sliced.head.push(field);
-            }
-        }
-    }
-    Some(sliced)
 }
 
 /// The merge operator of the `shipments` column family (associative, so RocksDB also uses it
@@ -169,54 +148,92 @@ pub fn merge_shipment_records<'a>(
     record: Option<&'a [u8]>,
     deltas: impl IntoIterator<Item = &'a [u8]>,
 ) -> Option<Vec<u8>> {
-    let mut merged = match record {
-        Some(bytes) => slice(bytes)?,
-        None => Sliced {
-            head: Vec::new(),
-            entries: Vec::new(),
-            replaced: Vec::new(),
-        },
+    let mut merged = Merged {
+        head: Vec::with_capacity(16),
+        // An entry takes ~200 bytes with its stored scan.
+        entries: Vec::with_capacity(record.map_or(16, |r| r.len() / 128 + 16)),
+        in_order: true,
+        replaced: Vec::new(),
     };
-    for delta in deltas {
-        let delta = slice(delta)?;
-        merged.head = delta.head;
-        merged.entries.extend(delta.entries);
-        // Stable, so of two entries with one (event_time, scan_id) the earlier write's stays;
-        // the timeline so far is sorted, so this is a merge of two runs.
-        merged.entries.sort_by(|a, b| a.order().cmp(&b.order()));
-        merged.entries.dedup_by(|a, b| a.order() == b.order());
-        if !delta.replaced.is_empty() {
-            merged
-                .entries
-                .retain(|e| !delta.replaced.iter().any(|id| id.payload == e.scan_id));
-        }
-        merged.replaced.extend(delta.replaced);
+    if let Some(record) = record {
+        merged.apply(record, false)?;
     }
-    Some(encode(&merged))
+    for delta in deltas {
+        merged.apply(delta, true)?;
+    }
+    Some(merged.encode())
 }
 
-/// The fields in tag order, as prost writes a record: the head below the timeline, the
-/// entries, the head between them and the replaced ids, the ids, then fields unknown here.
-fn encode(merged: &Sliced<'_>) -> Vec<u8> {
-    let len = merged.head.iter().map(|f| f.whole.len()).sum::<usize>()
-        + merged.entries.iter().map(|e| e.whole.len()).sum::<usize>()
-        + merged.replaced.iter().map(|f| f.whole.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(len);
-    let head = |out: &mut Vec<u8>, tags: std::ops::Range<u32>| {
-        for f in merged.head.iter().filter(|f| tags.contains(&f.tag)) {
-            out.extend_from_slice(f.whole);
+impl<'a> Merged<'a> {
+    /// Takes in a record or delta: its head replaces the head, its entries join the timeline
+    /// in (event_time, scan_id) order, keeping the earlier write's of two with one key, and
+    /// the scan ids it replaced leave the timeline for the replaced list. The stored record
+    /// (`delta` false) is taken as it is, as prost's merge took it.
+    fn apply(&mut self, bytes: &'a [u8], delta: bool) -> Option<()> {
+        self.head.clear();
+        let replaced_before = self.replaced.len();
+        for field in fields(bytes) {
+            let field = field?;
+            match field.tag {
+                TIMELINE if wire_type(&field) == LEN => {
+                    let entry = Entry::of(field)?;
+                    // Deltas mostly append a later scan: then the timeline needs no sort.
+                    self.in_order &= self
+                        .entries
+                        .last()
+                        .is_none_or(|last| last.order() < entry.order());
+                    self.entries.push(entry);
+                }
+                REPLACED if wire_type(&field) == LEN => self.replaced.push(field),
+                TIMELINE | REPLACED => return None,
+                tag => {
+                    if head_wire_type(tag).is_some_and(|expected| expected != wire_type(&field)) {
+                        return None;
+                    }
+                    self.head.push(field);
+                }
+            }
         }
-    };
-    head(&mut out, 0..TIMELINE);
-    for entry in &merged.entries {
-        out.extend_from_slice(entry.whole);
+        if !delta {
+            return Some(());
+        }
+        if !self.in_order {
+            // Stable, so of two entries with one key the earlier write's stays.
+            self.entries.sort_by(|a, b| a.order().cmp(&b.order()));
+            self.entries.dedup_by(|a, b| a.order() == b.order());
+            self.in_order = true;
+        }
+        let newly_replaced = &self.replaced[replaced_before..];
+        if !newly_replaced.is_empty() {
+            self.entries
+                .retain(|e| !newly_replaced.iter().any(|id| id.payload == e.scan_id));
+        }
+        Some(())
     }
-    head(&mut out, TIMELINE + 1..REPLACED);
-    for id in &merged.replaced {
-        out.extend_from_slice(id.whole);
+
+    /// The fields in tag order, as prost writes a record: the head below the timeline, the
+    /// entries, the head between them and the replaced ids, the ids, then fields unknown here.
+    fn encode(&self) -> Vec<u8> {
+        let len = self.head.iter().map(|f| f.whole.len()).sum::<usize>()
+            + self.entries.iter().map(|e| e.whole.len()).sum::<usize>()
+            + self.replaced.iter().map(|f| f.whole.len()).sum::<usize>();
+        let mut out = Vec::with_capacity(len);
+        let head = |out: &mut Vec<u8>, tags: std::ops::Range<u32>| {
+            for f in self.head.iter().filter(|f| tags.contains(&f.tag)) {
+                out.extend_from_slice(f.whole);
+            }
+        };
+        head(&mut out, 0..TIMELINE);
+        for entry in &self.entries {
+            out.extend_from_slice(entry.whole);
+        }
+        head(&mut out, TIMELINE + 1..REPLACED);
+        for id in &self.replaced {
+            out.extend_from_slice(id.whole);
+        }
+        head(&mut out, REPLACED + 1..u32::MAX);
+        out
     }
-    head(&mut out, REPLACED + 1..u32::MAX);
-    out
 }
 
 /// The same merge through prost's owned messages, as it was done before this module: the
