@@ -391,6 +391,25 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Any bytes: no panic, and whatever prost's merge takes, the wire merge takes too,
+        /// into the same record (prost drops unknown fields, the wire merge keeps them).
+        #[test]
+        fn any_bytes_merge_as_prost_would_or_fail_without_a_panic(
+            record in prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
+            deltas in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4),
+        ) {
+            let wire = merge_shipment_records(record.as_deref(), slices(&deltas));
+            if let Some(reference) = prost_merge(record.as_deref(), slices(&deltas)) {
+                let wire = wire.expect("prost merged it");
+                prop_assert_eq!(
+                    ShipmentRecord::decode(wire.as_slice()).expect("decodes"),
+                    ShipmentRecord::decode(reference.as_slice()).expect("decodes")
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_record_merged_with_nothing_keeps_its_bytes() {
         let (deltas, expected) = deltas_and_expected(&[(vec![1, 3], vec![], 7)]);
