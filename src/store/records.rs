@@ -162,10 +162,22 @@ mod wire {
         buf.extend_from_slice(&value.to_le_bytes());
     }
 
-    /// A `google.protobuf.Timestamp` field, defaults left out.
+    /// A `google.protobuf.Timestamp` field, defaults left out. Its length computed here:
+    /// prost's `encoded_len` of a `Timestamp` is a call into another crate, not inlined, and
+    /// the writer encodes two timestamps a status change.
     pub fn timestamp(tag: u32, time: &prost_types::Timestamp, buf: &mut Vec<u8>) {
+        use prost::encoding::encoded_len_varint;
+        let len = if time.seconds != 0 {
+            1 + encoded_len_varint(time.seconds as u64)
+        } else {
+            0
+        } + if time.nanos != 0 {
+            1 + encoded_len_varint(i64::from(time.nanos) as u64)
+        } else {
+            0
+        };
         key(tag, LEN, buf);
-        varint(prost::Message::encoded_len(time) as u64, buf);
+        varint(len as u64, buf);
         if time.seconds != 0 {
             key(1, VARINT, buf);
             varint(time.seconds as u64, buf);
@@ -218,6 +230,33 @@ fn put_str(tag: u32, value: &str, buf: &mut Vec<u8>) {
         wire::key(tag, wire::LEN, buf);
         wire::varint(value.len() as u64, buf);
         buf.extend_from_slice(value.as_bytes());
+    }
+}
+
+/// A `scand.v1.Location` field as prost writes it (the message even when empty; its optional
+/// coordinates whenever set), without prost's generic encoder, which goes through `BufMut` a
+/// byte at a time: most status changes carry their scan's location.
+fn encode_location(tag: u32, location: &pb::Location, buf: &mut Vec<u8>) {
+    let coordinate = |value: Option<f64>| value.map_or(0, |_| 9);
+    let len = str_len(1, &location.facility_id)
+        + if location.kind != 0 {
+            1 + prost::encoding::encoded_len_varint(i64::from(location.kind) as u64)
+        } else {
+            0
+        }
+        + coordinate(location.latitude)
+        + coordinate(location.longitude);
+    wire::key(tag, wire::LEN, buf);
+    wire::varint(len as u64, buf);
+    put_str(1, &location.facility_id, buf);
+    if location.kind != 0 {
+        wire::int32(2, &location.kind, buf);
+    }
+    for (field, value) in [(3, location.latitude), (4, location.longitude)] {
+        if let Some(value) = value {
+            wire::key(field, wire::FIXED64, buf);
+            buf.extend_from_slice(&value.to_le_bytes());
+        }
     }
 }
 
@@ -447,7 +486,6 @@ impl<'a> ChangeRecord<'a> {
 
     /// The message's fields in tag order, proto3 defaults left out (prost's encoding).
     fn encode(&self, buf: &mut Vec<u8>) {
-        use prost::encoding::message;
         let enum_field = |tag: u32, value: i32, buf: &mut Vec<u8>| {
             if value != 0 {
                 wire::int32(tag, &value, buf);
@@ -468,7 +506,7 @@ impl<'a> ChangeRecord<'a> {
             wire::timestamp(8, time, buf);
         }
         if let Some(location) = self.location {
-            message::encode(9, location, buf);
+            encode_location(9, location, buf);
         }
         if self.regression {
             wire::bool(10, &self.regression, buf);
@@ -828,11 +866,32 @@ mod tests {
             status: pb::Status::LabelCreated as i32,
             ..Default::default()
         };
+        let empty_location = pb::StatusChange {
+            location: Some(pb::Location::default()),
+            event_time: Some(prost_types::Timestamp {
+                seconds: 1 << 40,
+                nanos: 999_999_999,
+            }),
+            ..Default::default()
+        };
+        let coordinates_only = pb::StatusChange {
+            location: Some(pb::Location {
+                kind: -3,
+                latitude: Some(-0.0),
+                ..Default::default()
+            }),
+            committed_time: Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: -1,
+            }),
+            ..Default::default()
+        };
         for changes in [
             vec![],
             vec![pb::StatusChange::default()],
             vec![full.clone()],
             vec![sparse, full],
+            vec![empty_location, coordinates_only],
         ] {
             let records: Vec<_> = changes.iter().map(ChangeRecord::of).collect();
             let expected = ChangeBlock {
