@@ -34,7 +34,15 @@ struct Field<'a> {
     payload: &'a [u8],
 }
 
+#[inline]
 fn varint(buf: &mut &[u8]) -> Option<u64> {
+    // Keys and most lengths and values here take one byte.
+    if let Some((&byte, rest)) = buf.split_first() {
+        if byte < 0x80 {
+            *buf = rest;
+            return Some(u64::from(byte));
+        }
+    }
     let mut value = 0u64;
     for (i, &byte) in buf.iter().enumerate().take(10) {
         value |= u64::from(byte & 0x7f) << (7 * i);
