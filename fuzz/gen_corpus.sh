@@ -9,7 +9,7 @@ INCLUDE="$(dirname "$PROTOC")/../include"
 enc() { # enc <message> <text>: the message as protobuf bytes on stdout
   printf '%s' "$2" | "$PROTOC" -I ../proto -I "$INCLUDE" --encode="scand.v1.$1" scand/v1/scand.proto
 }
-rm -rf corpus && mkdir -p corpus/{scan_batch,json_scan,kafka_record,engine}
+rm -rf corpus && mkdir -p corpus/{scan_batch,json_scan,kafka_record,engine,merge}
 
 # A realistic scan: valid UPS number, 1 minute before the fuzzers' fixed clock (1.8e9 s).
 GOOD='scan_id: "dev-17/000042" tracking_number: " 1z 999-aa1 0123456784 " scan_type: SCAN_TYPE_SORTED
@@ -60,4 +60,11 @@ rng = random.Random(1800000000)
 for n in (48, 96, 160, 256):
     open(f"corpus/engine/random_{n}", "wb").write(bytes(rng.randrange(256) for _ in range(n)))
 P
+
+# merge: byte 0 = 1 when the first value is the stored record; each value = length byte + bytes.
+# Record: status 3, version 1, entry (event time 5, scan id "s-1"); delta: version 2, entry
+# (event time 2, scan id "s-2": a late scan), an empty replaced id.
+printf '\x01\x0d\x08\x03\x18\x01\x2a\x07\x08\x0a\x12\x03s-1\x0f\x08\x03\x18\x02\x2a\x07\x08\x04\x12\x03s-2\x7a\x00' >corpus/merge/record_and_late_delta
+printf '\x00\x07\x2a\x05\x12\x03s-1\x07\x2a\x05\x12\x03s-1' >corpus/merge/one_read_twice
+
 du -sh corpus
