@@ -18,6 +18,8 @@
 const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
 const LEN: u8 = 2;
+const START_GROUP: u8 = 3;
+const END_GROUP: u8 = 4;
 const FIXED32: u8 = 5;
 
 const TIMELINE: u32 = 5;
@@ -55,38 +57,59 @@ fn varint(buf: &mut &[u8]) -> Option<u64> {
 }
 
 /// The next field of `buf`, advancing past it; `None` when the bytes are no protobuf field.
-fn field<'a>(buf: &mut &'a [u8]) -> Option<Field<'a>> {
+/// `depth` is prost's recursion budget left ([`RECURSION_LIMIT`] for a record's fields): a
+/// group (deprecated, but prost skips it as an unknown field) spends one a level, and where
+/// prost's decode would run out, this fails too.
+fn field<'a>(buf: &mut &'a [u8], depth: u32) -> Option<Field<'a>> {
     let start = *buf;
     let key = varint(buf)?;
     let tag = u32::try_from(key >> 3).ok().filter(|&t| t != 0)?;
     let value = *buf;
-    let payload = match (key & 7) as u8 {
+    match (key & 7) as u8 {
         VARINT => {
             varint(buf)?;
-            &value[..value.len() - buf.len()]
         }
-        FIXED64 => value.get(..8)?,
-        FIXED32 => value.get(..4)?,
+        FIXED64 => *buf = buf.get(8..)?,
+        FIXED32 => *buf = buf.get(4..)?,
         LEN => {
             let len = usize::try_from(varint(buf)?).ok()?;
-            buf.get(..len)?
+            *buf = buf.get(len..)?;
         }
+        START_GROUP => skip_group(buf, tag, depth)?,
         _ => return None,
-    };
-    if (key & 7) as u8 != VARINT {
-        *buf = &buf[payload.len()..];
     }
-    let whole = &start[..start.len() - buf.len()];
+    let mut payload = &value[..value.len() - buf.len()];
+    if (key & 7) as u8 == LEN {
+        // What the length covers, without the length.
+        varint(&mut payload)?;
+    }
     Some(Field {
         tag,
-        whole,
+        whole: &start[..start.len() - buf.len()],
         payload,
     })
 }
 
+/// prost's `DecodeContext` recursion limit: the depth at which its decode fails.
+const RECURSION_LIMIT: u32 = 100;
+
+/// Skips a group's fields up to and with its end, as prost's `skip_field` does.
+fn skip_group(buf: &mut &[u8], tag: u32, depth: u32) -> Option<()> {
+    let inner_depth = depth.checked_sub(1).filter(|&d| d > 0)?;
+    loop {
+        let mut key_bytes = *buf;
+        let key = varint(&mut key_bytes)?;
+        if (key & 7) as u8 == END_GROUP {
+            *buf = key_bytes;
+            return (key >> 3 == u64::from(tag)).then_some(());
+        }
+        field(buf, inner_depth)?;
+    }
+}
+
 /// The fields of a message, failing on the first malformed one.
-fn fields(mut buf: &[u8]) -> impl Iterator<Item = Option<Field<'_>>> {
-    std::iter::from_fn(move || (!buf.is_empty()).then(|| field(&mut buf)))
+fn fields(mut buf: &[u8], depth: u32) -> impl Iterator<Item = Option<Field<'_>>> {
+    std::iter::from_fn(move || (!buf.is_empty()).then(|| field(&mut buf, depth)))
 }
 
 /// The wire type a known field of `ShipmentRecord` must have (`None`: unknown to this build).
@@ -118,7 +141,8 @@ impl<'a> Entry<'a> {
             whole: field.whole,
         };
         // As prost decodes: a repeated scalar takes its last value.
-        for inner in fields(field.payload) {
+        // A nested message: prost decodes its fields one level deeper.
+        for inner in fields(field.payload, RECURSION_LIMIT - 1) {
             let inner = inner?;
             match (inner.tag, wire_type(&inner)) {
                 (ENTRY_EVENT_TIME, VARINT) => {
@@ -180,7 +204,7 @@ impl<'a> Merged<'a> {
     fn apply(&mut self, bytes: &'a [u8], delta: bool) -> Option<()> {
         self.head.clear();
         let replaced_before = self.replaced.len();
-        for field in fields(bytes) {
+        for field in fields(bytes, RECURSION_LIMIT) {
             let field = field?;
             match field.tag {
                 TIMELINE if wire_type(&field) == LEN => {
@@ -467,6 +491,62 @@ mod tests {
                 .version,
             2
         );
+    }
+
+    /// A group of field `tag` holding `depth` groups of field 41 nested in it, and a varint.
+    fn nested_groups(tag: u64, depth: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let key = |tag: u64, wire_type: u64, bytes: &mut Vec<u8>| {
+            prost::encoding::encode_varint(tag << 3 | wire_type, bytes)
+        };
+        key(tag, 3, &mut bytes);
+        for _ in 0..depth {
+            key(41, 3, &mut bytes);
+        }
+        bytes.extend_from_slice(&[0x08, 0x07]);
+        for _ in 0..depth {
+            key(41, 4, &mut bytes);
+        }
+        key(tag, 4, &mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn an_unknown_group_is_skipped_as_prost_skips_it_and_kept() {
+        // Found by the `merge` fuzz target: groups are deprecated, but prost skips an unknown
+        // one, so the merge must take it too (and not a known field sent as one).
+        let mut delta = ShipmentRecord {
+            version: 2,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        delta.extend(nested_groups(40, 1));
+        let merged = merge_shipment_records(None, [delta.as_slice()]).expect("merges");
+        assert_eq!(merged, delta);
+        let reference = prost_merge(None, [delta.as_slice()]).expect("prost merges");
+        assert_eq!(
+            ShipmentRecord::decode(merged.as_slice()).expect("decodes"),
+            ShipmentRecord::decode(reference.as_slice()).expect("decodes")
+        );
+        assert_eq!(
+            merge_shipment_records(None, [&nested_groups(1, 0)[..]]),
+            None
+        );
+        // Where prost's recursion limit ends a decode, the merge fails too; in the record and
+        // inside a timeline entry, a level deeper.
+        for depth in 95..105 {
+            let head = nested_groups(40, depth);
+            let mut entry = vec![0x2a];
+            prost::encoding::encode_varint(head.len() as u64, &mut entry);
+            entry.extend_from_slice(&head);
+            for value in [head, entry] {
+                assert_eq!(
+                    merge_shipment_records(None, [value.as_slice()]).is_some(),
+                    prost_merge(None, [value.as_slice()]).is_some(),
+                    "{depth} groups deep"
+                );
+            }
+        }
     }
 
     #[test]
