@@ -27,11 +27,12 @@ const REPLACED: u32 = 15;
 const ENTRY_EVENT_TIME: u32 = 1;
 const ENTRY_SCAN_ID: u32 = 2;
 
-/// One field as it lies in its message: its tag, its whole bytes (key included) and its
-/// value's bytes (what the length covers, for a length-delimited field).
+/// One field as it lies in its message: its tag and wire type, its whole bytes (key
+/// included) and its value's bytes (what the length covers, for a length-delimited field).
 #[derive(Clone, Copy)]
 struct Field<'a> {
     tag: u32,
+    wire_type: u8,
     whole: &'a [u8],
     payload: &'a [u8],
 }
@@ -64,30 +65,38 @@ fn field<'a>(buf: &mut &'a [u8], depth: u32) -> Option<Field<'a>> {
     let start = *buf;
     let key = varint(buf)?;
     let tag = u32::try_from(key >> 3).ok().filter(|&t| t != 0)?;
+    let wire_type = (key & 7) as u8;
     let value = *buf;
-    match (key & 7) as u8 {
+    let payload = match wire_type {
         VARINT => {
             varint(buf)?;
+            &value[..value.len() - buf.len()]
         }
-        FIXED64 => *buf = buf.get(8..)?,
-        FIXED32 => *buf = buf.get(4..)?,
+        FIXED64 => take(buf, 8)?,
+        FIXED32 => take(buf, 4)?,
         LEN => {
             let len = usize::try_from(varint(buf)?).ok()?;
-            *buf = buf.get(len..)?;
+            take(buf, len)?
         }
-        START_GROUP => skip_group(buf, tag, depth)?,
+        START_GROUP => {
+            skip_group(buf, tag, depth)?;
+            &value[..value.len() - buf.len()]
+        }
         _ => return None,
-    }
-    let mut payload = &value[..value.len() - buf.len()];
-    if (key & 7) as u8 == LEN {
-        // What the length covers, without the length.
-        varint(&mut payload)?;
-    }
+    };
     Some(Field {
         tag,
+        wire_type,
         whole: &start[..start.len() - buf.len()],
         payload,
     })
+}
+
+/// The next `len` bytes of `buf`, advancing past them.
+fn take<'a>(buf: &mut &'a [u8], len: usize) -> Option<&'a [u8]> {
+    let (taken, rest) = buf.split_at_checked(len)?;
+    *buf = rest;
+    Some(taken)
 }
 
 /// prost's `DecodeContext` recursion limit: the depth at which its decode fails.
@@ -121,10 +130,6 @@ fn head_wire_type(tag: u32) -> Option<u8> {
     }
 }
 
-fn wire_type(field: &Field<'_>) -> u8 {
-    field.whole.first().map_or(0xff, |key| key & 7)
-}
-
 /// A timeline entry: what it is ordered and deduplicated by, and its field's bytes.
 #[derive(Clone, Copy)]
 struct Entry<'a> {
@@ -140,11 +145,11 @@ impl<'a> Entry<'a> {
             scan_id: &[],
             whole: field.whole,
         };
-        // As prost decodes: a repeated scalar takes its last value.
-        // A nested message: prost decodes its fields one level deeper.
+        // Decoded as prost decodes a nested message: one level deeper, and a repeated scalar
+        // takes its last value.
         for inner in fields(field.payload, RECURSION_LIMIT - 1) {
             let inner = inner?;
-            match (inner.tag, wire_type(&inner)) {
+            match (inner.tag, inner.wire_type) {
                 (ENTRY_EVENT_TIME, VARINT) => {
                     let mut value = inner.payload;
                     let zigzag = varint(&mut value)?;
@@ -207,7 +212,7 @@ impl<'a> Merged<'a> {
         for field in fields(bytes, RECURSION_LIMIT) {
             let field = field?;
             match field.tag {
-                TIMELINE if wire_type(&field) == LEN => {
+                TIMELINE if field.wire_type == LEN => {
                     let entry = Entry::of(field)?;
                     // Deltas mostly append a later scan: then the timeline needs no sort.
                     self.in_order &= self
@@ -216,10 +221,10 @@ impl<'a> Merged<'a> {
                         .is_none_or(|last| last.order() < entry.order());
                     self.entries.push(entry);
                 }
-                REPLACED if wire_type(&field) == LEN => self.replaced.push(field),
+                REPLACED if field.wire_type == LEN => self.replaced.push(field),
                 TIMELINE | REPLACED => return None,
                 tag => {
-                    if head_wire_type(tag).is_some_and(|expected| expected != wire_type(&field)) {
+                    if head_wire_type(tag).is_some_and(|expected| expected != field.wire_type) {
                         return None;
                     }
                     self.head.push(field);
@@ -474,15 +479,21 @@ mod tests {
         assert_eq!(merged, first);
     }
 
-    #[test]
-    fn fields_this_build_does_not_know_are_kept_after_the_known_ones() {
+    /// A delta of version 2 followed by `unknown`, fields this build does not know.
+    fn version_2_delta_with(unknown: &[u8]) -> Vec<u8> {
         let mut delta = ShipmentRecord {
             version: 2,
             ..Default::default()
         }
         .encode_to_vec();
+        delta.extend_from_slice(unknown);
+        delta
+    }
+
+    #[test]
+    fn fields_this_build_does_not_know_are_kept_after_the_known_ones() {
         // Field 40, a string a newer build might add.
-        delta.extend_from_slice(&[0xc2, 0x02, 2, b'h', b'i']);
+        let delta = version_2_delta_with(&[0xc2, 0x02, 2, b'h', b'i']);
         let merged = merge_shipment_records(None, [delta.as_slice()]).expect("merges");
         assert_eq!(merged, delta);
         assert_eq!(
@@ -515,12 +526,7 @@ mod tests {
     fn an_unknown_group_is_skipped_as_prost_skips_it_and_kept() {
         // Found by the `merge` fuzz target: groups are deprecated, but prost skips an unknown
         // one, so the merge must take it too (and not a known field sent as one).
-        let mut delta = ShipmentRecord {
-            version: 2,
-            ..Default::default()
-        }
-        .encode_to_vec();
-        delta.extend(nested_groups(40, 1));
+        let delta = version_2_delta_with(&nested_groups(40, 1));
         let merged = merge_shipment_records(None, [delta.as_slice()]).expect("merges");
         assert_eq!(merged, delta);
         let reference = prost_merge(None, [delta.as_slice()]).expect("prost merges");

@@ -166,13 +166,13 @@ mod wire {
     /// prost's `encoded_len` of a `Timestamp` is a call into another crate, not inlined, and
     /// the writer encodes two timestamps a status change.
     pub fn timestamp(tag: u32, time: &prost_types::Timestamp, buf: &mut Vec<u8>) {
-        use prost::encoding::encoded_len_varint;
+        use prost::encoding::{int32, int64};
         let len = if time.seconds != 0 {
-            1 + encoded_len_varint(time.seconds as u64)
+            int64::encoded_len(1, &time.seconds)
         } else {
             0
         } + if time.nanos != 0 {
-            1 + encoded_len_varint(i64::from(time.nanos) as u64)
+            int32::encoded_len(2, &time.nanos)
         } else {
             0
         };
@@ -237,15 +237,17 @@ fn put_str(tag: u32, value: &str, buf: &mut Vec<u8>) {
 /// coordinates whenever set), without prost's generic encoder, which goes through `BufMut` a
 /// byte at a time: most status changes carry their scan's location.
 fn encode_location(tag: u32, location: &pb::Location, buf: &mut Vec<u8>) {
-    let coordinate = |value: Option<f64>| value.map_or(0, |_| 9);
+    use prost::encoding::{double, int32};
+    let coordinate =
+        |tag: u32, value: Option<f64>| value.map_or(0, |v| double::encoded_len(tag, &v));
     let len = str_len(1, &location.facility_id)
         + if location.kind != 0 {
-            1 + prost::encoding::encoded_len_varint(i64::from(location.kind) as u64)
+            int32::encoded_len(2, &location.kind)
         } else {
             0
         }
-        + coordinate(location.latitude)
-        + coordinate(location.longitude);
+        + coordinate(3, location.latitude)
+        + coordinate(4, location.longitude);
     wire::key(tag, wire::LEN, buf);
     wire::varint(len as u64, buf);
     put_str(1, &location.facility_id, buf);
@@ -302,9 +304,9 @@ pub fn encode_shipment_head(state: &ShipmentState) -> Vec<u8> {
 }
 
 /// Encodes what one write changed in a shipment, the operand [`super::merge`] applies to the
-/// stored record: the state's head (status, version, flags, ...) whole, the
-/// timeline entries the write added with their stored scans, and the scan ids it replaced
-/// (whose entries the merge removes). A `ShipmentRecord` in form, so a delta merged into
+/// stored record: the state's head (status, version, flags, ...) whole, the timeline entries
+/// the write added with their stored scans, and the scan ids it replaced (whose entries the
+/// merge removes). A `ShipmentRecord` in form, so a delta merged into
 /// nothing is the record of a shipment that had nothing before.
 pub fn encode_shipment_delta<'a>(
     state: &ShipmentState,
@@ -815,7 +817,7 @@ mod tests {
         };
         assert_eq!(delta, expected.encode_to_vec());
         let merged =
-            super::super::merge::merge_shipment_records(None, [delta.as_slice()]).expect("merges");
+            crate::store::merge::merge_shipment_records(None, [delta.as_slice()]).expect("merges");
         let record = decode_shipment_record(b"k", &merged).expect("decodes");
         assert_eq!(
             record
