@@ -15,13 +15,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use prost::Message;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use scand::api::pb::{self, scan_ingest_server::ScanIngest};
 use scand::config::IngestConfig;
 use scand::domain::EventTime;
 use scand::ingest::validate::Validator;
-use scand::store::keys;
+use scand::store::{keys, records};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -208,14 +207,15 @@ struct StoringIngest {
 }
 
 /// Keys and encodes a batch's scans and queues them for the writer; the receiver answers once
-/// they are durable.
+/// they are durable. A value is scand's stored form of the scan (`records::encode_event`, as
+/// the raw RocksDB limit stores), so both raw stores write the same bytes.
 async fn write(
     writer: &mpsc::Sender<ToWrite>,
-    batch: &pb::ScanBatch,
+    batch: &mut pb::ScanBatch,
 ) -> oneshot::Receiver<Result<(), String>> {
     let records = batch
         .scans
-        .iter()
+        .iter_mut()
         .map(|scan| {
             // Nothing here judges a scan: one without a usable time is stored at time 0.
             let event_time = scan
@@ -224,7 +224,7 @@ async fn write(
                 .and_then(|t| EventTime::from_parts(t.seconds, t.nanos))
                 .unwrap_or(EventTime(0));
             let key = keys::event_key_unchecked(&scan.tracking_number, event_time, &scan.scan_id);
-            (key, scan.encode_to_vec())
+            (key, records::encode_event(scan))
         })
         .collect();
     let (durable, synced) = oneshot::channel();
@@ -260,12 +260,12 @@ impl ScanIngest for StoringIngest {
         let (waiting, mut waiting_rx) = mpsc::channel(8);
         let writer = self.writer.clone();
         tokio::spawn(async move {
-            while let Some(Ok(batch)) = batches.next().await {
+            while let Some(Ok(mut batch)) = batches.next().await {
                 // The slot first, so at most 8 of this stream's batches are past this point.
                 let Ok(slot) = waiting.reserve().await else {
                     return;
                 };
-                let synced = write(&writer, &batch).await;
+                let synced = write(&writer, &mut batch).await;
                 slot.send((batch, synced));
             }
         });
@@ -286,8 +286,8 @@ impl ScanIngest for StoringIngest {
         &self,
         request: Request<pb::ScanBatch>,
     ) -> Result<Response<pb::BatchAck>, Status> {
-        let batch = request.into_inner();
-        let synced = write(&self.writer, &batch).await;
+        let mut batch = request.into_inner();
+        let synced = write(&self.writer, &mut batch).await;
         answer(batch, synced).await.map(Response::new)
     }
 }
