@@ -1,5 +1,5 @@
 //! The ingest path's per-scan costs outside the engine: protobuf decode of a ScanBatch as it
-//! arrives over gRPC, validation, and the dedup lookup against a real RocksDB: reading the
+//! arrives over gRPC, validation, the carrier check of a tracking number, and the dedup lookup against a real RocksDB: reading the
 //! state of the shipments a batch touches (stored ones and new ones), whose timeline summary
 //! the engine deduplicates against.
 //! `cargo bench --bench ingest`.
@@ -13,6 +13,7 @@ use scand::api::pb;
 use scand::config::{IngestConfig, StoreConfig};
 use scand::domain::TrackingNumber;
 use scand::engine::{stall::StallPolicy, Engine};
+use scand::ingest::carrier::CarrierRegistry;
 use scand::ingest::validate::Validator;
 use scand::store::{writer, Store};
 
@@ -82,6 +83,31 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// Numbers of the built-in carriers (valid, from the public reference vectors), one with a
+/// wrong check digit, and ones of no known format (the load generator's `LD…`).
+const NUMBERS: &[(&str, &str)] = &[
+    ("ups", "1Z5R89390357567127"),
+    ("fedex_12", "986578788855"),
+    ("fedex_34", "1001921334250001000300779017972697"),
+    ("usps_impb", "420787459400111206206406260787"),
+    ("s10", "RB123456785GB"),
+    ("dhl_ecommerce", "GM2951173225174494"),
+    ("amazon", "TBA000000000000"),
+    ("check_digit_mismatch", "1Z5R89390357567128"),
+    ("unknown_format", "LD00010000012345"),
+];
+
+fn carrier_check(c: &mut Criterion) {
+    let registry = CarrierRegistry::builtin();
+    let mut group = c.benchmark_group("carrier_check");
+    for (name, number) in NUMBERS {
+        group.bench_with_input(BenchmarkId::new("classify", name), number, |b, number| {
+            b.iter(|| black_box(registry.classify(number)))
+        });
+    }
+    group.finish();
+}
+
 /// A store holding `n` scans, written through the real writer.
 fn filled_store(n: usize) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -141,5 +167,5 @@ fn shipment_state_lookup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, shipment_state_lookup);
+criterion_group!(benches, decode, carrier_check, shipment_state_lookup);
 criterion_main!(benches);

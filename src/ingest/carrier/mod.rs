@@ -3,7 +3,8 @@
 //! own order numbers) and, optionally, definition files in the public tracking_number_data
 //! courier schema (`data`), all run by one interpreter: an anchored regex with the named groups
 //! `SerialNumber` and `CheckDigit`, a check-digit scheme (`checksum`), and optional lookups
-//! that name the service a group encodes.
+//! that name the service a group encodes. One pass of a `RegexSet` over the number first picks
+//! the formats it has the shape of; only those run.
 //!
 //! Invariants: classification is a pure function of the number and the formats; it never
 //! panics on any input; a number is valid when *some* format matches it and its check digit
@@ -206,14 +207,102 @@ impl Format {
 #[derive(Clone, Debug)]
 pub struct CarrierRegistry {
     formats: Vec<Format>,
+    shapes: ShapeFilter,
+}
+
+/// Which formats a number has the shape of, found in one pass over it: a number is checked
+/// (captures, check digit, service) only against those. Without it, every format's regex ran
+/// on every number, ~1 µs for one matching no format.
+///
+/// A format's shape is its regex without lookaround (which the `regex` crate lacks): dropping
+/// an assertion only widens what a pattern matches, so the set stays a necessary condition and
+/// the format's own regex still decides. A shape `regex` does not compile either (a
+/// backreference) leaves its format always tried, in its place in the order.
+#[derive(Clone, Debug)]
+struct ShapeFilter {
+    set: regex::RegexSet,
+    /// Each format's pattern index in `set`; `None`: always tried.
+    slots: Vec<Option<usize>>,
+}
+
+impl ShapeFilter {
+    fn new(formats: &[Format]) -> Self {
+        let mut patterns = Vec::new();
+        let slots: Vec<Option<usize>> = formats
+            .iter()
+            .map(|format| {
+                let shape = without_lookaround(format.regex.as_str());
+                regex::Regex::new(&shape).ok().map(|_| {
+                    patterns.push(shape);
+                    patterns.len() - 1
+                })
+            })
+            .collect();
+        match regex::RegexSet::new(&patterns) {
+            Ok(set) => ShapeFilter { set, slots },
+            // Beyond the set's size limit: every format is tried, as it would be without one.
+            Err(_) => ShapeFilter {
+                set: regex::RegexSet::empty(),
+                slots: vec![None; formats.len()],
+            },
+        }
+    }
+}
+
+/// `pattern` with every lookahead and lookbehind group (`(?=`, `(?!`, `(?<=`, `(?<!`) removed,
+/// escapes and character classes (nested, or opening with a literal `]`) respected. Should it
+/// misread a pattern, what it returns fails to compile, and the format is always tried.
+fn without_lookaround(pattern: &str) -> String {
+    const ASSERTIONS: [&str; 4] = ["(?=", "(?!", "(?<=", "(?<!"];
+    let mut out = String::with_capacity(pattern.len());
+    let mut chars = pattern.char_indices().peekable();
+    // Parentheses open inside the assertion being dropped (0: none is being dropped).
+    let mut dropping = 0usize;
+    // Brackets open: `[a-z&&[^x]]` nests.
+    let mut class_depth = 0usize;
+    while let Some((at, c)) = chars.next() {
+        let mut token = String::from(c);
+        match c {
+            '\\' => token.extend(chars.next().map(|(_, e)| e)),
+            '[' => {
+                class_depth += 1;
+                // `[]...]` and `[^]...]`: a `]` first in a class is a literal.
+                if chars.next_if(|&(_, n)| n == '^').is_some() {
+                    token.push('^');
+                }
+                if chars.next_if(|&(_, n)| n == ']').is_some() {
+                    token.push(']');
+                }
+            }
+            ']' if class_depth > 0 => class_depth -= 1,
+            '(' if class_depth == 0 && dropping > 0 => dropping += 1,
+            '(' if class_depth == 0 && ASSERTIONS.iter().any(|a| pattern[at..].starts_with(a)) => {
+                dropping = 1
+            }
+            ')' if class_depth == 0 && dropping > 0 => {
+                dropping -= 1;
+                continue;
+            }
+            _ => {}
+        }
+        if dropping == 0 {
+            out.push_str(&token);
+        }
+    }
+    out
 }
 
 impl CarrierRegistry {
+    fn with_formats(formats: Vec<Format>) -> Self {
+        CarrierRegistry {
+            shapes: ShapeFilter::new(&formats),
+            formats,
+        }
+    }
+
     /// The built-in formats only.
     pub fn builtin() -> Self {
-        CarrierRegistry {
-            formats: builtin::formats(),
-        }
+        Self::with_formats(builtin::formats())
     }
 
     /// Custom formats, then definition files, then the built-ins.
@@ -231,31 +320,42 @@ impl CarrierRegistry {
             formats.extend(data::load(path)?);
         }
         formats.extend(builtin::formats());
-        Ok(CarrierRegistry { formats })
+        Ok(Self::with_formats(formats))
     }
 
     /// Formats from one definition file alone (for tests and tools).
     pub fn from_definition_file(path: &std::path::Path) -> Result<Self, CarrierError> {
-        Ok(CarrierRegistry {
-            formats: data::load(path)?,
-        })
+        Ok(Self::with_formats(data::load(path)?))
     }
 
     /// Classifies a normalized tracking number (upper case, no spaces or dashes).
     pub fn classify(&self, number: &str) -> Classification {
-        let mut mismatch = None;
-        for format in &self.formats {
-            match format.check(number) {
-                Some((true, carrier)) => return Classification::Valid(carrier),
-                Some((false, carrier)) if mismatch.is_none() => mismatch = Some(carrier),
-                _ => {}
-            }
-        }
-        mismatch.map_or(
-            Classification::UnknownFormat,
-            Classification::CheckDigitMismatch,
-        )
+        let shaped = self.shapes.set.matches(number);
+        let candidates = self
+            .formats
+            .iter()
+            .zip(&self.shapes.slots)
+            .filter(|(_, slot)| slot.is_none_or(|i| shaped.matched(i)))
+            .map(|(format, _)| format);
+        classify_among(candidates, number)
     }
+}
+
+/// The first format of `formats` (in order) that `number` is valid in; else the first whose
+/// shape it has, as a mismatch.
+fn classify_among<'a>(formats: impl Iterator<Item = &'a Format>, number: &str) -> Classification {
+    let mut mismatch = None;
+    for format in formats {
+        match format.check(number) {
+            Some((true, carrier)) => return Classification::Valid(carrier),
+            Some((false, carrier)) if mismatch.is_none() => mismatch = Some(carrier),
+            _ => {}
+        }
+    }
+    mismatch.map_or(
+        Classification::UnknownFormat,
+        Classification::CheckDigitMismatch,
+    )
 }
 
 #[cfg(test)]

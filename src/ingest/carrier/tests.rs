@@ -320,9 +320,106 @@ fn custom_formats_from_config_come_first_and_bad_ones_are_named() {
         .contains("/nonexistent/couriers.json"));
 }
 
+/// Every reference courier file and the built-ins in one registry: formats with lookaround
+/// (outside the shape filter) among ones inside it.
+fn every_format() -> &'static CarrierRegistry {
+    static REGISTRY: std::sync::LazyLock<CarrierRegistry> = std::sync::LazyLock::new(|| {
+        let mut files: Vec<PathBuf> = vectors().into_iter().map(|v| v.file).collect();
+        files.dedup();
+        CarrierRegistry::new(&CarrierConfig {
+            definition_files: files,
+            ..CarrierConfig::default()
+        })
+        .expect("loads")
+    });
+    &REGISTRY
+}
+
+/// What `classify` answered before the shape filter: every format tried in order.
+fn classify_unfiltered(registry: &CarrierRegistry, number: &str) -> Classification {
+    classify_among(registry.formats.iter(), number)
+}
+
+#[test]
+fn lookaround_is_dropped_from_a_shape_and_nothing_else() {
+    for (pattern, shape) in [
+        ("^(?:1Z[0-9]{16})$", "^(?:1Z[0-9]{16})$"),
+        (
+            "^(?:(?:GM|LX)(?=[0-9A-Z]*[0-9])[0-9A-Z]{10,39})$",
+            "^(?:(?:GM|LX)[0-9A-Z]{10,39})$",
+        ),
+        ("(?!4)(?<=x)a(?<!(b)c)d", "ad"),
+        (
+            "(?<S>(?=[0-9\\s]{10}\\b)[0-9\\s]{10})",
+            "(?<S>[0-9\\s]{10})",
+        ),
+        ("\\(?=a\\)[(?=][]()][^]x(]", "\\(?=a\\)[(?=][]()][^]x(]"),
+        ("[a-z&&[^(]](?=[)])b", "[a-z&&[^(]]b"),
+    ] {
+        assert_eq!(without_lookaround(pattern), shape, "{pattern}");
+    }
+}
+
+#[test]
+fn the_shape_filter_holds_every_builtin_and_every_reference_format() {
+    let builtin = CarrierRegistry::builtin();
+    assert_eq!(builtin.shapes.slots.len(), builtin::BUILTIN_FORMATS);
+    assert!(builtin.shapes.slots.iter().all(Option::is_some));
+    let all = every_format();
+    assert!(all.formats.iter().any(|f| f.regex.as_str().contains("(?=")));
+    assert!(all.shapes.slots.iter().all(Option::is_some));
+}
+
+#[test]
+fn a_format_whose_shape_regex_cannot_compile_is_always_tried() {
+    let registry = CarrierRegistry::new(&CarrierConfig {
+        custom: vec![CustomFormat {
+            carrier: "acme".into(),
+            name: "acme_twice".into(),
+            regex: "(A[0-9])\\1".into(),
+            check_digit: Checksum::None,
+        }],
+        ..CarrierConfig::default()
+    })
+    .expect("compiles in fancy_regex");
+    assert_eq!(registry.shapes.slots[0], None);
+    assert!(matches!(
+        registry.classify("A7A7"),
+        Classification::Valid(Carrier { ref format, .. }) if format == "acme_twice"
+    ));
+    assert_eq!(registry.classify("A7A8"), Classification::UnknownFormat);
+}
+
+#[test]
+fn filtered_classification_equals_trying_every_format_on_the_reference_numbers() {
+    let registry = every_format();
+    let mut checked = 0;
+    for v in vectors() {
+        for n in v.valid.iter().chain(&v.invalid) {
+            assert_eq!(
+                registry.classify(n),
+                classify_unfiltered(registry, n),
+                "{n}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 250, "only {checked} numbers checked");
+}
+
 proptest! {
     #[test]
     fn classify_never_panics(number in "[A-Z0-9]{0,40}|\\PC{0,40}") {
         let _ = CarrierRegistry::builtin().classify(&number);
+    }
+
+    /// Numbers near the formats' shapes (their alphabet and lengths, some with a prefix a
+    /// format starts with) and arbitrary text: the filter never changes the answer.
+    #[test]
+    fn filtered_classification_equals_trying_every_format(
+        number in "(1Z|96|420|9[1-5]|TB[ACM]|JJD|GM|C|D|LX|[A-Z]{2})?[0-9A-Z]{0,34}|[0-9]{8,40}|\\PC{0,40}"
+    ) {
+        let registry = every_format();
+        prop_assert_eq!(registry.classify(&number), classify_unfiltered(registry, &number));
     }
 }
