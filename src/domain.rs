@@ -30,6 +30,14 @@ impl TrackingNumber {
     pub const MAX_LEN: usize = 40;
 
     pub fn parse(raw: &str) -> Result<Self, TrackingNumberError> {
+        // Scanners mostly send numbers already normalized: kept as they are, without a copy.
+        if (Self::MIN_LEN..=Self::MAX_LEN).contains(&raw.len())
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        {
+            return Ok(Self(SmolStr::new(raw)));
+        }
         let mut normalized = String::with_capacity(raw.len());
         for c in raw.trim().chars() {
             match c {
@@ -289,6 +297,30 @@ mod tests {
         let b = TrackingNumber::parse("1Z999AA10123").expect("valid");
         assert_eq!(a, b);
         assert_eq!(a.as_str(), "1Z999AA10123");
+    }
+
+    proptest::proptest! {
+        /// Spaces, dashes and case aside, a number is its characters: whether or not it came
+        /// in normalized (kept as sent) or had to be rebuilt.
+        #[test]
+        fn a_number_parses_as_its_normalized_spelling(
+            raw in "[ a-zA-Z0-9-]{0,44}|[A-Z0-9]{0,44}|\\PC{0,44}"
+        ) {
+            let normalized: String = raw
+                .trim()
+                .chars()
+                .filter(|c| !matches!(c, ' ' | '-'))
+                .map(|c| c.to_ascii_uppercase())
+                .collect();
+            let parsed = TrackingNumber::parse(&raw);
+            match TrackingNumber::parse(&normalized) {
+                Ok(n) => {
+                    proptest::prop_assert_eq!(n.as_str(), normalized.as_str());
+                    proptest::prop_assert_eq!(parsed, Ok(n));
+                }
+                Err(e) => proptest::prop_assert_eq!(parsed.map(|_| ()), Err(e)),
+            }
+        }
     }
 
     #[test]

@@ -249,7 +249,9 @@ impl Validator {
         check_location(scan.location.as_ref())?;
         check_sizes(&scan)?;
 
-        scan.tracking_number = tracking_number.to_string();
+        if scan.tracking_number != tracking_number.as_str() {
+            scan.tracking_number = tracking_number.to_string();
+        }
         scan.received_time = Some(prost_types::Timestamp::from(now));
         let facility = facility_hash(
             scan.location
