@@ -175,6 +175,10 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Entries a new shipment's timeline has room for: a journey is 9 to 25 scans, and a
+    /// timeline grown from empty by doubling is reallocated and copied four times on the way.
+    const JOURNEY_ENTRIES: usize = 16;
+
     pub fn new(fingerprint_window: std::time::Duration) -> Self {
         let micros = i64::try_from(fingerprint_window.as_micros()).unwrap_or(i64::MAX);
         Self {
@@ -195,7 +199,13 @@ impl Engine {
     /// Applies a batch. `states` must hold the current state of every shipment the batch
     /// touches (absent = never seen); it is updated in place.
     pub fn apply(&self, batch: Vec<Incoming>, states: &mut States) -> Effects {
-        let mut effects = Effects::default();
+        // Most scans are stored and change their shipment's status: sized once, not doubled
+        // up from empty every group.
+        let mut effects = Effects {
+            stored: Vec::with_capacity(batch.len()),
+            changes: Vec::with_capacity(batch.len()),
+            ..Effects::default()
+        };
         // A shipment's scans are applied together, in timeline order, so a bulk upload
         // publishes each milestone in sequence; the arrival index breaks exact ties
         // deterministically. Shipments go in order of their first scan in the batch, grouped
@@ -317,6 +327,9 @@ impl Engine {
             .partition_point(|e| e.order_key() < entry.order_key());
         let appended = pos == state.timeline.len();
         let scan_type = entry.scan_type;
+        if state.timeline.capacity() == 0 {
+            state.timeline.reserve_exact(Self::JOURNEY_ENTRIES);
+        }
         state.timeline.insert(pos, entry);
         effects.stored.push(index);
         if clock_skewed {
