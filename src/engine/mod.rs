@@ -175,8 +175,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Entries a new shipment's timeline has room for: a journey is 9 to 25 scans, and a
-    /// timeline grown from empty by doubling is reallocated and copied four times on the way.
+    /// Entries a timeline past its first few gets room for at once: a journey is 9 to 25
+    /// scans, and doubling (4 → 8 → 16 → 32) copies it at each step. Not from the first scan:
+    /// a shipment seen once keeps a small timeline in the cache.
     const JOURNEY_ENTRIES: usize = 16;
 
     pub fn new(fingerprint_window: std::time::Duration) -> Self {
@@ -327,8 +328,12 @@ impl Engine {
             .partition_point(|e| e.order_key() < entry.order_key());
         let appended = pos == state.timeline.len();
         let scan_type = entry.scan_type;
-        if state.timeline.capacity() == 0 {
-            state.timeline.reserve_exact(Self::JOURNEY_ENTRIES);
+        let timeline = &mut state.timeline;
+        if !timeline.is_empty()
+            && timeline.len() == timeline.capacity()
+            && timeline.len() < Self::JOURNEY_ENTRIES
+        {
+            timeline.reserve_exact(Self::JOURNEY_ENTRIES - timeline.len());
         }
         state.timeline.insert(pos, entry);
         effects.stored.push(index);
