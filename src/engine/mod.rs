@@ -335,7 +335,7 @@ impl Engine {
         {
             timeline.reserve_exact(Self::JOURNEY_ENTRIES - timeline.len());
         }
-        state.timeline.insert(pos, entry);
+        timeline.insert(pos, entry);
         effects.stored.push(index);
         if clock_skewed {
             state.flags.clock_skewed_scans += 1;
