@@ -256,8 +256,7 @@ fn encode_location(tag: u32, location: &pb::Location, buf: &mut Vec<u8>) {
     }
     for (field, value) in [(3, location.latitude), (4, location.longitude)] {
         if let Some(value) = value {
-            wire::key(field, wire::FIXED64, buf);
-            buf.extend_from_slice(&value.to_le_bytes());
+            wire::fixed64(field, &value.to_bits(), buf);
         }
     }
 }

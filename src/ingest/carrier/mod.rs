@@ -261,18 +261,16 @@ fn without_lookaround(pattern: &str) -> String {
     // Brackets open: `[a-z&&[^x]]` nests.
     let mut class_depth = 0usize;
     while let Some((at, c)) = chars.next() {
-        let mut token = String::from(c);
+        // What a token spans beyond `c`: an escaped character, a class's opening `^` or `]`.
         match c {
-            '\\' => token.extend(chars.next().map(|(_, e)| e)),
+            '\\' => {
+                chars.next();
+            }
             '[' => {
                 class_depth += 1;
                 // `[]...]` and `[^]...]`: a `]` first in a class is a literal.
-                if chars.next_if(|&(_, n)| n == '^').is_some() {
-                    token.push('^');
-                }
-                if chars.next_if(|&(_, n)| n == ']').is_some() {
-                    token.push(']');
-                }
+                chars.next_if(|&(_, n)| n == '^');
+                chars.next_if(|&(_, n)| n == ']');
             }
             ']' if class_depth > 0 => class_depth -= 1,
             '(' if class_depth == 0 && dropping > 0 => dropping += 1,
@@ -286,7 +284,8 @@ fn without_lookaround(pattern: &str) -> String {
             _ => {}
         }
         if dropping == 0 {
-            out.push_str(&token);
+            let end = chars.peek().map_or(pattern.len(), |&(next, _)| next);
+            out.push_str(&pattern[at..end]);
         }
     }
     out
