@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 4 ] || { echo "usage: $0 OLD_BIN OLD_CONFIG NEW_BIN NEW_CONFIG [ROUNDS]" >&2; exit 2; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/scand/target}"
-cargo build --release --locked --bin scand-load >&2
+cargo build --release --locked -p scand-load >&2
 LOAD="$CARGO_TARGET_DIR/release/scand-load"
 run() { # $1 = binary, $2 = config, $3 = label
   local dir pid out

@@ -24,7 +24,7 @@ SHIPMENTS="${SHIPMENTS:-20000}"
 BATCH="${BATCH:-500}"
 STREAMS="${STREAMS:-4}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/scand/target}"
-cargo build --release --locked --bins >&2
+cargo build --release --locked --workspace --bins >&2
 BIN="$CARGO_TARGET_DIR/release"
 WORK="$(mktemp -d)"
 GRPC_PORT="${GRPC_PORT:-50551}"

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prost::Message;
-use scand::api::pb;
-use scand::config::{IngestConfig, StoreConfig};
 use scand::domain::TrackingNumber;
 use scand::engine::{stall::StallPolicy, Engine};
 use scand::ingest::carrier::CarrierRegistry;
 use scand::ingest::validate::Validator;
+use scand::ingest::IngestConfig;
+use scand::proto::pb;
+use scand::store::StoreConfig;
 use scand::store::{writer, Store};
 
 fn scan(i: usize) -> pb::Scan {

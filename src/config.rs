@@ -1,10 +1,12 @@
 //! Configuration: a TOML file layered under `SCAND_*` environment variables
-//! (`SCAND_GRPC__LISTEN=0.0.0.0:50051` sets `grpc.listen`).
+//! (`SCAND_GRPC__LISTEN=0.0.0.0:50051` sets `grpc.listen`). Each component's section is a
+//! struct beside that component (`store::StoreConfig`, `ingest::IngestConfig`, ...); this
+//! module composes them, holds the engine's (dedup, stall), and checks the whole.
 //!
 //! Invariant: a config that loads is complete and sane. Unknown keys, bad addresses, bad
 //! durations and out-of-range limits are errors that name the key, never silently ignored.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use figment::{
     providers::{Env, Format, Serialized, Toml},
@@ -12,7 +14,16 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::ingest::codec::Encoding;
+use crate::api::{tls::TlsConfig, GrpcConfig};
+use crate::ingest::auth::AuthConfig;
+use crate::ingest::kafka::KafkaSourceConfig;
+use crate::ingest::IngestConfig;
+use crate::kafka::{Cluster, KafkaClientConfig};
+use crate::publish::feed::FeedConfig;
+use crate::publish::kafka::KafkaSinkConfig;
+use crate::scaleout::gateway::KafkaGatewayConfig;
+use crate::store::StoreConfig;
+use crate::telemetry::{admin::AdminConfig, LogConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -36,178 +47,6 @@ pub struct Config {
     pub stall: StallConfig,
     pub kafka: KafkaConfig,
     pub log: LogConfig,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GrpcConfig {
-    /// Address the gRPC services listen on.
-    pub listen: SocketAddr,
-    /// Largest accepted request message, in bytes.
-    pub max_message_bytes: usize,
-    /// HTTP/2 streams one connection may have open at once.
-    pub max_concurrent_streams: u32,
-    /// HTTP/2 flow-control windows: the 64 KiB protocol default caps a stream's throughput.
-    pub stream_window_bytes: u32,
-    pub connection_window_bytes: u32,
-    #[serde(with = "humantime_serde")]
-    pub keepalive_interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub keepalive_timeout: Duration,
-    /// How long shutdown waits for in-flight calls before closing them.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-    /// Connections served at once; further clients wait in the listen backlog.
-    pub max_connections: usize,
-    pub tls: TlsConfig,
-    pub auth: AuthConfig,
-}
-
-/// gRPC over TLS, off unless `cert` and `key` are set. With `client_ca`, mutual TLS: only
-/// clients presenting a certificate issued by that CA get a connection.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// PEM certificate chain of the server.
-    pub cert: Option<PathBuf>,
-    /// PEM private key of `cert`.
-    pub key: Option<PathBuf>,
-    /// PEM CA certificate(s) that client certificates must chain to.
-    pub client_ca: Option<PathBuf>,
-}
-
-/// Per-device bearer tokens for `ScanIngest`. With none configured, ingest needs no token.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    pub tokens: Vec<DeviceToken>,
-}
-
-/// One bearer token and the device ids whose scans it may send (`"*"`: any device).
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceToken {
-    pub token: String,
-    pub devices: Vec<String>,
-}
-
-impl std::fmt::Debug for DeviceToken {
-    // A token is a secret: never in logs or error messages.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceToken")
-            .field("token", &"<redacted>")
-            .field("devices", &self.devices)
-            .finish()
-    }
-}
-
-impl Default for GrpcConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            max_message_bytes: 16 * 1024 * 1024,
-            max_concurrent_streams: 256,
-            stream_window_bytes: 4 * 1024 * 1024,
-            connection_window_bytes: 16 * 1024 * 1024,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(10),
-            max_connections: 1024,
-            tls: TlsConfig::default(),
-            auth: AuthConfig::default(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
-    pub listen: SocketAddr,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
-    /// RocksDB data directory.
-    pub path: PathBuf,
-    /// Shared block cache, in bytes.
-    pub block_cache_bytes: usize,
-    /// Size of one memtable, in bytes (per column family).
-    pub memtable_bytes: usize,
-    /// All memtables together, in bytes: beyond it RocksDB flushes the largest, so memory stays
-    /// bounded however many column families are busy.
-    pub memtables_total_bytes: usize,
-    /// Ingest batches waiting for the writer; beyond this, callers wait (backpressure).
-    pub queue_batches: usize,
-    /// Most ingest batches the writer combines into one synced write (group commit).
-    pub group_commit_batches: usize,
-    /// Shipments whose state the writer keeps decoded in memory (0 = none); ~1 KiB each.
-    pub shipment_cache_entries: usize,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            path: PathBuf::from("./data"),
-            block_cache_bytes: 128 * 1024 * 1024,
-            memtable_bytes: 64 * 1024 * 1024,
-            memtables_total_bytes: 192 * 1024 * 1024,
-            queue_batches: 64,
-            group_commit_batches: 32,
-            shipment_cache_entries: 100_000,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestConfig {
-    /// Largest batch accepted in one ScanBatch.
-    pub max_batch_scans: usize,
-    /// Encoded bytes of scan batches accepted but not yet answered, across all callers. A
-    /// stream beyond it waits (HTTP/2 flow control pushes back on the scanner); a unary call
-    /// waits up to `admission_timeout`, then fails with RESOURCE_EXHAUSTED.
-    pub max_in_flight_bytes: usize,
-    #[serde(with = "humantime_serde")]
-    pub admission_timeout: Duration,
-    /// A scan more than this far ahead of the server clock is rejected.
-    #[serde(with = "humantime_serde")]
-    pub max_future_skew: Duration,
-    /// A scan older than this is rejected.
-    #[serde(with = "humantime_serde")]
-    pub max_age: Duration,
-    /// Accepted scans further ahead of the server clock than this are flagged as clock skew.
-    #[serde(with = "humantime_serde")]
-    pub clock_skew_flag_ahead: Duration,
-    /// Accepted scans further behind the server clock than this are flagged as clock skew.
-    #[serde(with = "humantime_serde")]
-    pub clock_skew_flag_behind: Duration,
-    /// Carrier formats and check digits of tracking numbers, and what to do when one fails.
-    pub tracking_numbers: crate::ingest::carrier::CarrierConfig,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        Self {
-            max_batch_scans: 10_000,
-            max_in_flight_bytes: 256 * 1024 * 1024,
-            admission_timeout: Duration::from_secs(1),
-            max_future_skew: Duration::from_secs(5 * 60),
-            max_age: Duration::from_secs(90 * 24 * 3600),
-            clock_skew_flag_ahead: Duration::from_secs(60),
-            clock_skew_flag_behind: Duration::from_secs(24 * 3600),
-            tracking_numbers: crate::ingest::carrier::CarrierConfig::default(),
-        }
-    }
 }
 
 /// Stalled shipments: no scan for longer than the threshold of the shipment's status.
@@ -296,26 +135,6 @@ impl Default for DedupConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FeedConfig {
-    /// Changes a WatchStatusChanges stream holds for a subscriber before waiting on it.
-    pub subscriber_buffer: usize,
-    /// A subscriber that takes no change for this long while changes wait for it is cut off
-    /// (RESOURCE_EXHAUSTED, with the sequence to resume after).
-    #[serde(with = "humantime_serde")]
-    pub stalled_subscriber_timeout: Duration,
-}
-
-impl Default for FeedConfig {
-    fn default() -> Self {
-        Self {
-            subscriber_buffer: 64,
-            stalled_subscriber_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
 /// Kafka in and out. Each direction switches on by itself; with all off no broker is needed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -329,6 +148,17 @@ pub struct KafkaConfig {
     pub producer: KafkaClientConfig,
 }
 
+impl KafkaConfig {
+    /// How every Kafka client of this config reaches the cluster.
+    pub fn cluster(&self) -> Cluster {
+        Cluster {
+            brokers: self.brokers.clone(),
+            consumer: self.consumer.clone(),
+            producer: self.producer.clone(),
+        }
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         Self {
@@ -338,116 +168,6 @@ impl Default for KafkaConfig {
             gateway: KafkaGatewayConfig::default(),
             consumer: KafkaClientConfig::default(),
             producer: KafkaClientConfig::default(),
-        }
-    }
-}
-
-/// librdkafka properties passed through as they are (TLS, SASL, timeouts...).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaClientConfig {
-    pub properties: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSourceConfig {
-    pub enabled: bool,
-    pub topics: Vec<String>,
-    pub group_id: String,
-    /// Encoding of record values without a `content-type` header.
-    pub encoding: Encoding,
-    /// Per-topic encoding, overriding `encoding`.
-    pub topic_encodings: BTreeMap<String, Encoding>,
-    /// Records that cannot be decoded, and rejected scans, go here with the reason in headers.
-    pub dead_letter_topic: String,
-    /// Compacted topic replicating the state of each partition's shipments to its next owner;
-    /// needs at least as many partitions as the scans topics.
-    pub changelog_topic: String,
-    /// Most records in one ingest batch.
-    pub batch_max_records: usize,
-    /// Longest wait for a batch to fill once its first record arrived.
-    #[serde(with = "humantime_serde")]
-    pub batch_max_wait: Duration,
-}
-
-impl Default for KafkaSourceConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            topics: vec!["scans.raw".to_owned()],
-            group_id: "scand".to_owned(),
-            encoding: Encoding::Protobuf,
-            topic_encodings: BTreeMap::new(),
-            dead_letter_topic: "scans.dlq".to_owned(),
-            changelog_topic: "scand.changelog".to_owned(),
-            batch_max_records: 2000,
-            batch_max_wait: Duration::from_millis(20),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSinkConfig {
-    pub enabled: bool,
-    /// Status changes, keyed by tracking number.
-    pub topic: String,
-    pub encoding: Encoding,
-    /// Changes handed to the producer before waiting for their delivery reports.
-    pub max_in_flight: usize,
-}
-
-impl Default for KafkaSinkConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            topic: "shipments.status".to_owned(),
-            encoding: Encoding::Protobuf,
-            max_in_flight: 1000,
-        }
-    }
-}
-
-/// Gateway mode: gRPC scans are produced to the partitioned scans topic (key = tracking
-/// number) instead of being applied here, so the partition's owner orders each shipment.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaGatewayConfig {
-    pub enabled: bool,
-    pub topic: String,
-}
-
-impl Default for KafkaGatewayConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            topic: "scans.raw".to_owned(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// tracing filter directives, e.g. `info` or `scand=debug`; RUST_LOG wins when set.
-    pub filter: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Human,
-            filter: "info".to_owned(),
         }
     }
 }
@@ -547,8 +267,8 @@ impl Config {
                 reason: "must be longer than 0s".to_owned(),
             });
         }
-        self.grpc.tls.validate()?;
-        self.grpc.auth.validate()?;
+        validate_tls(&self.grpc.tls)?;
+        validate_auth(&self.grpc.auth)?;
         let kafka = &self.kafka;
         if (kafka.source.enabled || kafka.sink.enabled || kafka.gateway.enabled)
             && kafka.brokers.trim().is_empty()
@@ -579,74 +299,70 @@ impl Config {
     }
 }
 
-impl TlsConfig {
-    /// TLS is on when a certificate is configured.
-    pub fn enabled(&self) -> bool {
-        self.cert.is_some()
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        match (&self.cert, &self.key) {
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(ConfigError::Invalid {
-                    key: "grpc.tls",
-                    reason: "set both `cert` and `key`, or neither".to_owned(),
-                })
-            }
-            (None, None) if self.client_ca.is_some() => {
-                return Err(ConfigError::Invalid {
-                    key: "grpc.tls.client_ca",
-                    reason: "client certificates need TLS: set `cert` and `key` too".to_owned(),
-                })
-            }
-            _ => {}
+/// Both of `cert` and `key` or neither, and every file readable.
+fn validate_tls(tls: &TlsConfig) -> Result<(), ConfigError> {
+    match (&tls.cert, &tls.key) {
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                key: "grpc.tls",
+                reason: "set both `cert` and `key`, or neither".to_owned(),
+            })
         }
-        let files = [
-            ("grpc.tls.cert", &self.cert),
-            ("grpc.tls.key", &self.key),
-            ("grpc.tls.client_ca", &self.client_ca),
-        ];
-        for (key, path) in files {
-            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
-                return Err(ConfigError::Invalid {
-                    key,
-                    reason: format!("{} is not a readable file", path.display()),
-                });
-            }
+        (None, None) if tls.client_ca.is_some() => {
+            return Err(ConfigError::Invalid {
+                key: "grpc.tls.client_ca",
+                reason: "client certificates need TLS: set `cert` and `key` too".to_owned(),
+            })
         }
-        Ok(())
+        _ => {}
     }
+    let files = [
+        ("grpc.tls.cert", &tls.cert),
+        ("grpc.tls.key", &tls.key),
+        ("grpc.tls.client_ca", &tls.client_ca),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
+            return Err(ConfigError::Invalid {
+                key,
+                reason: format!("{} is not a readable file", path.display()),
+            });
+        }
+    }
+    Ok(())
 }
 
-impl AuthConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let mut seen = std::collections::HashSet::new();
-        for (position, entry) in self.tokens.iter().enumerate() {
-            let problem = if entry.token.len() < 16 {
-                Some("is shorter than 16 characters")
-            } else if entry.devices.is_empty() {
-                Some("allows no device (list device ids, or \"*\" for any)")
-            } else if !seen.insert(entry.token.as_str()) {
-                Some("is configured twice")
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(ConfigError::Invalid {
-                    key: "grpc.auth.tokens",
-                    reason: format!("token #{} {problem}", position + 1),
-                });
-            }
+/// Tokens long enough, each allowing some device, none twice.
+fn validate_auth(auth: &AuthConfig) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for (position, entry) in auth.tokens.iter().enumerate() {
+        let problem = if entry.token.len() < 16 {
+            Some("is shorter than 16 characters")
+        } else if entry.devices.is_empty() {
+            Some("allows no device (list device ids, or \"*\" for any)")
+        } else if !seen.insert(entry.token.as_str()) {
+            Some("is configured twice")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(ConfigError::Invalid {
+                key: "grpc.auth.tokens",
+                reason: format!("token #{} {problem}", position + 1),
+            });
         }
-        Ok(())
     }
+    Ok(())
 }
 
 #[cfg(test)]
 // figment's Jail closures return figment::Error by design.
 #[allow(clippy::result_large_err)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
+    use crate::proto::codec::Encoding;
     use figment::Jail;
 
     fn load_in_jail(toml: &str) -> Result<Config, String> {

@@ -11,8 +11,10 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Subcommand};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::api::json;
-use crate::api::pb::{self, operations_client::OperationsClient, tracking_client::TrackingClient};
+use crate::proto::json;
+use crate::proto::pb::{
+    self, operations_client::OperationsClient, tracking_client::TrackingClient,
+};
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {

@@ -12,18 +12,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::api::operations::OperationsService;
-use crate::api::{
-    connections, message_limit, pb, tls, tracking::TrackingService, FILE_DESCRIPTOR_SET,
-};
+use crate::api::{connections, tls, tracking::TrackingService};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::ingest::auth::DeviceTokens;
-use crate::ingest::changelog;
-use crate::ingest::gateway::Gateway;
 use crate::ingest::kafka::KafkaSource;
+use crate::ingest::message_limit;
 use crate::ingest::{grpc::ScanIngestService, validate::Validator, Destination, Ingestor};
+use crate::proto::{pb, FILE_DESCRIPTOR_SET};
 use crate::publish::feed::Feed;
 use crate::publish::kafka::KafkaSink;
+use crate::scaleout::changelog;
+use crate::scaleout::gateway::Gateway;
 use crate::store::{writer, Store, StoreError};
 use crate::telemetry::{self, admin::Readiness};
 
@@ -90,11 +90,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             source,
         })?;
     let kafka = &config.kafka;
+    let cluster = kafka.cluster();
     let mut kafka_tasks = Vec::new();
     // Shipments owned by a Kafka source partition are replicated for the partition's next owner.
     let changelog = if kafka.source.enabled {
         let (tx, rx) = tokio::sync::mpsc::channel(config.store.queue_batches * 64);
-        let producer = crate::kafka::idempotent_producer(kafka)
+        let producer = crate::kafka::idempotent_producer(&cluster)
             .map_err(|e| DaemonError::Kafka(e.to_string()))?;
         kafka_tasks.push(tokio::spawn(changelog::run(
             rx,
@@ -136,12 +137,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     ));
     let validator = Validator::new(&config.ingest)?;
     if kafka.source.enabled {
-        let source = KafkaSource::new(kafka, store.clone(), validator.clone(), writer.clone())
+        let stores_here = Ingestor::new(
+            validator.clone(),
+            Destination::Store(writer.clone()),
+            kafka.source.batch_max_records,
+            config.ingest.max_in_flight_bytes,
+        );
+        let source = KafkaSource::new(&cluster, &kafka.source, store.clone(), stores_here)
             .map_err(|e| DaemonError::Kafka(e.to_string()))?;
         kafka_tasks.push(tokio::spawn(source.run(shutdown.clone())));
     }
     if kafka.sink.enabled {
-        let producer = crate::kafka::idempotent_producer(kafka)
+        let producer = crate::kafka::idempotent_producer(&cluster)
             .map_err(|e| DaemonError::Kafka(e.to_string()))?;
         let sink = KafkaSink::new(
             store.clone(),
@@ -152,7 +159,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         kafka_tasks.push(tokio::spawn(sink.run(shutdown.clone())));
     }
     let destination = if kafka.gateway.enabled {
-        let producer = crate::kafka::idempotent_producer(kafka)
+        let producer = crate::kafka::idempotent_producer(&cluster)
             .map_err(|e| DaemonError::Kafka(e.to_string()))?;
         Destination::Kafka(Gateway::new(producer, kafka.gateway.topic.clone()))
     } else {

@@ -1,24 +1,35 @@
-//! Kafka client plumbing shared by the Kafka adapters (`ingest::kafka`, `ingest::gateway`,
+//! Kafka client plumbing shared by the Kafka adapters (`ingest::kafka`, `scaleout`,
 //! `publish::kafka`): client configuration with pass-through properties, and a context that
 //! routes librdkafka's logs into tracing and its statistics into metrics.
+
+use std::collections::BTreeMap;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{KafkaClientConfig, KafkaConfig};
 use crate::telemetry::metrics as m;
+
+/// How to reach the cluster: its bootstrap servers and each kind of client's properties.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    pub consumer: KafkaClientConfig,
+    pub producer: KafkaClientConfig,
+}
 
 /// Client configuration: our defaults first, then the operator's properties, which win.
 pub fn client_config(
-    kafka: &KafkaConfig,
+    cluster: &Cluster,
     client: &KafkaClientConfig,
     defaults: &[(&str, &str)],
 ) -> ClientConfig {
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.brokers);
+    config.set("bootstrap.servers", &cluster.brokers);
     for (key, value) in defaults {
         config.set(*key, *value);
     }
@@ -30,11 +41,11 @@ pub fn client_config(
 
 /// A producer that delivers each message once and in order per partition.
 pub fn idempotent_producer(
-    kafka: &KafkaConfig,
+    cluster: &Cluster,
 ) -> Result<FutureProducer<LoggingContext>, KafkaError> {
     client_config(
-        kafka,
-        &kafka.producer,
+        cluster,
+        &cluster.producer,
         &[
             ("enable.idempotence", "true"),
             ("acks", "all"),
@@ -90,4 +101,11 @@ pub fn record_lag(statistics: &Statistics) {
             }
         }
     }
+}
+
+/// librdkafka properties passed through as they are (TLS, SASL, timeouts...).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaClientConfig {
+    pub properties: BTreeMap<String, String>,
 }

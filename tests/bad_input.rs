@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use scand::api::pb::{self, Outcome, ScanType};
+use scand::proto::pb::{self, Outcome, ScanType};
 use tonic::Code;
 
 #[tokio::test]

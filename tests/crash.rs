@@ -18,7 +18,7 @@ use common::harness::{stream_until_cut, verify, verify_from, workload, Acked, Fe
 use common::kafka::{Broker, Record};
 use common::*;
 use prost::Message;
-use scand::api::pb::{self, Outcome};
+use scand::proto::pb::{self, Outcome};
 
 const GRPC_SHIPMENTS: usize = 400;
 const KAFKA_SHIPMENTS: usize = 100;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use scand::api::pb::{Outcome, ScanType, Status};
+use scand::proto::pb::{Outcome, ScanType, Status};
 use tonic::Code;
 
 #[tokio::test]
@@ -367,7 +367,7 @@ async fn health_and_reflection_are_served_and_metrics_are_exported() {
         "scand_ingest_latency_seconds_bucket",
         "scand_ingest_batch_scans_bucket",
         "scand_feed_subscribers",
-        "scand_rocksdb_size_bytes{cf=\"events\"}",
+        "scand_rocksdb_size_bytes{cf=\"change_blocks\"}",
         "scand_rocksdb_memtable_bytes{cf=\"shipments\"}",
         "scand_rocksdb_pending_compaction_bytes",
         "scand_rocksdb_running_compactions",

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::kafka::{Broker, Record};
 use common::{batch, journey, minutes_ago, scan, Daemon};
 use prost::Message;
-use scand::api::pb::ScanType;
+use scand::proto::pb::ScanType;
 use serde::Deserialize;
 
 fn repo(path: &str) -> String {

@@ -11,7 +11,7 @@ use common::kafka::{by_key, header, Broker, Record};
 use common::*;
 use prost::Message as _;
 use rdkafka::message::Message;
-use scand::api::pb::{self, Outcome, ScanType};
+use scand::proto::pb::{self, Outcome, ScanType};
 
 fn kafka_config(broker: &Broker, source: bool, sink: bool) -> String {
     format!(
@@ -265,9 +265,7 @@ async fn journeys_from_kafka_are_applied_dead_lettered_and_published_in_version_
     assert_eq!(outcomes(&ack), vec![Outcome::Duplicate]);
 
     // librdkafka reports lag with its statistics (every 500 ms here).
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let metrics = daemon.metrics();
-    for line in [
+    let expected = [
         "scand_kafka_dead_letters_total{reason=\"protobuf_decode\"} 2",
         "scand_kafka_dead_letters_total{reason=\"json_decode\"} 1",
         "scand_kafka_dead_letters_total{reason=\"event_time_in_future\"} 1",
@@ -277,7 +275,11 @@ async fn journeys_from_kafka_are_applied_dead_lettered_and_published_in_version_
         "scand_publish_latency_seconds_bucket",
         "scand_kafka_consumer_lag{topic=\"scans.raw\",partition=\"0\"} 0",
         "scand_kafka_partitions_assigned 3",
-    ] {
+    ];
+    let metrics = daemon
+        .metrics_showing(&expected, Duration::from_secs(10))
+        .await;
+    for line in expected {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
 }

@@ -6,10 +6,23 @@ mod common;
 
 use common::Daemon;
 
+/// `scand-load`, built beside scand (`bash .ci/run` builds it first): a crate of its own,
+/// tools/scand-load, so cargo names only scand's binaries to these tests.
+fn scand_load() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_scand")).with_file_name("scand-load");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p scand-load` (as `bash .ci/run` does) \
+         before these tests",
+        path.display()
+    );
+    path
+}
+
 /// Runs `scand-load` with `args` (which include `--json`); asserts it succeeded and returns its
 /// JSON summary.
 fn load(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scand-load"))
+    let out = std::process::Command::new(scand_load())
         .args(args)
         .output()
         .expect("run scand-load");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::harness::{self, record_acks, verify, workload, Acked};
 use common::*;
-use scand::api::pb;
+use scand::proto::pb;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Peak resident set of a process, in MiB (VmHWM).
@@ -43,7 +43,7 @@ fn batches(prefix: &str, round: u64, shipments: usize, size: usize) -> Vec<pb::S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_times_peak_load_keeps_memory_bounded_and_refuses_with_a_reason() {
     // Small against what the load below puts in flight: with 1 MiB, a writer fast enough
-    // (session 13's) kept the in-flight bytes 13 KB under it and nothing was refused.
+    // (one key a scan) kept the in-flight bytes 13 KB under it and nothing was refused.
     const BUDGET: u64 = 256 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     let daemon = Daemon::start_with_env(

@@ -11,7 +11,7 @@ use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
-use scand::api::pb::{self, scan_ingest_client::ScanIngestClient, Outcome};
+use scand::proto::pb::{self, scan_ingest_client::ScanIngestClient, Outcome};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const DOCK_TOKEN: &str = "dock7-token-0123456789abcdef";

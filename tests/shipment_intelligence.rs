@@ -5,7 +5,7 @@
 mod common;
 
 use common::{batch, get_shipment, minutes_ago, outcomes, scan, take_changes, watch, Daemon};
-use scand::api::pb::{Outcome, ScanType, Status};
+use scand::proto::pb::{Outcome, ScanType, Status};
 
 /// In transit stalls after 30 minutes without a scan; swept every 100 ms.
 const STALL: &str =

@@ -7,8 +7,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use prost::Message;
-use scand::api::pb;
-use scand::config::IngestConfig;
+use scand::domain::scan::ValidScan;
 use scand::domain::{EventTime, ScanId, TrackingNumber};
 use scand::engine::facility_hash;
 use scand::ingest::carrier::Policy;
@@ -16,8 +15,9 @@ use scand::ingest::validate::{
     Rejection, Validator, MAX_ATTRIBUTES, MAX_ATTRIBUTE_KEY_BYTES, MAX_ATTRIBUTE_VALUE_BYTES,
     MAX_FIELD_BYTES,
 };
+use scand::ingest::IngestConfig;
+use scand::proto::pb;
 use scand::store::records;
-use scand::store::writer::StoreScan;
 
 /// The server clock of every run: fixed, so a crash reproduces.
 pub const NOW_SECS: u64 = 1_800_000_000;
@@ -60,7 +60,7 @@ const NUMBER_CODES: [&str; 2] = [
 
 /// Validates `scan` under both policies, checks every invariant and returns the default
 /// validator's answer.
-pub fn check_scan(scan: &pb::Scan) -> Result<StoreScan, Rejection> {
+pub fn check_scan(scan: &pb::Scan) -> Result<ValidScan, Rejection> {
     let v = validators();
     let flagged = v.flag.validate(scan.clone(), now());
     let strict = v.reject.validate(scan.clone(), now());
@@ -129,7 +129,7 @@ fn micros(d: Duration) -> i64 {
 }
 
 /// Everything the rest of the daemon trusts about a validated scan.
-pub fn check_valid(input: &pb::Scan, v: &StoreScan, config: &IngestConfig) {
+pub fn check_valid(input: &pb::Scan, v: &ValidScan, config: &IngestConfig) {
     // Identity: the scan id as sent, within its limit; the number normalized and in its limits.
     assert_eq!(v.scan_id.as_str(), input.scan_id);
     assert!(!v.scan_id.as_str().is_empty() && v.scan_id.as_str().len() <= ScanId::MAX_LEN);
@@ -203,11 +203,7 @@ pub fn check_valid(input: &pb::Scan, v: &StoreScan, config: &IngestConfig) {
     }
 
     // What is stored: the stamped wire form, less what its timeline entry holds.
-    let whole = records::whole_scan(
-        v.tracking_number.as_str(),
-        v.scan_id.as_str(),
-        &v.stored,
-    );
+    let whole = records::whole_scan(v.tracking_number.as_str(), v.scan_id.as_str(), &v.stored);
     assert_eq!(whole, v.wire.encode_to_vec());
     assert!(v.origin.is_none());
     let issue = v.number_check.as_ref().map(|c| c.issue.as_str());

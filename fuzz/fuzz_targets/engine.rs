@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use scand::domain::{EventTime, ScanId, ScanType, TrackingNumber};
-use scand::engine::status::{Derived, StatusPoint};
+use scand::domain::{EventTime, ScanId, ScanType, StatusPoint, TrackingNumber};
+use scand::engine::status::Derived;
 use scand::engine::{
     facility_hash, Change, Engine, Entry, Incoming, Outcome, ShipmentState, States,
 };

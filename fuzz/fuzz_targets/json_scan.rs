@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scand::ingest::codec::{self, Encoding};
+use scand::proto::codec::{self, Encoding};
 
 mod common;
 

@@ -10,9 +10,9 @@
 
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use scand::config::KafkaSourceConfig;
-use scand::ingest::codec::{self, Encoding};
+use scand::ingest::kafka::KafkaSourceConfig;
 use scand::ingest::kafka::{encoding_of, triage};
+use scand::proto::codec::{self, Encoding};
 
 mod common;
 

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use scand::api::pb;
+use scand::proto::pb;
 
 mod common;
 

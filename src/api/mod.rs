@@ -1,86 +1,60 @@
-//! The public gRPC contract: the generated `scand.v1` types and services, the descriptor set
-//! served by reflection, and the thin service adapters (`tracking`). Scan ingestion's service
-//! lives with the other ingest adapters in `ingest::grpc`.
+//! The gRPC services that read and operate scand (`tracking`: one shipment and the change
+//! feed; `operations`: stats and admin), and the server plumbing every service shares:
+//! connection limits and TLS. The wire types are `crate::proto`; scan ingestion's service is an
+//! ingest adapter (`ingest::grpc`, with `ingest::message_limit` for oversized batches).
 
 pub mod connections;
-pub mod json;
-pub mod message_limit;
 pub mod operations;
 pub mod tls;
 pub mod tracking;
 
-/// Generated from proto/scand/v1/scand.proto.
-#[allow(clippy::all, clippy::pedantic)]
-pub mod pb {
-    tonic::include_proto!("scand.v1");
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::auth::AuthConfig;
+use tls::TlsConfig;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Address the gRPC services listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request message, in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control windows: the 64 KiB protocol default caps a stream's throughput.
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// How long shutdown waits for in-flight calls before closing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
 }
 
-/// The encoded descriptor set of scand.v1, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("scand_descriptor");
-
-use crate::domain::{ScanType, Status};
-use crate::engine::status::StatusPoint;
-
-impl From<Status> for pb::Status {
-    fn from(value: Status) -> Self {
-        pb::Status::try_from(value.as_i32()).unwrap_or(pb::Status::Unspecified)
-    }
-}
-
-impl From<ScanType> for pb::ScanType {
-    fn from(value: ScanType) -> Self {
-        pb::ScanType::try_from(value.as_i32()).unwrap_or(pb::ScanType::Unspecified)
-    }
-}
-
-/// The wire pair (status, sub_status) of a status point; absent = UNSPECIFIED.
-/// A stalled point reads as STALLED with the sub-status it stalled in.
-pub fn status_fields(point: Option<StatusPoint>) -> (i32, i32) {
-    match point {
-        None => (0, 0),
-        Some(p) => (
-            if p.stalled {
-                Status::Stalled.as_i32()
-            } else {
-                p.status.as_i32()
-            },
-            p.sub_status.map_or(0, ScanType::as_i32),
-        ),
-    }
-}
-
-/// The wire `stalled_status`: the status a stalled point stalled in, else UNSPECIFIED.
-pub fn stalled_status(point: Option<StatusPoint>) -> i32 {
-    point.filter(|p| p.stalled).map_or(0, |p| p.status.as_i32())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn domain_enums_match_the_wire_numbering() {
-        for t in ScanType::ALL {
-            let wire = pb::ScanType::from(t);
-            assert_ne!(wire, pb::ScanType::Unspecified);
-            assert_eq!(
-                wire.as_str_name().trim_start_matches("SCAN_TYPE_"),
-                format!("{t:?}").chars().fold(String::new(), |mut s, c| {
-                    if c.is_uppercase() && !s.is_empty() {
-                        s.push('_');
-                    }
-                    s.push(c.to_ascii_uppercase());
-                    s
-                })
-            );
-        }
-        for n in 1..=10 {
-            let status = Status::from_i32(n).expect("known status");
-            assert_eq!(pb::Status::from(status) as i32, n);
-            assert_eq!(
-                pb::Status::from(status).as_str_name(),
-                format!("STATUS_{}", status.label().to_uppercase())
-            );
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 256,
+            stream_window_bytes: 4 * 1024 * 1024,
+            connection_window_bytes: 16 * 1024 * 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            max_connections: 1024,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use super::pb::{self, operations_server::Operations};
+use crate::proto::pb::{self, operations_server::Operations};
 use crate::store::{keys, Store, StoreError};
 
 pub struct OperationsService {

@@ -4,9 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-
-use crate::config::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read {what} {path}: {source}")]
@@ -35,4 +34,24 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// gRPC over TLS, off unless `cert` and `key` are set. With `client_ca`, mutual TLS: only
+/// clients presenting a certificate issued by that CA get a connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// TLS is on when a certificate is configured.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
 }

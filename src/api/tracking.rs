@@ -3,8 +3,8 @@
 
 use tonic::{Request, Response, Status};
 
-use super::pb::{self, tracking_server::Tracking};
 use crate::domain::{Sequence, TrackingNumber};
+use crate::proto::pb::{self, tracking_server::Tracking};
 use crate::publish::feed::Feed;
 use crate::store::Store;
 

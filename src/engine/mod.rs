@@ -13,8 +13,10 @@ pub mod status;
 
 use std::collections::HashMap;
 
-use crate::domain::{EventTime, Origin, ScanId, ScanType, TrackingNumber, Version};
-use status::{Derived, StatusPoint};
+use crate::domain::{
+    EventTime, NumberCheck, Origin, ScanId, ScanType, StatusPoint, TrackingNumber, Version,
+};
+use status::Derived;
 
 /// One scan the engine should place, already validated.
 #[derive(Clone, Debug)]
@@ -80,15 +82,6 @@ pub struct Flags {
     pub clock_skewed_scans: u32,
     /// Carrier check of the tracking number, from the first scan (see `ingest::carrier`).
     pub tracking_number: NumberCheck,
-}
-
-/// The carrier recognised from the tracking number, or why it was not.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NumberCheck {
-    pub carrier: String,
-    pub service: String,
-    /// Empty when valid or unchecked; else the reason (`tracking_number_check_digit`, ...).
-    pub issue: String,
 }
 
 impl ShipmentState {

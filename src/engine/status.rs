@@ -5,16 +5,7 @@
 //! ordered after them are kept and counted but do not move the status, except that
 //! RETURNED_TO_SENDER may follow DELIVERED (a parcel refused at the door goes back).
 
-use crate::domain::{ScanType, Status};
-
-/// A status with the scan type behind it (only IN_TRANSIT carries one).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StatusPoint {
-    pub status: Status,
-    pub sub_status: Option<ScanType>,
-    /// Published as STALLED, with `status` as the status it stalled in.
-    pub stalled: bool,
-}
+use crate::domain::{ScanType, Status, StatusPoint};
 
 /// The fold's accumulator: the status so far and how many scans a terminal status ignored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,11 +9,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use crate::config::AuthConfig;
 use crate::telemetry::metrics as m;
 
 /// The device ids one token may send scans for.
@@ -94,10 +94,34 @@ fn digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
+/// Per-device bearer tokens for `ScanIngest`. With none configured, ingest needs no token.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub tokens: Vec<DeviceToken>,
+}
+
+/// One bearer token and the device ids whose scans it may send (`"*"`: any device).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceToken {
+    pub token: String,
+    pub devices: Vec<String>,
+}
+
+impl std::fmt::Debug for DeviceToken {
+    // A token is a secret: never in logs or error messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceToken")
+            .field("token", &"<redacted>")
+            .field("devices", &self.devices)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DeviceToken;
 
     fn tokens() -> DeviceTokens {
         DeviceTokens::new(&AuthConfig {

@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{AllowedDevices, DeviceTokens};
+use super::message_limit;
 use super::{Admission, Caller, Ingestor, Pending};
-use crate::api::message_limit;
-use crate::api::pb::{self, scan_ingest_server::ScanIngest};
+use crate::proto::pb::{self, scan_ingest_server::ScanIngest};
 
 /// Batches of one stream queued or waiting for their write. Enough to keep the writer's
 /// group commit fed from a single stream; small enough that a stream holds little memory.

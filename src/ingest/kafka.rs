@@ -1,6 +1,8 @@
-//! Kafka source: a consumer group on the scans topics. Records are decoded (`codec`), validated
-//! (`validate`) and applied by the store writer like gRPC scans; what cannot be decoded, and
-//! scans that are rejected, go to the dead-letter topic with the reason in a header.
+//! Kafka source: a consumer group on the scans topics. Records are decoded (`proto::codec`),
+//! validated (`validate`) and stored through the [`Ingestor`] like gRPC scans, with their
+//! offsets; what cannot be decoded, and scans that are rejected, go to the dead-letter topic
+//! with the reason in a header. A newly assigned partition's state is restored from the
+//! changelog (`scaleout::changelog`) before it is consumed.
 //!
 //! Invariants:
 //! - A record's offset counts as consumed only once the batch holding it is durable: the next
@@ -22,15 +24,17 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::changelog;
-use super::codec::{self, Encoding};
 use super::validate::Validator;
-use crate::config::{KafkaConfig, KafkaSourceConfig};
-use crate::kafka::{self as client, LoggingContext};
-use crate::store::writer::{Origin, SourceOffset, StoreScan, WriterHandle};
-use crate::store::{Store, StoreError};
+use super::Ingestor;
+use crate::domain::{scan::ValidScan, Origin};
+use crate::kafka::{self as client, Cluster, LoggingContext};
+use crate::proto::codec::{self, Encoding};
+use crate::scaleout::changelog;
+use crate::store::writer::SourceOffset;
+use crate::store::Store;
 use crate::telemetry::metrics as m;
 
 pub const HEADER_REASON: &str = "scand-reason";
@@ -52,7 +56,8 @@ pub enum KafkaSourceError {
 /// `auto.offset.reset`.
 pub struct SourceContext {
     store: Store,
-    kafka: KafkaConfig,
+    cluster: Cluster,
+    changelog_topic: String,
 }
 
 impl ClientContext for SourceContext {
@@ -79,7 +84,12 @@ impl ConsumerContext for SourceContext {
                     .iter()
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
-                match changelog::restore(&self.kafka, &self.store, &assigned) {
+                match changelog::restore(
+                    &self.cluster,
+                    &self.changelog_topic,
+                    &self.store,
+                    &assigned,
+                ) {
                     Ok(n) => {
                         metrics::counter!(m::KAFKA_RESTORED_SHIPMENTS_TOTAL).increment(n as u64);
                         tracing::info!(shipments = n, "state restored from the changelog");
@@ -133,8 +143,8 @@ pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
     dead_letters: FutureProducer<LoggingContext>,
     config: KafkaSourceConfig,
-    validator: Validator,
-    writer: WriterHandle,
+    /// Stores into this instance's store, whatever gRPC's destination.
+    ingestor: Ingestor,
 }
 
 /// A record that will not be applied, and why.
@@ -186,7 +196,7 @@ pub fn triage(
     config: &KafkaSourceConfig,
     validator: &Validator,
     now: SystemTime,
-) -> Result<StoreScan, Refusal> {
+) -> Result<ValidScan, Refusal> {
     let scan = codec::decode(
         payload.unwrap_or_default(),
         encoding_of(content_type, topic, config),
@@ -206,16 +216,16 @@ pub fn triage(
 
 impl KafkaSource {
     pub fn new(
-        kafka: &KafkaConfig,
+        cluster: &Cluster,
+        config: &KafkaSourceConfig,
         store: Store,
-        validator: Validator,
-        writer: WriterHandle,
+        ingestor: Ingestor,
     ) -> Result<Self, KafkaSourceError> {
         let consumer: StreamConsumer<SourceContext> = client::client_config(
-            kafka,
-            &kafka.consumer,
+            cluster,
+            &cluster.consumer,
             &[
-                ("group.id", kafka.source.group_id.as_str()),
+                ("group.id", config.group_id.as_str()),
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
@@ -224,16 +234,16 @@ impl KafkaSource {
         )
         .create_with_context(SourceContext {
             store,
-            kafka: kafka.clone(),
+            cluster: cluster.clone(),
+            changelog_topic: config.changelog_topic.clone(),
         })?;
-        let topics: Vec<&str> = kafka.source.topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(Self {
             consumer,
-            dead_letters: client::idempotent_producer(kafka)?,
-            config: kafka.source.clone(),
-            validator,
-            writer,
+            dead_letters: client::idempotent_producer(cluster)?,
+            config: config.clone(),
+            ingestor,
         })
     }
 
@@ -290,7 +300,7 @@ impl KafkaSource {
                 content_type(&record),
                 record.topic(),
                 &self.config,
-                &self.validator,
+                self.ingestor.validator(),
                 now,
             ) {
                 Ok(mut valid) => {
@@ -321,8 +331,12 @@ impl KafkaSource {
             .collect();
         let mut backoff = RETRY_MIN;
         loop {
-            match self.store(scans.clone(), offsets.clone(), received).await {
-                Ok(()) => break,
+            match self
+                .ingestor
+                .store(scans.clone(), offsets.clone(), received)
+                .await
+            {
+                Ok(_) => break,
                 Err(error) => {
                     // Nothing of this batch is stored; it is retried as a whole (its dead letters
                     // are already delivered and are not sent again).
@@ -333,20 +347,6 @@ impl KafkaSource {
             }
         }
         self.commit_to_broker(&offsets);
-    }
-
-    async fn store(
-        &self,
-        scans: Vec<StoreScan>,
-        offsets: Vec<SourceOffset>,
-        received: Instant,
-    ) -> Result<(), StoreError> {
-        self.writer
-            .enqueue(scans, offsets, received)
-            .await?
-            .await
-            .map_err(|_| StoreError::WriterGone)??;
-        Ok(())
     }
 
     async fn send_dead_letters(&self, dead: Vec<DeadLetter>, shutdown: &CancellationToken) {
@@ -448,10 +448,48 @@ impl KafkaSource {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSourceConfig {
+    pub enabled: bool,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    /// Encoding of record values without a `content-type` header.
+    pub encoding: Encoding,
+    /// Per-topic encoding, overriding `encoding`.
+    pub topic_encodings: BTreeMap<String, Encoding>,
+    /// Records that cannot be decoded, and rejected scans, go here with the reason in headers.
+    pub dead_letter_topic: String,
+    /// Compacted topic replicating the state of each partition's shipments to its next owner;
+    /// needs at least as many partitions as the scans topics.
+    pub changelog_topic: String,
+    /// Most records in one ingest batch.
+    pub batch_max_records: usize,
+    /// Longest wait for a batch to fill once its first record arrived.
+    #[serde(with = "humantime_serde")]
+    pub batch_max_wait: Duration,
+}
+
+impl Default for KafkaSourceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topics: vec!["scans.raw".to_owned()],
+            group_id: "scand".to_owned(),
+            encoding: Encoding::Protobuf,
+            topic_encodings: BTreeMap::new(),
+            dead_letter_topic: "scans.dlq".to_owned(),
+            changelog_topic: "scand.changelog".to_owned(),
+            batch_max_records: 2000,
+            batch_max_wait: Duration::from_millis(20),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IngestConfig;
+    use crate::ingest::IngestConfig;
 
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)

@@ -1,31 +1,34 @@
-//! Ingest: where scans enter. Every source (today gRPC; Kafka plugs in the same way) hands
-//! batches to [`Ingestor`], which validates each scan, queues the valid ones for the store
-//! writer and assembles the per-scan answer once the batch is durable.
+//! Ingest: where scans enter. Every source goes through [`Ingestor`]: gRPC (`grpc`) hands it
+//! whole batches, which it validates, queues for the store writer (or, in gateway mode,
+//! forwards to the partitioned topic) and answers per scan once durable; Kafka (`kafka`)
+//! validates with its validator, dead-letters what fails, and stores the rest with their
+//! offsets through [`Ingestor::store`].
 //!
 //! Invariants: one result per scan, in the batch's order; a rejected scan never reaches the
 //! store; an answer is produced only after the writer confirmed the durable write.
 
 pub mod auth;
 pub mod carrier;
-pub mod changelog;
-pub mod codec;
-pub mod gateway;
 pub mod grpc;
 pub mod kafka;
+pub mod message_limit;
 pub mod validate;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::api::pb;
+use crate::domain::scan::ValidScan;
 use crate::engine::{DuplicateKind, Outcome};
-use crate::store::{writer::WriterHandle, StoreError};
+use crate::proto::pb;
+use crate::scaleout::gateway::{self, Gateway};
+use crate::store::writer::{SourceOffset, WriterHandle};
+use crate::store::StoreError;
 use crate::telemetry::metrics as m;
 use auth::AllowedDevices;
-use gateway::Gateway;
 use validate::{Rejection, Validator, MAX_FIELD_BYTES};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,8 @@ pub enum IngestError {
     Store(#[from] StoreError),
     #[error("kafka unavailable, batch not forwarded (resend it): {0}")]
     Gateway(#[from] rdkafka::error::KafkaError),
+    #[error("this ingestor forwards scans to Kafka and stores none")]
+    NotStoring,
     #[error(
         "scand is overloaded: {limit} bytes of scans are already waiting to be stored \
          (ingest.max_in_flight_bytes); nothing of this batch was stored, retry with backoff"
@@ -50,6 +55,7 @@ impl From<IngestError> for tonic::Status {
             IngestError::Store(_) | IngestError::Gateway(_) => {
                 tonic::Status::unavailable(e.to_string())
             }
+            IngestError::NotStoring => tonic::Status::internal(e.to_string()),
             IngestError::Overloaded { .. } => tonic::Status::resource_exhausted(e.to_string()),
         }
     }
@@ -244,17 +250,9 @@ impl Ingestor {
         }
         let answer = match &self.destination {
             _ if valid.is_empty() => None,
-            Destination::Store(writer) => match writer.failure() {
-                // Fail fast rather than queue batches bound to fail; the writer probes meanwhile.
-                Some(failure) => {
-                    metrics::counter!(m::INGEST_BATCHES_FAILED_TOTAL, "reason" => "store_unwritable")
-                        .increment(1);
-                    return Err(StoreError::Unwritable(failure).into());
-                }
-                None => Some(Answer::Store(
-                    writer.enqueue(valid, Vec::new(), received).await?,
-                )),
-            },
+            Destination::Store(writer) => Some(Answer::Store(
+                enqueue(writer, valid, Vec::new(), received).await?,
+            )),
             Destination::Kafka(gateway) => Some(Answer::Kafka(gateway.forward(&valid))),
         };
         Ok(Pending {
@@ -263,6 +261,30 @@ impl Ingestor {
             queued,
             answer: answer.map(|answer| answer.resolve(admitted)),
         })
+    }
+
+    /// The validator every source checks its scans with.
+    pub fn validator(&self) -> &Validator {
+        &self.validator
+    }
+
+    /// Stores scans a source validated itself (`ingest::kafka`, which dead-letters what fails)
+    /// together with the source positions they carry, in one durable write: resolves once it
+    /// is durable, with one outcome per scan. Fails fast while the store refuses writes.
+    pub async fn store(
+        &self,
+        scans: Vec<ValidScan>,
+        offsets: Vec<SourceOffset>,
+        received: Instant,
+    ) -> Result<Vec<Outcome>, IngestError> {
+        let Destination::Store(writer) = &self.destination else {
+            return Err(IngestError::NotStoring);
+        };
+        enqueue(writer, scans, offsets, received)
+            .await?
+            .await
+            .map_err(|_| StoreError::WriterGone)?
+            .map_err(IngestError::from)
     }
 
     /// Validates, stores and answers one batch.
@@ -307,6 +329,64 @@ impl Pending {
     }
 }
 
+/// Queues scans for the writer, failing fast rather than queueing batches bound to fail while
+/// the store refuses writes (the writer probes meanwhile).
+async fn enqueue(
+    writer: &WriterHandle,
+    scans: Vec<ValidScan>,
+    offsets: Vec<SourceOffset>,
+    received: Instant,
+) -> Result<oneshot::Receiver<Result<Vec<Outcome>, StoreError>>, IngestError> {
+    if let Some(failure) = writer.failure() {
+        metrics::counter!(m::INGEST_BATCHES_FAILED_TOTAL, "reason" => "store_unwritable")
+            .increment(1);
+        return Err(StoreError::Unwritable(failure).into());
+    }
+    Ok(writer.enqueue(scans, offsets, received).await?)
+}
+
 fn record_rejection(rejection: &Rejection) {
     metrics::counter!(m::SCANS_REJECTED_TOTAL, "reason" => rejection.code()).increment(1);
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest batch accepted in one ScanBatch.
+    pub max_batch_scans: usize,
+    /// Encoded bytes of scan batches accepted but not yet answered, across all callers. A
+    /// stream beyond it waits (HTTP/2 flow control pushes back on the scanner); a unary call
+    /// waits up to `admission_timeout`, then fails with RESOURCE_EXHAUSTED.
+    pub max_in_flight_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub admission_timeout: Duration,
+    /// A scan more than this far ahead of the server clock is rejected.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// A scan older than this is rejected.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Accepted scans further ahead of the server clock than this are flagged as clock skew.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew_flag_ahead: Duration,
+    /// Accepted scans further behind the server clock than this are flagged as clock skew.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew_flag_behind: Duration,
+    /// Carrier formats and check digits of tracking numbers, and what to do when one fails.
+    pub tracking_numbers: crate::ingest::carrier::CarrierConfig,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_scans: 10_000,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+            admission_timeout: Duration::from_secs(1),
+            max_future_skew: Duration::from_secs(5 * 60),
+            max_age: Duration::from_secs(90 * 24 * 3600),
+            clock_skew_flag_ahead: Duration::from_secs(60),
+            clock_skew_flag_behind: Duration::from_secs(24 * 3600),
+            tracking_numbers: crate::ingest::carrier::CarrierConfig::default(),
+        }
+    }
 }

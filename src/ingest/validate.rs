@@ -1,4 +1,4 @@
-//! Validation at the edge: a wire `Scan` becomes a [`StoreScan`] (normalized tracking number,
+//! Validation at the edge: a wire `Scan` becomes a [`ValidScan`] (normalized tracking number,
 //! typed fields, facility fingerprint) or a [`Rejection`] with a machine-readable code and a
 //! human message. Every source calls this; nothing past it checks input again.
 
@@ -7,12 +7,13 @@ use std::time::{Duration, SystemTime};
 use std::sync::Arc;
 
 use super::carrier::{CarrierError, CarrierRegistry, Classification, Policy};
-use crate::api::pb;
-use crate::config::IngestConfig;
+use super::IngestConfig;
+use crate::domain::scan::ValidScan;
+use crate::domain::NumberCheck;
 use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, TrackingNumberError};
 use crate::engine::facility_hash;
-use crate::engine::NumberCheck;
-use crate::store::{records, writer::StoreScan};
+use crate::proto::pb;
+use crate::store::records;
 use crate::telemetry::metrics as m;
 
 /// Longest facility, device or exception code, in bytes.
@@ -229,7 +230,7 @@ impl Validator {
     }
 
     /// Checks and normalizes one scan against the server clock `now`.
-    pub fn validate(&self, mut scan: pb::Scan, now: SystemTime) -> Result<StoreScan, Rejection> {
+    pub fn validate(&self, mut scan: pb::Scan, now: SystemTime) -> Result<ValidScan, Rejection> {
         let scan_id = match scan.scan_id.len() {
             0 => return Err(Rejection::MissingScanId),
             n if n > ScanId::MAX_LEN => return Err(Rejection::ScanIdTooLong(n)),
@@ -258,7 +259,7 @@ impl Validator {
                 .as_ref()
                 .map_or("", |l| l.facility_id.as_str()),
         );
-        Ok(StoreScan {
+        Ok(ValidScan {
             stored: records::encode_event(&mut scan),
             tracking_number,
             scan_id,

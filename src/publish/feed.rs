@@ -18,14 +18,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::api::pb;
-use crate::config::FeedConfig;
 use crate::domain::{Sequence, TrackingNumber};
+use crate::proto::pb;
 use crate::store::Store;
 use crate::telemetry::metrics as m;
 
@@ -195,5 +195,25 @@ impl Feed {
              server. Resume with after_sequence = the last sequence you received",
             self.stalled_timeout.as_secs_f64()
         ))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedConfig {
+    /// Changes a WatchStatusChanges stream holds for a subscriber before waiting on it.
+    pub subscriber_buffer: usize,
+    /// A subscriber that takes no change for this long while changes wait for it is cut off
+    /// (RESOURCE_EXHAUSTED, with the sequence to resume after).
+    #[serde(with = "humantime_serde")]
+    pub stalled_subscriber_timeout: Duration,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            subscriber_buffer: 64,
+            stalled_subscriber_timeout: Duration::from_secs(30),
+        }
     }
 }

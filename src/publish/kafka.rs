@@ -16,14 +16,14 @@ use prost::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::pb;
-use crate::config::KafkaSinkConfig;
 use crate::domain::Sequence;
-use crate::ingest::codec::Encoding;
 use crate::kafka::LoggingContext;
+use crate::proto::codec::Encoding;
+use crate::proto::pb;
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics as m;
 
@@ -212,9 +212,31 @@ pub fn content_type(encoding: Encoding) -> &'static str {
 pub fn encode(change: &pb::StatusChange, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Protobuf => change.encode_to_vec(),
-        Encoding::Json => crate::api::json::status_change(change)
+        Encoding::Json => crate::proto::json::status_change(change)
             .to_string()
             .into_bytes(),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSinkConfig {
+    pub enabled: bool,
+    /// Status changes, keyed by tracking number.
+    pub topic: String,
+    pub encoding: Encoding,
+    /// Changes handed to the producer before waiting for their delivery reports.
+    pub max_in_flight: usize,
+}
+
+impl Default for KafkaSinkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic: "shipments.status".to_owned(),
+            encoding: Encoding::Protobuf,
+            max_in_flight: 1000,
+        }
     }
 }
 
@@ -233,7 +255,7 @@ mod tests {
         };
         let json: serde_json::Value =
             serde_json::from_slice(&encode(&change, Encoding::Json)).expect("json");
-        assert_eq!(json, crate::api::json::status_change(&change));
+        assert_eq!(json, crate::proto::json::status_change(&change));
         assert_eq!(
             pb::StatusChange::decode(encode(&change, Encoding::Protobuf).as_slice()).ok(),
             Some(change)

@@ -1,71 +1,21 @@
-//! Value codecs: the engine's shipment state as a protobuf record (`shipments`), so fields can
-//! be added without a migration, the deltas the writer merges into it and their merge, and
-//! blocks of the change log (`changes`). A stored scan is kept in its timeline entry, without
-//! the scan id and tracking number the entry and key already hold; scans an earlier build
-//! stored under their own `events` keys are read from there.
+//! Value codecs: the engine's shipment state as a `ShipmentRecord` (`shipments`), so fields can
+//! be added without a migration, the deltas the writer merges into it, and blocks of the change
+//! log (`change_blocks`). The messages are generated from proto/scand/storage/v1/storage.proto;
+//! the encoders the writer runs for every group are written by hand for speed and give prost's
+//! bytes (tested). A stored scan is kept in its timeline entry, without the scan id and
+//! tracking number the entry and key already hold.
 
 use prost::Message;
 
 use crate::domain::{EventTime, Origin, ScanId, ScanType, Status, Version};
-use crate::engine::status::{Derived, StatusPoint};
-use crate::engine::{Entry, Flags, NumberCheck, ShipmentState};
+use crate::domain::{NumberCheck, StatusPoint};
+use crate::engine::status::Derived;
+use crate::engine::{Entry, Flags, ShipmentState};
 
 use super::StoreError;
-use crate::api::pb;
+use crate::proto::pb;
 
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ShipmentRecord {
-    #[prost(int32, tag = "1")]
-    pub status: i32,
-    #[prost(int32, tag = "2")]
-    pub sub_status: i32,
-    #[prost(uint64, tag = "3")]
-    pub version: u64,
-    #[prost(uint32, tag = "4")]
-    pub scans_after_terminal: u32,
-    /// Ordered by (event_time, scan_id), like the `events` keys.
-    #[prost(message, repeated, tag = "5")]
-    pub timeline: Vec<EntryRecord>,
-    #[prost(bool, tag = "6")]
-    pub stalled: bool,
-    /// The key this shipment has in the stall deadline index, if any.
-    #[prost(sint64, optional, tag = "7")]
-    pub stall_deadline: Option<i64>,
-    #[prost(uint32, tag = "8")]
-    pub regressions: u32,
-    #[prost(uint32, tag = "9")]
-    pub clock_skewed_scans: u32,
-    #[prost(string, tag = "10")]
-    pub carrier: String,
-    #[prost(string, tag = "11")]
-    pub carrier_service: String,
-    #[prost(string, tag = "12")]
-    pub tracking_number_issue: String,
-    /// The owning source partition (Kafka), or empty.
-    #[prost(string, tag = "13")]
-    pub owner_topic: String,
-    #[prost(int32, tag = "14")]
-    pub owner_partition: i32,
-    /// Scan ids of reads replaced by an earlier read of the same event.
-    #[prost(string, repeated, tag = "15")]
-    pub replaced_scan_ids: Vec<String>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct EntryRecord {
-    #[prost(sint64, tag = "1")]
-    pub event_time: i64,
-    #[prost(string, tag = "2")]
-    pub scan_id: String,
-    #[prost(int32, tag = "3")]
-    pub scan_type: i32,
-    #[prost(fixed64, tag = "4")]
-    pub facility: u64,
-    /// The stored scan ([`encode_event`]); empty when it is under its own `events` key (an
-    /// earlier build's layout, or a changelog restore's).
-    #[prost(bytes = "bytes", tag = "5")]
-    pub event: prost::bytes::Bytes,
-}
+pub use crate::proto::storage::{ChangeBlock, EntryRecord, ShipmentRecord};
 
 /// The record of a state, as owned protobuf; `encode_shipment` writes the same bytes without
 /// building it.
@@ -284,10 +234,9 @@ impl<'a> From<&'a Entry> for EntryFields<'a> {
     }
 }
 
-/// Encodes the state as a `ShipmentRecord`, field by field from the state itself: building the
-/// owned record first would copy each scan id of the timeline. Same bytes as prost's encoding
-/// of the record (tested). A whole record is the delta from nothing. It holds no stored
-/// scans (the state has none): written only with the scans under their `events` keys.
+/// Encodes the state as a `ShipmentRecord` without stored scans: the delta from nothing that
+/// the tests compare prost's encoding of the record against.
+#[cfg(test)]
 pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
     encode_shipment_delta(
         state,
@@ -429,13 +378,6 @@ pub fn decode_shipment_record(key: &[u8], bytes: &[u8]) -> Result<ShipmentRecord
     })
 }
 
-/// A value of the `changes` column family: consecutive status changes, in sequence order.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ChangeBlock {
-    #[prost(message, repeated, tag = "1")]
-    pub changes: Vec<pb::StatusChange>,
-}
-
 /// A `scand.v1.StatusChange` as it is published, borrowing its strings from the shipment's
 /// state and the scan that caused it: the writer encodes one for most scans, and an owned
 /// message would copy five strings each time. [`encode_change_block`] writes the same bytes as
@@ -462,7 +404,8 @@ pub struct ChangeRecord<'a> {
 }
 
 impl<'a> ChangeRecord<'a> {
-    /// The record of an owned change (an earlier build's change log being moved into blocks).
+    /// The record of an owned change: the tests write change logs from owned messages.
+    #[cfg(test)]
     pub fn of(change: &'a pb::StatusChange) -> Self {
         ChangeRecord {
             sequence: change.sequence,
@@ -526,8 +469,9 @@ impl<'a> ChangeRecord<'a> {
     }
 }
 
-/// A scan's `events` value: its wire form without the scan id and tracking number, which its
-/// key holds. A third of each value less to copy into the WAL, the memtable and every SST.
+/// A scan's stored form, kept in its timeline entry: its wire form without the scan id and
+/// tracking number, which the entry and its key hold. A third of each scan less to copy into
+/// the WAL, the memtable and every SST.
 pub fn encode_event(scan: &mut pb::Scan) -> Vec<u8> {
     let scan_id = std::mem::take(&mut scan.scan_id);
     let tracking_number = std::mem::take(&mut scan.tracking_number);
@@ -537,39 +481,19 @@ pub fn encode_event(scan: &mut pb::Scan) -> Vec<u8> {
     value
 }
 
-/// The whole wire form of a stored scan from its `events` key and value (see [`whole_scan`]).
-pub fn event_wire(key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let (tracking_number, scan_id) = event_key_fields(key)?;
-    Ok(whole_scan(tracking_number, scan_id, value))
-}
-
-/// The whole wire form of a stored scan of an entry, `None` when the entry's scan is under
-/// its own `events` key.
+/// The whole wire form of the stored scan of an entry, `None` for an entry without one.
 pub fn entry_scan(tracking_number: &str, entry: &EntryRecord) -> Option<Vec<u8>> {
     (!entry.event.is_empty()).then(|| whole_scan(tracking_number, &entry.scan_id, &entry.event))
 }
 
 /// A stored scan's whole wire form. Prost writes fields in tag order and a stored scan lacks
-/// only the first two, so the two put in front give the bytes the whole scan encodes to. A
-/// value written whole (by builds before session 12) starts with its scan id (field 1) and is
-/// returned as it is.
+/// only the first two, so the two put in front give the bytes the whole scan encodes to.
 pub fn whole_scan(tracking_number: &str, scan_id: &str, value: &[u8]) -> Vec<u8> {
-    const SCAN_ID_KEY: u8 = (1 << 3 | wire::LEN) as u8;
-    if value.first() == Some(&SCAN_ID_KEY) {
-        return value.to_vec();
-    }
     let mut whole = Vec::with_capacity(value.len() + tracking_number.len() + scan_id.len() + 6);
     put_str(1, scan_id, &mut whole);
     put_str(2, tracking_number, &mut whole);
     whole.extend_from_slice(value);
     whole
-}
-
-fn event_key_fields(key: &[u8]) -> Result<(&str, &str), StoreError> {
-    super::keys::decode_event_key(key).ok_or_else(|| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        what: "not an event key".to_owned(),
-    })
 }
 
 /// Encodes consecutive changes as a [`ChangeBlock`] value, without owned messages.
@@ -658,12 +582,10 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
 mod tests {
     use super::*;
 
-    fn stored_scan(scan_id: &str) -> (Vec<u8>, pb::Scan) {
-        let number = crate::domain::TrackingNumber::parse("PARCEL0001").expect("valid");
-        let id = ScanId::parse(scan_id).expect("valid");
-        let scan = pb::Scan {
+    fn stored_scan(scan_id: &str) -> pb::Scan {
+        pb::Scan {
             scan_id: scan_id.to_owned(),
-            tracking_number: number.to_string(),
+            tracking_number: "PARCEL0001".to_owned(),
             scan_type: ScanType::DepartedFacility.as_i32(),
             event_time: Some(prost_types::Timestamp {
                 seconds: 1_700_000_000,
@@ -675,16 +597,14 @@ mod tests {
                 nanos: 0,
             }),
             ..Default::default()
-        };
-        let key = super::super::keys::event_key(&number, EventTime(1_700_000_000_123_456), &id);
-        (key, scan)
+        }
     }
 
     #[test]
-    fn an_event_value_leaves_out_what_its_key_holds_and_gives_back_the_same_bytes() {
+    fn a_stored_scan_leaves_out_what_its_entry_holds_and_gives_back_the_same_bytes() {
         // 128 bytes: the longest scan id, whose length takes a two-byte varint.
         for scan_id in ["s-1", "é\u{0}x", &"x".repeat(ScanId::MAX_LEN)] {
-            let (key, mut scan) = stored_scan(scan_id);
+            let mut scan = stored_scan(scan_id);
             let whole = scan.encode_to_vec();
             let value = encode_event(&mut scan);
             assert_eq!(scan.encode_to_vec(), whole, "the scan is left as it was");
@@ -694,7 +614,6 @@ mod tests {
                 ..scan.clone()
             };
             assert_eq!(value, without.encode_to_vec());
-            assert_eq!(event_wire(&key, &value).expect("whole"), whole);
             let entry = EntryRecord {
                 scan_id: scan_id.to_owned(),
                 event: value.into(),
@@ -705,31 +624,12 @@ mod tests {
     }
 
     #[test]
-    fn an_event_value_written_whole_by_an_earlier_build_reads_as_it_is() {
-        let (key, scan) = stored_scan("s-1");
-        let whole = scan.encode_to_vec();
-        assert_eq!(event_wire(&key, &whole).expect("whole"), whole);
-        assert_eq!(whole_scan("PARCEL0001", "s-1", &whole), whole);
-        assert_eq!(pb::Scan::decode(whole.as_slice()).expect("decodes"), scan);
-    }
-
-    #[test]
     fn an_entry_without_its_scan_gives_none() {
         let entry = EntryRecord {
             scan_id: "s-1".to_owned(),
             ..Default::default()
         };
         assert_eq!(entry_scan("PARCEL0001", &entry), None);
-    }
-
-    #[test]
-    fn an_event_value_under_a_key_that_is_no_event_key_is_corrupt() {
-        let (_, mut scan) = stored_scan("s-1");
-        let value = encode_event(&mut scan);
-        assert!(matches!(
-            event_wire(b"PARCEL0001", &value),
-            Err(StoreError::Corrupt { .. })
-        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Admin HTTP: `/metrics` in the Prometheus text format, `/healthz` (the process answers) and
 //! `/readyz` (the store is open, takes writes, and the gRPC services listen).
 
+use std::net::SocketAddr;
 use std::sync::{
     atomic::{AtomicBool, Ordering},
     Arc, Mutex,
@@ -8,6 +9,7 @@ use std::sync::{
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -85,5 +87,20 @@ async fn ready(State(state): State<AdminState>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),
         ),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
     }
 }

@@ -4,9 +4,8 @@
 pub mod admin;
 pub mod metrics;
 
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::{fmt, EnvFilter};
-
-use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global tracing subscriber: human lines or JSON, filtered by RUST_LOG if set,
 /// else by the configured directives.
@@ -24,4 +23,29 @@ pub fn init_tracing(config: &LogConfig) -> Result<(), String> {
             .try_init(),
     };
     result.map_err(|e| e.to_string())
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// tracing filter directives, e.g. `info` or `scand=debug`; RUST_LOG wins when set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            filter: "info".to_owned(),
+        }
+    }
 }

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use scand::api::pb::{self, Outcome};
 use scand::domain::ScanType;
 use scand::engine::status::Derived;
+use scand::proto::pb::{self, Outcome};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Scan id → tracking number of every scan acknowledged (ACCEPTED or DUPLICATE).

@@ -39,7 +39,8 @@ impl Broker {
     pub fn start() -> Broker {
         let port = super::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_binary())
+        let tansu = tansu_binary();
+        let child = Command::new(&tansu)
             .args([
                 "broker",
                 "--storage-engine",
@@ -53,7 +54,14 @@ impl Broker {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start tansu (installed by .ci/run; or set TANSU_BIN)");
+            .unwrap_or_else(|error| {
+                panic!(
+                    "this test needs the tansu Kafka broker, and {} did not start ({error}): \
+                     set TANSU_BIN to a tansu binary, or run `bash .ci/run`, which installs \
+                     one into ~/.cache/scand/tansu",
+                    tansu.display()
+                )
+            });
         let broker = Broker {
             child,
             bootstrap: format!("127.0.0.1:{port}"),

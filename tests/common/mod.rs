@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use scand::api::pb;
+use scand::proto::pb;
 use tonic::transport::Channel;
 
 pub type IngestClient = pb::scan_ingest_client::ScanIngestClient<Channel>;
@@ -143,6 +143,19 @@ impl Daemon {
 
     pub fn metrics(&self) -> String {
         http_get(self.admin, "/metrics").expect("metrics").1
+    }
+
+    /// Scrapes until every one of `lines` shows (or `within` passed) and returns the last
+    /// scrape: for series that appear a while after what causes them (librdkafka's statistics).
+    pub async fn metrics_showing(&self, lines: &[&str], within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let metrics = self.metrics();
+            if lines.iter().all(|line| metrics.contains(line)) || Instant::now() >= deadline {
+                return metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// One series' value: `name` alone, or with its labels as rendered (`name{label="x"}`).

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use prost::Message;
 use serde::Deserialize;
 
-use crate::api::pb;
+use crate::proto::pb;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -21,8 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::KafkaConfig;
-use crate::kafka::{self as client, LoggingContext};
+use crate::kafka::{self as client, Cluster, LoggingContext};
 use crate::store::writer::Snapshot;
 use crate::store::{Store, StoreError};
 
@@ -79,14 +78,14 @@ pub async fn run(
 /// installs what is newer than the local state. Blocking: runs inside the rebalance callback,
 /// before consumption of those partitions starts.
 pub fn restore(
-    kafka: &KafkaConfig,
+    cluster: &Cluster,
+    topic: &str,
     store: &Store,
     assigned: &[(String, i32)],
 ) -> Result<usize, RestoreError> {
-    let topic = &kafka.source.changelog_topic;
     let consumer: BaseConsumer = client::client_config(
-        kafka,
-        &kafka.consumer,
+        cluster,
+        &cluster.consumer,
         &[
             ("group.id", "scand-changelog-restore"),
             ("enable.auto.commit", "false"),

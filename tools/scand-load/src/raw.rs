@@ -16,16 +16,32 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
-use scand::api::pb::{self, scan_ingest_server::ScanIngest};
-use scand::config::IngestConfig;
 use scand::domain::EventTime;
 use scand::ingest::validate::Validator;
-use scand::store::{keys, records};
+use scand::ingest::IngestConfig;
+use scand::proto::pb::{self, scan_ingest_server::ScanIngest};
+use scand::store::records;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::workload::Planned;
+
+/// The raw limits' one column family: a scan per key.
+const EVENTS: &str = "events";
+
+/// A scan's key in the raw limits: `tracking_number ␀ event_time ␀ scan_id`, the time
+/// big-endian with its sign bit flipped, so a shipment's scans sort by time within its prefix
+/// (the prefix scand's memtables hash by).
+fn event_key(tracking_number: &str, event_time: EventTime, scan_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tracking_number.len() + 10 + scan_id.len());
+    key.extend_from_slice(tracking_number.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&((event_time.0 as u64) ^ (1 << 63)).to_be_bytes());
+    key.push(0);
+    key.extend_from_slice(scan_id.as_bytes());
+    key
+}
 
 /// Throughput and per-write latency of the raw RocksDB run.
 pub struct RawStore {
@@ -55,7 +71,7 @@ pub fn rocksdb(
         .iter()
         .filter_map(|p| validator.validate(p.scan.clone(), now).ok())
         .map(|s| {
-            let key = keys::event_key(&s.tracking_number, s.event_time, &s.scan_id);
+            let key = event_key(s.tracking_number.as_str(), s.event_time, s.scan_id.as_str());
             (key, s.stored)
         })
         .collect();
@@ -76,9 +92,7 @@ pub fn rocksdb(
             Ok(writes)
         })
     };
-    let events = db
-        .cf_handle(keys::EVENTS)
-        .ok_or("no events column family")?;
+    let events = db.cf_handle(EVENTS).ok_or("no events column family")?;
     let started = Instant::now();
     for group in stored.chunks(batch_size * group_batches.max(1)) {
         let write_started = Instant::now();
@@ -119,7 +133,7 @@ fn open_events_db(path: &Path, memtable_bytes: usize) -> Result<Arc<DB>, String>
         height: 4,
         branching_factor: 4,
     });
-    let events = ColumnFamilyDescriptor::new(keys::EVENTS, events);
+    let events = ColumnFamilyDescriptor::new(EVENTS, events);
     DB::open_cf_descriptors(&options, path, [events])
         .map(Arc::new)
         .map_err(|e| e.to_string())
@@ -223,7 +237,7 @@ async fn write(
                 .as_ref()
                 .and_then(|t| EventTime::from_parts(t.seconds, t.nanos))
                 .unwrap_or(EventTime(0));
-            let key = keys::event_key_unchecked(&scan.tracking_number, event_time, &scan.scan_id);
+            let key = event_key(&scan.tracking_number, event_time, &scan.scan_id);
             (key, records::encode_event(scan))
         })
         .collect();
@@ -323,7 +337,7 @@ pub async fn ingest_server(
     tokio::task::spawn_blocking(move || {
         // open_events_db created it; were it missing, leaving drops `to_write`, which
         // answers every batch UNAVAILABLE.
-        let Some(events) = db.cf_handle(keys::EVENTS) else {
+        let Some(events) = db.cf_handle(EVENTS) else {
             return;
         };
         while let Some(first) = to_write.blocking_recv() {

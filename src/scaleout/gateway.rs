@@ -11,9 +11,10 @@ use prost::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
 
+use crate::domain::scan::ValidScan;
 use crate::kafka::LoggingContext;
-use crate::store::writer::StoreScan;
 use crate::telemetry::metrics as m;
 
 #[derive(Clone)]
@@ -31,7 +32,7 @@ impl Gateway {
     }
 
     /// Hands every scan to the producer, in order.
-    pub fn forward(&self, scans: &[StoreScan]) -> Forwarded {
+    pub fn forward(&self, scans: &[ValidScan]) -> Forwarded {
         Forwarded(
             scans
                 .iter()
@@ -67,5 +68,23 @@ impl Forwarded {
         }
         metrics::counter!(m::GATEWAY_FORWARDED_TOTAL).increment(count);
         Ok(())
+    }
+}
+
+/// Gateway mode: gRPC scans are produced to the partitioned scans topic (key = tracking
+/// number) instead of being applied here, so the partition's owner orders each shipment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaGatewayConfig {
+    pub enabled: bool,
+    pub topic: String,
+}
+
+impl Default for KafkaGatewayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic: "scans.raw".to_owned(),
+        }
     }
 }

@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use scand::api::pb::{self, Outcome, ScanType};
+use scand::proto::pb::{self, Outcome, ScanType};
 
 #[derive(Clone, Debug)]
 pub struct Shape {

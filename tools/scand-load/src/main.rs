@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use scand::api::pb::{self, scan_ingest_client::ScanIngestClient, Outcome};
+use scand::proto::pb::{self, scan_ingest_client::ScanIngestClient, Outcome};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use workload::{Planned, Shape};

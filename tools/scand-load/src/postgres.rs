@@ -74,7 +74,7 @@ pub async fn run(
         .map_err(|e| e.to_string())?;
     let valid: Vec<&Planned> = planned
         .iter()
-        .filter(|p| p.expect != scand::api::pb::Outcome::Rejected)
+        .filter(|p| p.expect != scand::proto::pb::Outcome::Rejected)
         .collect();
     let latency = Arc::new(Mutex::new(
         Histogram::<u64>::new(3).map_err(|e| e.to_string())?,

@@ -1,7 +1,11 @@
 //! The domain's small types: what a tracking number, a scan id, a scan type, a status, a
 //! version and a sequence are. Each is validated once, at the edge, and trusted after.
 //!
-//! Nothing here knows of protobuf, RocksDB or tokio; `api` converts to and from the wire types.
+//! Nothing here knows of RocksDB, tokio or a service; `wire` converts to and from the `scand.v1`
+//! wire types, and `scan` is a scan once validated, carrying its wire form.
+
+pub mod scan;
+pub mod wire;
 
 use std::fmt;
 
@@ -285,6 +289,24 @@ pub struct Sequence(pub u64);
 pub struct Origin {
     pub topic: String,
     pub partition: i32,
+}
+
+/// A status with the scan type behind it (only IN_TRANSIT carries one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusPoint {
+    pub status: Status,
+    pub sub_status: Option<ScanType>,
+    /// Published as STALLED, with `status` as the status it stalled in.
+    pub stalled: bool,
+}
+
+/// The carrier recognised from the tracking number, or why it was not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NumberCheck {
+    pub carrier: String,
+    pub service: String,
+    /// Empty when valid or unchecked; else the reason (`tracking_number_check_digit`, ...).
+    pub issue: String,
 }
 
 #[cfg(test)]

@@ -1,0 +1,11 @@
+//! Scale-out on Kafka: what lets several scand instances share the work as one consumer group.
+//! `gateway` produces gRPC scans to the partitioned scans topic, so each shipment has one
+//! owner (the instance consuming its partition); `changelog` replicates each owned shipment's
+//! state to a compacted topic after every durable write and restores it on the partition's
+//! next owner.
+//!
+//! Invariant: a partition's state is restored before any of its records is consumed, and a new
+//! owner resumes at the last offset whose state the changelog holds complete.
+
+pub mod changelog;
+pub mod gateway;

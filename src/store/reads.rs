@@ -1,0 +1,251 @@
+//! Reads of stored state: one shipment with its timeline, the change log from a sequence,
+//! the counters and positions kept in `meta`, and what the writer and the sweep read.
+//!
+//! Invariant: a shipment's record holds its scans, so one point read gives a consistent
+//! shipment; the change log is read only up to the durable sequence its caller passes.
+
+use prost::Message;
+use rocksdb::{IteratorMode, ReadOptions};
+
+use super::{keys, records, Store, StoreError};
+use crate::domain::{EventTime, Sequence, TrackingNumber};
+use crate::proto::pb;
+
+impl Store {
+    /// Scans stored, as counted by the writes that store and replace them (for a directory
+    /// from before the count, from RocksDB's estimate of its `events` keys on).
+    pub fn stored_scans(&self) -> Result<u64, StoreError> {
+        Ok(self.meta_u64(keys::META_STORED_SCANS)?.unwrap_or(0))
+    }
+
+    /// The highest sequence in the change log (0 when empty).
+    pub fn last_sequence(&self) -> Result<Sequence, StoreError> {
+        let Some(v) = self
+            .db
+            .get_cf(self.cf(keys::META), keys::META_LAST_SEQUENCE)?
+        else {
+            return Ok(Sequence(0));
+        };
+        keys::decode_change_key(&v).ok_or_else(|| StoreError::Corrupt {
+            key: "last_sequence".into(),
+            what: format!("{} bytes", v.len()),
+        })
+    }
+
+    /// The stored state of each shipment (`None` = never seen): what deduplicates and orders a
+    /// scan. One batched multi-get; bloom filters make a new shipment's miss cheap.
+    pub fn shipment_states(
+        &self,
+        numbers: &[&TrackingNumber],
+    ) -> Result<Vec<Option<crate::engine::ShipmentState>>, StoreError> {
+        let keys = numbers.iter().map(|n| keys::shipment_key(n));
+        // The writer asks in key order; RocksDB then skips sorting the keys itself.
+        let sorted = numbers.is_sorted();
+        numbers
+            .iter()
+            .zip(
+                self.db
+                    .batched_multi_get_cf(self.cf(keys::SHIPMENTS), keys, sorted),
+            )
+            .map(|(number, value)| match value? {
+                Some(bytes) => {
+                    records::decode_shipment(keys::shipment_key(number), &bytes).map(Some)
+                }
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    /// Up to `limit` keys of the deadline index due at `now`, earliest first. Read by the
+    /// sweeper, not the writer: an iterator sorts a copy of the index's live (vector) memtable.
+    pub fn due_stall_keys(&self, now: EventTime, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(keys::stall_keys_due(now));
+        self.db
+            .iterator_cf_opt(self.cf(keys::STALL_DEADLINES), read, IteratorMode::Start)
+            .take(limit)
+            .map(|item| {
+                item.map(|(key, _)| key.into_vec())
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+
+    /// Shipments currently stalled, as counted by the writes that stall and wake them.
+    pub fn stalled_shipments(&self) -> Result<u64, StoreError> {
+        Ok(self.meta_u64(keys::META_STALLED_SHIPMENTS)?.unwrap_or(0))
+    }
+
+    /// The next offset to consume from a source partition, as stored with the state it produced.
+    pub fn source_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let key = keys::source_offset_key(topic, partition);
+        self.db
+            .get_cf(self.cf(keys::META), &key)?
+            .map(|v| {
+                v.as_slice()
+                    .try_into()
+                    .map(i64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        what: format!("{} bytes", v.len()),
+                    })
+            })
+            .transpose()
+    }
+
+    /// The highest sequence `sink` has delivered (0 before its first delivery).
+    pub fn sink_cursor(&self, sink: &str) -> Result<Sequence, StoreError> {
+        let key = keys::sink_cursor_key(sink);
+        match self.db.get_cf(self.cf(keys::META), &key)? {
+            None => Ok(Sequence(0)),
+            Some(v) => keys::decode_change_key(&v).ok_or_else(|| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                what: format!("{} bytes", v.len()),
+            }),
+        }
+    }
+
+    /// Records `sink`'s progress. Not synced: after a crash the sink may repeat changes it had
+    /// delivered, which consumers drop by version; it never skips one.
+    pub fn set_sink_cursor(&self, sink: &str, delivered: Sequence) -> Result<(), StoreError> {
+        self.db.put_cf(
+            self.cf(keys::META),
+            keys::sink_cursor_key(sink),
+            keys::change_key(delivered),
+        )?;
+        Ok(())
+    }
+
+    /// The stored scans of one shipment, whole and encoded, in timeline order.
+    #[cfg(test)]
+    pub fn timeline_values(
+        &self,
+        tracking_number: &TrackingNumber,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        match self.shipment_record(tracking_number)? {
+            Some(bytes) => scans_of(tracking_number, &bytes),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// A shipment's stored record as RocksDB holds it (its deltas merged), scans included:
+    /// what a changelog snapshot carries.
+    pub fn shipment_record(
+        &self,
+        tracking_number: &TrackingNumber,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(
+            self.cf(keys::SHIPMENTS),
+            keys::shipment_key(tracking_number),
+        )?)
+    }
+
+    /// The length of a shipment's stored timeline (0 for one never seen).
+    pub(super) fn scans_stored_for(
+        &self,
+        tracking_number: &TrackingNumber,
+    ) -> Result<u64, StoreError> {
+        let key = keys::shipment_key(tracking_number);
+        Ok(match self.db.get_cf(self.cf(keys::SHIPMENTS), key)? {
+            Some(bytes) => records::decode_shipment_record(key, &bytes)?.timeline.len() as u64,
+            None => 0,
+        })
+    }
+
+    /// A shipment with its timeline in order, read from one snapshot.
+    pub fn shipment(
+        &self,
+        tracking_number: &TrackingNumber,
+    ) -> Result<Option<pb::Shipment>, StoreError> {
+        let key = keys::shipment_key(tracking_number);
+        let Some(bytes) = self.shipment_record(tracking_number)? else {
+            return Ok(None);
+        };
+        let state = records::decode_shipment(key, &bytes)?;
+        let timeline = scans_of(tracking_number, &bytes)?
+            .into_iter()
+            .map(|scan| {
+                pb::Scan::decode(scan.as_slice()).map_err(|e| StoreError::Corrupt {
+                    key: tracking_number.to_string(),
+                    what: e.to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let (status, sub_status) = crate::domain::wire::status_fields(state.point());
+        let stalled_status = crate::domain::wire::stalled_status(state.point());
+        let flags = state.flags;
+        Ok(Some(pb::Shipment {
+            tracking_number: tracking_number.to_string(),
+            status,
+            sub_status,
+            version: state.version.0,
+            timeline,
+            scans_after_terminal: state.derived.scans_after_terminal,
+            stalled_status,
+            regressions: flags.regressions,
+            clock_skewed_scans: flags.clock_skewed_scans,
+            carrier: flags.tracking_number.carrier,
+            carrier_service: flags.tracking_number.service,
+            tracking_number_issue: flags.tracking_number.issue,
+        }))
+    }
+
+    /// Up to `limit` changes with a sequence above `after` and at most `upto`, in order: from
+    /// the block holding `after + 1` (the last block starting at or before it) onwards. Readers
+    /// pass the durable sequence (the writer's watch) as `upto`: the log may already hold
+    /// changes of a write whose WAL sync is still under way.
+    pub fn changes(
+        &self,
+        after: Sequence,
+        upto: Sequence,
+        limit: usize,
+    ) -> Result<Vec<pb::StatusChange>, StoreError> {
+        let Some(start) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let limit =
+            limit.min(usize::try_from(upto.0.saturating_sub(after.0)).unwrap_or(usize::MAX));
+        let start_key = keys::change_key(Sequence(start));
+        let mut blocks = self.db.raw_iterator_cf(self.cf(keys::CHANGES));
+        blocks.seek_for_prev(start_key);
+        if !blocks.valid() {
+            blocks.status()?;
+            blocks.seek(start_key);
+        }
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some((key, value)) = blocks.item() else {
+                blocks.status()?;
+                break;
+            };
+            let block = records::decode_change_block(key, value)?;
+            out.extend(
+                block
+                    .changes
+                    .into_iter()
+                    .filter(|c| c.sequence >= start)
+                    .take(limit - out.len()),
+            );
+            blocks.next();
+        }
+        Ok(out)
+    }
+}
+
+/// The whole scans of a shipment's record, in timeline order.
+fn scans_of(tracking_number: &TrackingNumber, record: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+    let key = keys::shipment_key(tracking_number);
+    let record = records::decode_shipment_record(key, record)?;
+    record
+        .timeline
+        .iter()
+        .map(|entry| {
+            records::entry_scan(tracking_number.as_str(), entry).ok_or_else(|| {
+                StoreError::Corrupt {
+                    key: tracking_number.to_string(),
+                    what: format!("timeline entry {} without its stored scan", entry.scan_id),
+                }
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,245 @@
+//! Group commit: the writer thread takes the batches waiting in its queue as one group, lets
+//! the engine apply them to the shipments' states (cached, or read in key order), and writes
+//! the scans, the shipment deltas, the status changes, the stall index edits, the source
+//! offsets and the counters as one `WriteBatch`, unsynced: the syncer makes it durable.
+//!
+//! Invariants: the sequence counter, the stalled count and the cache move only after the
+//! write succeeded; a failed write answers its whole group and clears the cache, which the
+//! engine had already applied the group to.
+
+use std::time::SystemTime;
+
+use rocksdb::{WriteBatch, WriteOptions};
+
+use super::changes::{change_record, tally};
+use super::sweep::index_stall_deadline;
+use super::syncer::Applied;
+use super::{Request, Writer};
+use crate::domain::scan::ValidScan;
+use crate::domain::{NumberCheck, Sequence, TrackingNumber};
+use crate::engine::{Change, Effects, Incoming, Outcome, ShipmentState};
+use crate::store::records;
+use crate::store::{keys, StoreError};
+use crate::telemetry::metrics as m;
+
+/// What the engine needs of a scan, as the `index`-th of its group.
+pub(super) fn incoming(scan: &ValidScan, index: usize) -> Incoming {
+    Incoming {
+        index,
+        tracking_number: scan.tracking_number.clone(),
+        scan_id: scan.scan_id.clone(),
+        scan_type: scan.scan_type,
+        event_time: scan.event_time,
+        facility: scan.facility,
+        clock_skewed: scan.clock_skewed,
+    }
+}
+
+impl Writer {
+    /// Applies and writes a group (its WAL not yet synced).
+    pub(super) fn commit(&mut self, group: &[Request]) -> Result<Applied, StoreError> {
+        let store = self.store.clone();
+        let mut stored_scans = store.exclusive_state_writes();
+        let scans: Vec<&ValidScan> = group.iter().flat_map(|r| r.scans.iter()).collect();
+        let db = &self.store.db;
+        let shipments_cf = self.store.cf(keys::SHIPMENTS);
+        let changes_cf = self.store.cf(keys::CHANGES);
+
+        // The engine applies the group to the cached states in place; only shipments the
+        // cache lacks are read, in key order.
+        self.cache.check_epoch(self.store.restore_epoch());
+        let mut misses: Vec<&TrackingNumber> = scans
+            .iter()
+            .map(|s| &s.tracking_number)
+            .filter(|number| !self.cache.contains(number))
+            .collect();
+        misses.sort_unstable();
+        misses.dedup();
+        for (number, state) in misses.iter().zip(self.store.shipment_states(&misses)?) {
+            if let Some(state) = state {
+                self.cache.insert((*number).clone(), state);
+            }
+        }
+        let incoming = scans
+            .iter()
+            .enumerate()
+            .map(|(index, s)| incoming(s, index))
+            .collect();
+        let states = self.cache.states();
+        let Effects {
+            outcomes,
+            stored,
+            removed,
+            changes,
+            after_terminal,
+            woken,
+        } = self.engine.apply(incoming, states);
+
+        // Sized up front: grown by doubling, a group's multi-megabyte batch would be copied
+        // and faulted in several times over. Events are only a third to a half of it.
+        let mut batch =
+            WriteBatch::with_capacity_bytes(scans.len() * self.batch_bytes_per_scan * 9 / 8);
+        let received_time = prost_types::Timestamp::from(SystemTime::now());
+        // Each touched shipment with the positions in `stored` of the scans this group stored
+        // for it. `stored` comes grouped by shipment (the engine applies scans so): one run
+        // per shipment, one state lookup per shipment, not per scan.
+        let mut touched: Vec<(&TrackingNumber, std::ops::Range<usize>)> = Vec::new();
+        for (position, &index) in stored.iter().enumerate() {
+            let scan = scans[index];
+            match touched.last_mut() {
+                Some((number, run)) if *number == &scan.tracking_number => run.end = position + 1,
+                _ => touched.push((&scan.tracking_number, position..position + 1)),
+            }
+        }
+        // `removed` is grouped in the same shipment order, and each of its shipments stored a
+        // scan: its runs are met in step with `touched`.
+        let mut removed_runs = removed.chunk_by(|(a, _, _), (b, _, _)| a == b).peekable();
+        let stall_index = self.store.cf(keys::STALL_DEADLINES);
+        for (number, added) in touched {
+            let replaced = removed_runs
+                .next_if(|run| run.first().is_some_and(|(of, _, _)| of == number))
+                .unwrap_or_default();
+            if let Some(state) = states.get_mut(number) {
+                let added = stored[added].iter().map(|&index| scans[index]);
+                for scan in added.clone() {
+                    annotate(state, scan);
+                }
+                index_stall_deadline(&self.stall, stall_index, &mut batch, number, state);
+                // A delta, not the whole record: the timeline summary is what a record holds
+                // most of, and a group adds a scan or two to it (see `records`).
+                let replaced = replaced.iter().map(|(_, _, scan_id)| scan_id.as_str());
+                let added = added.map(|scan| records::EntryFields {
+                    event_time: scan.event_time,
+                    scan_id: scan.scan_id.as_str(),
+                    scan_type: scan.scan_type,
+                    facility: scan.facility,
+                    event: &scan.stored,
+                });
+                batch.merge_cf(
+                    shipments_cf,
+                    keys::shipment_key(number),
+                    records::encode_shipment_delta(state, added, replaced),
+                );
+            }
+        }
+        let mut sequence = self.last_sequence;
+        let mut records = Vec::with_capacity(changes.len());
+        for change in &changes {
+            sequence = Sequence(sequence.0 + 1);
+            let cause = change.cause.map(|index| scans[index]);
+            records.push(change_record(
+                sequence,
+                change,
+                cause,
+                states.get(&change.tracking_number),
+                received_time,
+            ));
+        }
+        crate::store::put_change_blocks(&mut batch, changes_cf, &records);
+        let stalled_shipments = self.stalled_shipments.saturating_sub(u64::from(woken));
+        if woken > 0 {
+            batch.put_cf(
+                self.store.cf(keys::META),
+                keys::META_STALLED_SHIPMENTS,
+                stalled_shipments.to_be_bytes(),
+            );
+        }
+        for offset in group.iter().flat_map(|r| &r.offsets) {
+            batch.put_cf(
+                self.store.cf(keys::META),
+                keys::source_offset_key(&offset.topic, offset.partition),
+                offset.next.to_be_bytes(),
+            );
+        }
+        if sequence != self.last_sequence {
+            batch.put_cf(
+                self.store.cf(keys::META),
+                keys::META_LAST_SEQUENCE,
+                keys::change_key(sequence),
+            );
+        }
+        let now_stored = (*stored_scans + stored.len() as u64).saturating_sub(removed.len() as u64);
+        if now_stored != *stored_scans {
+            batch.put_cf(
+                self.store.cf(keys::META),
+                keys::META_STORED_SCANS,
+                now_stored.to_be_bytes(),
+            );
+        }
+
+        if !scans.is_empty() {
+            self.batch_bytes_per_scan = batch.size_in_bytes() / scans.len();
+        }
+        // Not synced here: the syncer syncs the WAL for this and any later group at once.
+        db.write_opt(batch, &WriteOptions::default())?;
+
+        *stored_scans = now_stored;
+        self.last_sequence = sequence;
+        self.stalled_shipments = stalled_shipments;
+        metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
+        let snapshots = match self.changelog {
+            Some(_) => self.snapshots(group, &scans).unwrap_or_else(|error| {
+                tracing::error!(%error, "changelog snapshots not built");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        record_metrics(&outcomes, &changes, after_terminal);
+        let clock_skewed = stored.iter().filter(|&&i| scans[i].clock_skewed).count();
+        metrics::counter!(m::SCANS_CLOCK_SKEW_TOTAL).increment(clock_skewed as u64);
+
+        // Written: the cached states are what RocksDB holds (and serves to any read).
+        self.cache.trim();
+        metrics::gauge!(m::STORE_SHIPMENT_CACHE_ENTRIES).set(self.cache.len() as f64);
+        let mut per_request = Vec::with_capacity(group.len());
+        let mut outcomes = outcomes.into_iter().map(|(_, o)| o);
+        for request in group {
+            per_request.push(outcomes.by_ref().take(request.scans.len()).collect());
+        }
+        Ok(Applied {
+            outcomes: per_request,
+            sequence,
+            snapshots,
+        })
+    }
+}
+
+/// What a stored scan tells about its shipment beyond the timeline: who owns it and which
+/// carrier its number belongs to (from the first scan that says).
+fn annotate(state: &mut ShipmentState, scan: &ValidScan) {
+    if let Some(origin) = &scan.origin {
+        if state.owner.as_ref() != Some(origin) {
+            state.owner = Some(origin.clone());
+        }
+    }
+    if let Some(check) = &scan.number_check {
+        if state.flags.tracking_number == NumberCheck::default() {
+            state.flags.tracking_number = NumberCheck::clone(check);
+        }
+    }
+}
+
+/// One registry lookup per metric and label in a group, not one per scan: a labelled lookup
+/// builds and hashes its key, and the writer is the pipeline's serial stage.
+fn record_metrics(outcomes: &[(usize, Outcome)], changes: &[Change], after_terminal: u32) {
+    let accepted = outcomes
+        .iter()
+        .filter(|(_, outcome)| *outcome == Outcome::Accepted)
+        .count();
+    metrics::counter!(m::SCANS_ACCEPTED_TOTAL).increment(accepted as u64);
+    let duplicates = outcomes.iter().filter_map(|(_, outcome)| match outcome {
+        Outcome::Duplicate(kind) => Some(kind.label()),
+        Outcome::Accepted => None,
+    });
+    for (kind, n) in tally(duplicates) {
+        metrics::counter!(m::SCANS_DUPLICATE_TOTAL, "kind" => kind).increment(n);
+    }
+    for (status, n) in tally(changes.iter().map(|c| c.current.status.label())) {
+        metrics::counter!(m::STATUS_CHANGES_TOTAL, "status" => status).increment(n);
+    }
+    let regressions = changes.iter().filter(|c| c.regression).count();
+    if regressions > 0 {
+        metrics::counter!(m::STATUS_REGRESSIONS_TOTAL).increment(regressions as u64);
+    }
+    metrics::counter!(m::SCANS_AFTER_TERMINAL_TOTAL).increment(u64::from(after_terminal));
+}

@@ -1,0 +1,346 @@
+//! The single writer: a dedicated thread that takes ingest batches from a bounded queue,
+//! combines those waiting into one group (group commit), runs the engine over them against the
+//! stored shipment state, and writes the result as one `WriteBatch`. A second thread, the
+//! syncer, then syncs the WAL (one fsync for every group written since the last) and only then
+//! answers the groups' callers, so an answer means durable; meanwhile the writer applies the
+//! next group. A stall sweep reads the due part of the deadline index off this thread and
+//! hands the writer the due shipments in small chunks, each written and synced like a group.
+//!
+//! Here: the queue, its handle and the writer thread's loop. `commit` applies a group,
+//! `syncer` makes it durable and answers, `sweep` stalls due shipments, `replicate` builds the
+//! changelog snapshots, `changes` the published form of a change.
+//!
+//! Invariants:
+//! - Nothing is acknowledged, and no reader (feed, sinks, changelog) is shown a change, before
+//!   a WAL sync that covers its write returned Ok: readers stop at the durable sequence.
+//! - A failed write acknowledges nothing and advances nothing: the sequence counter moves only
+//!   after a write succeeds. A group whose sync fails is answered UNAVAILABLE; its write is in
+//!   RocksDB's memtable, so it may still become durable later, and a retry is then answered
+//!   DUPLICATE: never acknowledged without being durable, never applied twice.
+//! - The queue and the writer-to-syncer hand-off are bounded: when the disk is the bottleneck,
+//!   callers wait (backpressure).
+
+mod changes;
+mod commit;
+mod replicate;
+mod sweep;
+mod syncer;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rocksdb::WriteOptions;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::cache::ShipmentCache;
+use super::{keys, Store, StoreError};
+use crate::domain::scan::ValidScan;
+use crate::domain::{EventTime, Sequence};
+use crate::engine::stall::StallPolicy;
+use crate::engine::{Engine, Outcome};
+use crate::telemetry::metrics as m;
+pub use replicate::Snapshot;
+pub use sweep::{run_stall_sweeper, Swept};
+use syncer::{Signals, StallAnswer, Syncer, Written, SYNC_QUEUE_GROUPS};
+
+/// A consumed source position, stored in the same write as the scans it carried, so a
+/// restart resumes exactly after them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceOffset {
+    pub topic: String,
+    pub partition: i32,
+    /// The next offset to consume.
+    pub next: i64,
+}
+
+struct Request {
+    scans: Vec<ValidScan>,
+    offsets: Vec<SourceOffset>,
+    received: Instant,
+    reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+}
+
+/// What the writer thread is asked to do, in queue order.
+enum Job {
+    Ingest(Request),
+    /// Stall the shipments of these due deadline index keys (read by the sweeper) whose
+    /// deadline is still at or before `now`; answered with how many, once durable.
+    Stall {
+        now: EventTime,
+        due: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
+    /// A tiny synced write: does the store take writes again?
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// The ingest side's handle on the writer.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Job>,
+    failure: watch::Receiver<Option<String>>,
+    /// For the sweep's read of the deadline index, which stays off the writer thread.
+    store: Store,
+}
+
+impl WriterHandle {
+    /// Why the store refuses writes, while it does (the last failed write's error).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// Follows [`WriterHandle::failure`] as it changes.
+    pub fn failures(&self) -> watch::Receiver<Option<String>> {
+        self.failure.clone()
+    }
+
+    /// One synced write of a probe key, in queue order.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job::Probe { reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Queues a batch for the writer, waiting while its queue is full. The receiver resolves
+    /// once the batch is durable, with one outcome per scan in order.
+    pub async fn enqueue(
+        &self,
+        scans: Vec<ValidScan>,
+        offsets: Vec<SourceOffset>,
+        received: Instant,
+    ) -> Result<oneshot::Receiver<Result<Vec<Outcome>, StoreError>>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job::Ingest(Request {
+                scans,
+                offsets,
+                received,
+                reply,
+            }))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        Ok(answer)
+    }
+}
+
+/// While the store refuses writes, probes it every `interval` so that recovery is noticed
+/// (and readiness restored) without waiting for the next scan.
+pub async fn run_write_prober(
+    writer: WriterHandle,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut failures = writer.failures();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            failing = failures.wait_for(Option::is_some) => if failing.is_err() { return },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(StoreError::WriterGone) = writer.probe().await {
+            return;
+        }
+    }
+}
+
+struct Writer {
+    /// Written groups go to the `scand-syncer` thread, which makes them durable and answers.
+    to_syncer: std::sync::mpsc::SyncSender<Written>,
+    syncer: std::thread::JoinHandle<()>,
+    signals: Arc<Signals>,
+    store: Store,
+    engine: Engine,
+    stall: StallPolicy,
+    last_sequence: Sequence,
+    /// Mirrors `META_STALLED_SHIPMENTS`: moves only with a successful write.
+    stalled_shipments: u64,
+    group_commit_batches: usize,
+    /// What the last group's WriteBatch held per scan (events, shipment records, changes):
+    /// the next one is sized from it.
+    batch_bytes_per_scan: usize,
+    cache: ShipmentCache,
+    /// Where shipments owned by a source partition are replicated after each durable write.
+    changelog: Option<mpsc::Sender<Snapshot>>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut held: Option<Job> = None;
+        while let Some(job) = held.take().or_else(|| rx.blocking_recv()) {
+            let first = match job {
+                Job::Ingest(request) => request,
+                Job::Stall { now, due, reply } => {
+                    match self.stall_due(now, &due) {
+                        Ok((applied, count)) => self.hand_to_syncer(Written {
+                            group: Vec::new(),
+                            applied,
+                            stalled: Some(StallAnswer { count, reply }),
+                        }),
+                        Err(error) => {
+                            self.signals.record_write(Some(&error));
+                            tracing::error!(%error, "stall write failed; nothing stalled");
+                            let _ = reply.send(Err(error));
+                        }
+                    }
+                    continue;
+                }
+                Job::Probe { reply } => {
+                    let result = self.probe();
+                    self.signals.record_write(result.as_ref().err());
+                    let _ = reply.send(result);
+                    continue;
+                }
+            };
+            let mut group = vec![first];
+            while group.len() < self.group_commit_batches {
+                match rx.try_recv() {
+                    Ok(Job::Ingest(next)) => group.push(next),
+                    Ok(sweep) => {
+                        held = Some(sweep);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            metrics::histogram!(m::STORE_GROUP_BATCHES).record(group.len() as f64);
+            let started = Instant::now();
+            let result = self.commit(&group);
+            metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+            if result.is_err() {
+                // The group was applied to the cached states before its write failed.
+                self.cache.clear();
+            }
+            match result {
+                Ok(applied) => self.hand_to_syncer(Written {
+                    group,
+                    applied,
+                    stalled: None,
+                }),
+                Err(error) => {
+                    self.signals.record_write(Some(&error));
+                    tracing::error!(%error, batches = group.len(), "store write failed; nothing acknowledged");
+                    let message = error.to_string();
+                    let refusing = matches!(error, StoreError::Rocks(_));
+                    for request in group {
+                        let _ = request.reply.send(Err(if refusing {
+                            StoreError::Unwritable(message.clone())
+                        } else {
+                            StoreError::WriteFailed(message.clone())
+                        }));
+                    }
+                }
+            }
+        }
+        // The syncer answers what is still waiting for a sync, then stops.
+        drop(self.to_syncer);
+        if self.syncer.join().is_err() {
+            tracing::error!("the WAL syncer panicked");
+        }
+        tracing::info!(
+            last_sequence = self.last_sequence.0,
+            "store writer drained and stopped"
+        );
+    }
+
+    fn hand_to_syncer(&self, written: Written) {
+        if let Err(std::sync::mpsc::SendError(orphaned)) = self.to_syncer.send(written) {
+            tracing::error!("the WAL syncer stopped; answering without it");
+            let stopped = || StoreError::WriteFailed("the WAL syncer stopped".into());
+            for request in orphaned.group {
+                let _ = request.reply.send(Err(stopped()));
+            }
+            if let Some(StallAnswer { reply, .. }) = orphaned.stalled {
+                let _ = reply.send(Err(stopped()));
+            }
+        }
+    }
+
+    fn probe(&self) -> Result<(), StoreError> {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let now = crate::store::now_unix_secs().to_be_bytes();
+        self.store.db.put_cf_opt(
+            self.store.cf(keys::META),
+            keys::META_WRITE_PROBE,
+            now,
+            &sync,
+        )?;
+        Ok(())
+    }
+}
+
+/// Starts the writer thread. It stops once every [`WriterHandle`] is dropped and the queue is
+/// drained; join the returned handle to know every accepted batch was answered.
+pub fn spawn(
+    store: Store,
+    engine: Engine,
+    stall: StallPolicy,
+    config: &super::StoreConfig,
+    changelog: Option<mpsc::Sender<Snapshot>>,
+) -> Result<
+    (
+        WriterHandle,
+        watch::Receiver<Sequence>,
+        std::thread::JoinHandle<()>,
+    ),
+    StoreError,
+> {
+    let last = store.last_sequence()?;
+    let stalled_shipments = store.stalled_shipments()?;
+    metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
+    metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(last.0 as f64);
+    let (tx, rx) = mpsc::channel(config.queue_batches);
+    let (sequence_tx, sequence_rx) = watch::channel(last);
+    let (failure_tx, failure) = watch::channel(None);
+    let signals = Arc::new(Signals {
+        durable: sequence_tx,
+        failure: failure_tx,
+    });
+    let (to_syncer, written) = std::sync::mpsc::sync_channel(SYNC_QUEUE_GROUPS);
+    let syncer = Syncer {
+        store: store.clone(),
+        signals: signals.clone(),
+        changelog: changelog.clone(),
+    };
+    let syncer = std::thread::Builder::new()
+        .name("scand-syncer".into())
+        .spawn(move || syncer.run(written))?;
+    let store_for_sweeps = store.clone();
+    let writer = Writer {
+        to_syncer,
+        syncer,
+        signals,
+        engine,
+        stall,
+        last_sequence: last,
+        stalled_shipments,
+        group_commit_batches: config.group_commit_batches,
+        batch_bytes_per_scan: 512,
+        cache: ShipmentCache::new(config.shipment_cache_entries, store.restore_epoch()),
+        store,
+        changelog,
+    };
+    let thread = std::thread::Builder::new()
+        .name("scand-writer".into())
+        .spawn(move || writer.run(rx))?;
+    Ok((
+        WriterHandle {
+            tx,
+            failure,
+            store: store_for_sweeps,
+        },
+        sequence_rx,
+        thread,
+    ))
+}

@@ -1,0 +1,519 @@
+use std::time::Duration;
+
+use prost::Message;
+use rocksdb::IteratorMode;
+use tokio::sync::oneshot;
+
+use super::changes::{tally, timestamp};
+use super::commit::incoming;
+use super::sweep::SWEEP_READ;
+use super::*;
+use crate::domain::Status;
+use crate::domain::{ScanId, ScanType, TrackingNumber};
+use crate::engine::States;
+use crate::proto::pb;
+use crate::store::{keys, records};
+
+const HOUR: i64 = 3_600_000_000;
+
+#[test]
+fn tally_counts_each_label_in_order_of_first_occurrence() {
+    let labels = ["in_transit", "delivered", "in_transit", "in_transit"];
+    assert_eq!(
+        tally(labels.into_iter()),
+        vec![("in_transit", 3), ("delivered", 1)]
+    );
+    assert_eq!(tally(std::iter::empty()), vec![]);
+}
+
+fn policy() -> StallPolicy {
+    StallPolicy::new([
+        (Status::InTransit, Duration::from_secs(48 * 3600)),
+        (Status::OutForDelivery, Duration::from_secs(12 * 3600)),
+    ])
+}
+
+fn scan(number: &str, id: &str, scan_type: ScanType, hours: i64) -> ValidScan {
+    let event_time = EventTime(hours * HOUR);
+    let tracking_number = TrackingNumber::parse(number).expect("valid");
+    let scan_id = ScanId::parse(id).expect("valid");
+    let mut wire = pb::Scan {
+        scan_id: id.into(),
+        tracking_number: number.into(),
+        scan_type: scan_type.as_i32(),
+        event_time: Some(timestamp(event_time)),
+        ..Default::default()
+    };
+    ValidScan {
+        stored: records::encode_event(&mut wire),
+        tracking_number,
+        scan_id,
+        scan_type,
+        event_time,
+        facility: 1,
+        wire,
+        origin: None,
+        clock_skewed: false,
+        number_check: None,
+    }
+}
+
+async fn ingest(writer: &WriterHandle, scans: Vec<ValidScan>) {
+    let answer = writer
+        .enqueue(scans, Vec::new(), Instant::now())
+        .await
+        .expect("queued");
+    answer.await.expect("answered").expect("durable");
+}
+
+fn shipment(store: &Store, number: &str) -> pb::Shipment {
+    store
+        .shipment(&TrackingNumber::parse(number).expect("valid"))
+        .expect("read")
+        .expect("exists")
+}
+
+/// One sorting scan at hour 0 for each shipment: in transit, due to stall at hour 48.
+async fn ingest_in_transit(writer: &WriterHandle, numbers: &[&str]) {
+    let scans = numbers
+        .iter()
+        .map(|number| scan(number, "a1", ScanType::Sorted, 0))
+        .collect();
+    ingest(writer, scans).await;
+}
+
+fn spawn_writer(store: &Store) -> (WriterHandle, std::thread::JoinHandle<()>) {
+    let (writer, _, thread) = spawn(
+        store.clone(),
+        Engine::new(Duration::from_secs(60)),
+        policy(),
+        &crate::store::StoreConfig {
+            queue_batches: 4,
+            group_commit_batches: 4,
+            ..crate::store::StoreConfig::default()
+        },
+        None,
+    )
+    .expect("spawns");
+    (writer, thread)
+}
+
+#[tokio::test]
+async fn late_scans_read_back_whole_in_timeline_order_with_the_earlier_ones() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let number = TrackingNumber::parse("PARCEL0001").expect("valid");
+    let (writer, thread) = spawn_writer(&store);
+    ingest(
+        &writer,
+        vec![scan("PARCEL0001", "old", ScanType::PickedUp, 5)],
+    )
+    .await;
+    // One late scan before the old one, one after it.
+    ingest(
+        &writer,
+        vec![
+            scan("PARCEL0001", "new", ScanType::Sorted, 9),
+            scan("PARCEL0001", "early", ScanType::LabelCreated, 1),
+        ],
+    )
+    .await;
+    let timeline = shipment(&store, "PARCEL0001").timeline;
+    let ids: Vec<&str> = timeline.iter().map(|s| s.scan_id.as_str()).collect();
+    assert_eq!(ids, ["early", "old", "new"]);
+    assert_eq!(
+        timeline[1],
+        scan("PARCEL0001", "old", ScanType::PickedUp, 5).wire
+    );
+    let values = store.timeline_values(&number).expect("reads");
+    assert_eq!(
+        values,
+        timeline
+            .iter()
+            .map(Message::encode_to_vec)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(store.stored_scans().expect("reads"), 3);
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+/// Deltas written group by group, merged by RocksDB on read, at flush (deltas combined
+/// without their record) and at compaction, give the bytes of the record the engine's
+/// state has after the same groups: late scans, fingerprint replacements (also within a
+/// group) and duplicates included.
+#[tokio::test]
+async fn shipment_deltas_merge_into_the_record_of_the_engines_state() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, _, thread) = spawn(
+        store.clone(),
+        Engine::new(Duration::from_secs(60)),
+        StallPolicy::new([]),
+        &crate::store::StoreConfig::default(),
+        None,
+    )
+    .expect("spawns");
+    let engine = Engine::new(Duration::from_secs(60));
+    let mut expected = States::default();
+    let types = [
+        ScanType::LabelCreated,
+        ScanType::Sorted,
+        ScanType::DepartedFacility,
+        ScanType::OutForDelivery,
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound
+    };
+    let shipments_cf = store.cf(keys::SHIPMENTS);
+    let stored_records = |store: &Store, expected: &States| {
+        expected
+            .iter()
+            .map(|(number, state)| {
+                let key = keys::shipment_key(number);
+                let merged = store
+                    .db
+                    .get_cf(store.cf(keys::SHIPMENTS), key)
+                    .expect("reads")
+                    .expect("stored");
+                // The record's state, and its stored scans in timeline order.
+                let scan_ids = |scans: Vec<Vec<u8>>| -> Vec<String> {
+                    scans
+                        .iter()
+                        .map(|bytes| pb::Scan::decode(bytes.as_slice()).expect("scan"))
+                        .map(|scan| scan.scan_id)
+                        .collect()
+                };
+                let merged = (
+                    records::decode_shipment(key, &merged).expect("decodes"),
+                    scan_ids(store.timeline_values(number).expect("scans")),
+                );
+                let ids = state.timeline.iter().map(|e| e.scan_id.to_string());
+                (merged, (state.clone(), ids.collect::<Vec<_>>()))
+            })
+            .collect::<Vec<_>>()
+    };
+    for group in 0..40 {
+        let batch: Vec<ValidScan> = (0..1 + next(8))
+            .map(|_| {
+                scan(
+                    &format!("DELTA{:05}", next(5)),
+                    &format!("s{}", next(60)),
+                    types[next(4) as usize],
+                    next(12) as i64,
+                )
+            })
+            .collect();
+        let incoming = batch
+            .iter()
+            .enumerate()
+            .map(|(index, s)| incoming(s, index))
+            .collect();
+        engine.apply(incoming, &mut expected);
+        ingest(&writer, batch).await;
+        if group % 10 == 9 {
+            store.db.flush_cf(shipments_cf).expect("flushes");
+        }
+    }
+    let replaced: usize = expected.values().map(|s| s.replaced.len()).sum();
+    assert!(replaced > 0, "the workload replaces some reads");
+    for (merged, record) in stored_records(&store, &expected) {
+        assert_eq!(merged, record);
+    }
+    store
+        .db
+        .compact_range_cf(shipments_cf, None::<&[u8]>, None::<&[u8]>);
+    for (merged, record) in stored_records(&store, &expected) {
+        assert_eq!(merged, record);
+    }
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+fn deadline_index(store: &Store) -> Vec<(i64, String)> {
+    store
+        .db
+        .iterator_cf(store.cf(keys::STALL_DEADLINES), IteratorMode::Start)
+        .map(|item| {
+            let (key, _) = item.expect("reads");
+            let (deadline, number) = keys::decode_stall_key(&key).expect("decodes");
+            (deadline.0 / HOUR, number.as_str().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_deadline_index_holds_one_entry_per_shipment_that_can_stall() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, thread) = spawn_writer(&store);
+    ingest(
+        &writer,
+        vec![
+            scan("COURIER001", "a1", ScanType::Sorted, 0),
+            scan("DONE000001", "b1", ScanType::Sorted, 0),
+            scan("MOVING0001", "c1", ScanType::Sorted, 0),
+        ],
+    )
+    .await;
+    assert_eq!(
+        deadline_index(&store),
+        vec![
+            (48, "COURIER001".to_owned()),
+            (48, "DONE000001".to_owned()),
+            (48, "MOVING0001".to_owned()),
+        ]
+    );
+    ingest(
+        &writer,
+        vec![
+            scan("COURIER001", "a2", ScanType::OutForDelivery, 1),
+            scan("DONE000001", "b2", ScanType::Delivered, 2),
+            scan("MOVING0001", "c2", ScanType::Sorted, 10),
+        ],
+    )
+    .await;
+    assert_eq!(
+        deadline_index(&store),
+        vec![(13, "COURIER001".to_owned()), (48, "MOVING0001".to_owned())],
+        "an earlier deadline replaces the entry, a delivered shipment has none, a later one \
+         leaves the entry as a lower bound for the sweep"
+    );
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+#[tokio::test]
+async fn a_sweep_stalls_at_most_what_it_reads_and_says_more_are_due() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, thread) = spawn_writer(&store);
+    let scans: Vec<ValidScan> = (0..=SWEEP_READ)
+        .map(|n| scan(&format!("LIMIT{n:05}"), "a1", ScanType::Sorted, 0))
+        .collect();
+    for batch in scans.chunks(500) {
+        ingest(&writer, batch.to_vec()).await;
+    }
+    let first = writer.sweep(EventTime(48 * HOUR)).await.expect("sweeps");
+    assert_eq!((first.stalled, first.more_due), (SWEEP_READ, true));
+    let second = writer.sweep(EventTime(48 * HOUR)).await.expect("sweeps");
+    assert_eq!((second.stalled, second.more_due), (1, false));
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+/// A record that does not decode fails neither its chunk nor the sweeps after it: the
+/// shipments beside it stall, and its own entry stays for the next sweep to try again.
+#[tokio::test]
+async fn a_due_shipment_whose_record_is_unreadable_is_kept_and_the_rest_stall() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, thread) = spawn_writer(&store);
+    ingest_in_transit(&writer, &["BROKEN0001", "SOUND00001"]).await;
+    store
+        .db
+        .put_cf(store.cf(keys::SHIPMENTS), b"BROKEN0001", [0xff; 3])
+        .expect("overwrites");
+    for expected_stalls in [1, 0] {
+        let swept = writer.sweep(EventTime(48 * HOUR)).await.expect("sweeps");
+        assert_eq!((swept.stalled, swept.more_due), (expected_stalls, false));
+        assert_eq!(deadline_index(&store), vec![(48, "BROKEN0001".into())]);
+    }
+    assert_eq!(
+        shipment(&store, "SOUND00001").status,
+        pb::Status::Stalled as i32
+    );
+    assert_eq!(store.stalled_shipments().expect("count"), 1);
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+/// The sweeper reads the due entries before the writer stalls them: a scan written in
+/// between (here a delivery, which drops the entry) wins, and the entry is not stalled.
+#[tokio::test]
+async fn due_entries_a_scan_superseded_after_the_sweep_read_them_are_not_stalled() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, thread) = spawn_writer(&store);
+    ingest_in_transit(&writer, &["RACE000001", "RACE000002"]).await;
+    let now = EventTime(48 * HOUR);
+    let due = store.due_stall_keys(now, SWEEP_READ).expect("reads");
+    assert_eq!(due.len(), 2);
+    ingest(
+        &writer,
+        vec![scan("RACE000001", "a2", ScanType::Delivered, 1)],
+    )
+    .await;
+    let (reply, answer) = oneshot::channel();
+    writer
+        .tx
+        .send(Job::Stall { now, due, reply })
+        .await
+        .expect("queued");
+    assert_eq!(answer.await.expect("answered").expect("durable"), 1);
+    assert_eq!(
+        shipment(&store, "RACE000001").status,
+        pb::Status::Delivered as i32
+    );
+    assert_eq!(
+        shipment(&store, "RACE000002").status,
+        pb::Status::Stalled as i32
+    );
+    assert_eq!(deadline_index(&store), vec![]);
+    assert_eq!(store.stalled_shipments().expect("count"), 1);
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+#[tokio::test]
+async fn shipments_stall_at_their_deadline_once_and_a_later_scan_moves_them_on() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, thread) = spawn_writer(&store);
+    ingest(
+        &writer,
+        vec![
+            scan("TRANSIT001", "a1", ScanType::Sorted, 0),
+            scan("COURIER001", "b1", ScanType::OutForDelivery, 0),
+            scan("DONE000001", "c1", ScanType::Delivered, 0),
+            scan("MOVING0001", "d1", ScanType::Sorted, 0),
+            scan("MOVING0001", "d2", ScanType::Sorted, 10),
+        ],
+    )
+    .await;
+    ingest(
+        &writer,
+        vec![scan("MOVING0001", "d3", ScanType::Loaded, 20)],
+    )
+    .await;
+    let sweep = |hours: i64| {
+        let writer = writer.clone();
+        async move { writer.sweep(EventTime(hours * HOUR)).await.expect("sweeps") }
+    };
+    assert_eq!(sweep(11).await.stalled, 0);
+    assert_eq!(
+        sweep(12).await.stalled,
+        1,
+        "out for delivery stalls after 12 h"
+    );
+    assert_eq!(sweep(47).await.stalled, 0);
+    assert_eq!(
+        sweep(67).await.stalled,
+        1,
+        "TRANSIT001 stalls at 48 h; MOVING0001's latest scan (20 h) moved it to 68 h"
+    );
+    assert_eq!(
+        sweep(68).await.stalled,
+        1,
+        "MOVING0001 at its real deadline"
+    );
+    assert_eq!(
+        sweep(2000).await.stalled,
+        0,
+        "stalled once, delivered never"
+    );
+    assert_eq!(store.stalled_shipments().expect("count"), 3);
+
+    let transit = shipment(&store, "TRANSIT001");
+    assert_eq!(transit.status, pb::Status::Stalled as i32);
+    assert_eq!(transit.stalled_status, pb::Status::InTransit as i32);
+    assert_eq!(transit.sub_status, pb::ScanType::Sorted as i32);
+    assert_eq!(transit.version, 2);
+    // The sweep rewrote the head, not the timeline: every stored scan is still there.
+    assert_eq!(
+        transit.timeline,
+        vec![scan("TRANSIT001", "a1", ScanType::Sorted, 0).wire]
+    );
+    let moving = shipment(&store, "MOVING0001").timeline;
+    let ids: Vec<&str> = moving.iter().map(|s| s.scan_id.as_str()).collect();
+    assert_eq!(ids, ["d1", "d2", "d3"]);
+    let changes = store
+        .changes(Sequence(0), Sequence(u64::MAX), 100)
+        .expect("changes");
+    let stalls: Vec<_> = changes
+        .iter()
+        .filter(|c| c.status == pb::Status::Stalled as i32)
+        .map(|c| {
+            (
+                c.tracking_number.as_str(),
+                c.version,
+                c.stalled_status,
+                c.event_time.map(|t| t.seconds),
+                c.cause_scan_id.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stalls,
+        vec![
+            (
+                "COURIER001",
+                2,
+                pb::Status::OutForDelivery as i32,
+                Some(12 * 3600),
+                ""
+            ),
+            (
+                "TRANSIT001",
+                2,
+                pb::Status::InTransit as i32,
+                Some(48 * 3600),
+                ""
+            ),
+            (
+                "MOVING0001",
+                3,
+                pb::Status::InTransit as i32,
+                Some(68 * 3600),
+                ""
+            ),
+        ]
+    );
+
+    ingest(
+        &writer,
+        vec![scan("TRANSIT001", "a0", ScanType::PickedUp, -5)],
+    )
+    .await;
+    assert_eq!(
+        shipment(&store, "TRANSIT001").status,
+        pb::Status::Stalled as i32,
+        "an older scan uploaded late does not wake it"
+    );
+    ingest(
+        &writer,
+        vec![scan("TRANSIT001", "a2", ScanType::Sorted, 50)],
+    )
+    .await;
+    let woken = store
+        .changes(Sequence(8), Sequence(u64::MAX), 100)
+        .expect("changes");
+    let [change] = woken.as_slice() else {
+        panic!("one change: {woken:?}")
+    };
+    assert_eq!(
+        (
+            change.previous_status,
+            change.previous_stalled_status,
+            change.status,
+            change.sub_status,
+            change.version,
+            change.cause_scan_id.as_str()
+        ),
+        (
+            pb::Status::Stalled as i32,
+            pb::Status::InTransit as i32,
+            pb::Status::InTransit as i32,
+            pb::ScanType::Sorted as i32,
+            3,
+            "a2"
+        )
+    );
+    assert_eq!(store.stalled_shipments().expect("count"), 2);
+    assert_eq!(
+        sweep(97).await.stalled,
+        0,
+        "its deadline moved to 50 h + 48 h"
+    );
+    assert_eq!(sweep(98).await.stalled, 1);
+
+    drop(writer);
+    thread.join().expect("writer stops");
+}
