@@ -143,8 +143,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             kafka.source.batch_max_records,
             config.ingest.max_in_flight_bytes,
         );
-        let source = KafkaSource::new(&cluster, &kafka.source, store.clone(), stores_here)
-            .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+        let source = KafkaSource::new(
+            &cluster,
+            &kafka.source,
+            store.clone(),
+            writer.clone(),
+            stores_here,
+        )
+        .map_err(|e| DaemonError::Kafka(e.to_string()))?;
         kafka_tasks.push(tokio::spawn(source.run(shutdown.clone())));
     }
     if kafka.sink.enabled {

@@ -33,7 +33,7 @@ use crate::domain::{scan::ValidScan, Origin};
 use crate::kafka::{self as client, Cluster, LoggingContext};
 use crate::proto::codec::{self, Encoding};
 use crate::scaleout::changelog;
-use crate::store::writer::SourceOffset;
+use crate::store::writer::{SourceOffset, WriterHandle};
 use crate::store::Store;
 use crate::telemetry::metrics as m;
 
@@ -56,6 +56,8 @@ pub enum KafkaSourceError {
 /// `auto.offset.reset`.
 pub struct SourceContext {
     store: Store,
+    /// Installs restored partition state, as a job in its queue.
+    writer: WriterHandle,
     cluster: Cluster,
     changelog_topic: String,
 }
@@ -87,7 +89,7 @@ impl ConsumerContext for SourceContext {
                 match changelog::restore(
                     &self.cluster,
                     &self.changelog_topic,
-                    &self.store,
+                    &self.writer,
                     &assigned,
                 ) {
                     Ok(n) => {
@@ -219,6 +221,7 @@ impl KafkaSource {
         cluster: &Cluster,
         config: &KafkaSourceConfig,
         store: Store,
+        writer: WriterHandle,
         ingestor: Ingestor,
     ) -> Result<Self, KafkaSourceError> {
         let consumer: StreamConsumer<SourceContext> = client::client_config(
@@ -234,6 +237,7 @@ impl KafkaSource {
         )
         .create_with_context(SourceContext {
             store,
+            writer,
             cluster: cluster.clone(),
             changelog_topic: config.changelog_topic.clone(),
         })?;

@@ -3,7 +3,7 @@
 //! marker per partition ("complete up to offset N"); this task produces them, in order, to a
 //! compacted changelog topic on the same partition number as their scans. When a partition is
 //! assigned, the new owner reads that changelog partition to its end, installs every snapshot
-//! newer than its own state (`Store::restore`) and resumes consuming scans at the last marker.
+//! newer than its own state (a restore job of the store writer) and resumes consuming scans at the last marker.
 //!
 //! Invariant: the changelog may lag the store (it is written after durability), never lead it,
 //! and the resume point is a marker, so it never passes a snapshot that was not written. A new
@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{self as client, Cluster, LoggingContext};
-use crate::store::writer::Snapshot;
-use crate::store::{Store, StoreError};
+use crate::store::writer::{Snapshot, WriterHandle};
+use crate::store::StoreError;
 
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -80,7 +80,7 @@ pub async fn run(
 pub fn restore(
     cluster: &Cluster,
     topic: &str,
-    store: &Store,
+    writer: &WriterHandle,
     assigned: &[(String, i32)],
 ) -> Result<usize, RestoreError> {
     let consumer: BaseConsumer = client::client_config(
@@ -138,7 +138,7 @@ pub fn restore(
             }
         }
         if seen {
-            restored += store.restore(source_topic, *partition, &snapshots, resume)?;
+            restored += writer.restore_blocking(source_topic, *partition, snapshots, resume)?;
         }
     }
     Ok(restored)

@@ -8,8 +8,8 @@
 //! - Write-through: between groups every entry equals the stored record. A group changes its
 //!   entries before its write; if that write fails, the writer empties the cache, so the next
 //!   group reads the stored state again.
-//! - Anything that writes shipment records behind the writer's back (a changelog restore)
-//!   bumps the store's restore epoch; a changed epoch empties the cache.
+//! - Only the writer writes shipment records; what it writes without applying a group (a
+//!   stall, a changelog restore) it forgets here, so the next group reads it again.
 //! - Bounded by entry count between groups: after a group's write the cache evicts down to its
 //!   capacity (arbitrary entries: a hash map's order is as good as random here, and costs no
 //!   bookkeeping per access). During a group it also holds that group's shipments.
@@ -20,23 +20,13 @@ use crate::engine::{ShipmentState, States};
 pub struct ShipmentCache {
     entries: States,
     capacity: usize,
-    epoch: u64,
 }
 
 impl ShipmentCache {
-    pub fn new(capacity: usize, epoch: u64) -> Self {
+    pub fn new(capacity: usize) -> Self {
         Self {
             entries: States::with_capacity_and_hasher(capacity.min(1 << 16), Default::default()),
             capacity,
-            epoch,
-        }
-    }
-
-    /// Empties the cache if the store was written behind the writer since the last call.
-    pub fn check_epoch(&mut self, epoch: u64) {
-        if epoch != self.epoch {
-            self.entries.clear();
-            self.epoch = epoch;
         }
     }
 
@@ -101,7 +91,7 @@ mod tests {
 
     #[test]
     fn a_group_changes_entries_in_place_and_a_failed_write_clears_them() {
-        let mut cache = ShipmentCache::new(10, 0);
+        let mut cache = ShipmentCache::new(10);
         cache.insert(number(1), ShipmentState::default());
         assert!(cache.contains(&number(1)));
         cache.states().entry(number(2)).or_default().stalled = true;
@@ -112,26 +102,16 @@ mod tests {
 
     #[test]
     fn trims_to_its_capacity() {
-        let mut cache = ShipmentCache::new(32, 0);
+        let mut cache = ShipmentCache::new(32);
         for i in 0..100 {
             cache.insert(number(i), ShipmentState::default());
         }
         assert_eq!(cache.len(), 100, "a group may exceed it until its write");
         cache.trim();
         assert!(cache.len() <= 32, "{}", cache.len());
-        let mut off = ShipmentCache::new(0, 0);
+        let mut off = ShipmentCache::new(0);
         off.insert(number(1), ShipmentState::default());
         off.trim();
         assert_eq!(off.len(), 0);
-    }
-
-    #[test]
-    fn a_new_restore_epoch_empties_it() {
-        let mut cache = ShipmentCache::new(10, 3);
-        cache.insert(number(1), ShipmentState::default());
-        cache.check_epoch(3);
-        assert_eq!(cache.len(), 1);
-        cache.check_epoch(4);
-        assert_eq!(cache.len(), 0);
     }
 }

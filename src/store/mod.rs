@@ -5,10 +5,9 @@
 //! syncer before anything is acknowledged.
 //!
 //! Invariants:
-//! - One writer of shipment state at a time: the writer thread, or a changelog restore
-//!   (`restore`), which excludes it for its whole read-modify-write (`exclusive_state_writes`)
-//!   and bumps an epoch the writer's cache checks. The only other write is a sink's cursor in
-//!   `meta`, a key no one else writes.
+//! - One writer of shipment state: the writer thread, which also runs changelog restores as
+//!   jobs in its queue, so a shipment's read-modify-write never races another write. The only
+//!   other write is a sink's cursor in `meta`, a key no one else writes.
 //! - Atomic and durable before acknowledged: a group's scans, shipment records, status changes,
 //!   counters and source offsets land in one WriteBatch whose WAL sync returned before any ack.
 //! - A shipment's record holds its scans, so one point read gives a consistent shipment.
@@ -21,7 +20,6 @@ pub mod writer;
 
 mod open;
 mod reads;
-mod restore;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -61,13 +59,6 @@ pub struct Store {
     db: Arc<DB>,
     /// Holds RocksDB's statistics (tickers) and the block cache, for metrics.
     telemetry: Arc<StoreTelemetry>,
-    /// Bumped by every write of shipment state that bypasses the writer (changelog restore).
-    restore_epoch: Arc<std::sync::atomic::AtomicU64>,
-    /// Held by the writer from reading a group's states to writing them, and by a restore
-    /// for its reads, write and epoch bump: a restore never lands in between, so the writer
-    /// never merges a delta built on a state the restore replaced into the restored record.
-    /// It guards the count of stored scans, which both keep in `meta` with what they write.
-    state_writes: Arc<std::sync::Mutex<u64>>,
 }
 
 struct StoreTelemetry {
@@ -141,20 +132,6 @@ impl Store {
         metrics::counter!(m::ROCKSDB_BLOCK_CACHE_MISSES_TOTAL)
             .absolute(telemetry.options.get_ticker_count(Ticker::BlockCacheMiss));
         Ok(())
-    }
-
-    /// Shipment state is read and written by the holder alone, which keeps the count of
-    /// stored scans it guards (see `state_writes`). Nothing panics while holding it, so a
-    /// poisoned lock only means its holder's thread died.
-    pub(crate) fn exclusive_state_writes(&self) -> std::sync::MutexGuard<'_, u64> {
-        self.state_writes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Changes whenever shipment state was written behind the writer (see `cache`).
-    pub fn restore_epoch(&self) -> u64 {
-        self.restore_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Syncs the WAL: every write before this call is durable once it returns Ok.

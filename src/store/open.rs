@@ -119,12 +119,8 @@ impl Store {
                 cache,
                 cache_capacity: config.block_cache_bytes,
             }),
-            restore_epoch: Arc::default(),
-            state_writes: Arc::default(),
         };
         store.check_schema()?;
-        let stored_scans = store.meta_u64(keys::META_STORED_SCANS)?.unwrap_or(0);
-        *store.exclusive_state_writes() = stored_scans;
         Ok(store)
     }
 

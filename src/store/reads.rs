@@ -12,8 +12,7 @@ use crate::domain::{EventTime, Sequence, TrackingNumber};
 use crate::proto::pb;
 
 impl Store {
-    /// Scans stored, as counted by the writes that store and replace them (for a directory
-    /// from before the count, from RocksDB's estimate of its `events` keys on).
+    /// Scans stored, as counted by the writes that store and replace them.
     pub fn stored_scans(&self) -> Result<u64, StoreError> {
         Ok(self.meta_u64(keys::META_STORED_SCANS)?.unwrap_or(0))
     }

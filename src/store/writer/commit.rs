@@ -38,8 +38,6 @@ pub(super) fn incoming(scan: &ValidScan, index: usize) -> Incoming {
 impl Writer {
     /// Applies and writes a group (its WAL not yet synced).
     pub(super) fn commit(&mut self, group: &[Request]) -> Result<Applied, StoreError> {
-        let store = self.store.clone();
-        let mut stored_scans = store.exclusive_state_writes();
         let scans: Vec<&ValidScan> = group.iter().flat_map(|r| r.scans.iter()).collect();
         let db = &self.store.db;
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
@@ -47,7 +45,6 @@ impl Writer {
 
         // The engine applies the group to the cached states in place; only shipments the
         // cache lacks are read, in key order.
-        self.cache.check_epoch(self.store.restore_epoch());
         let mut misses: Vec<&TrackingNumber> = scans
             .iter()
             .map(|s| &s.tracking_number)
@@ -76,7 +73,7 @@ impl Writer {
         } = self.engine.apply(incoming, states);
 
         // Sized up front: grown by doubling, a group's multi-megabyte batch would be copied
-        // and faulted in several times over. Events are only a third to a half of it.
+        // and faulted in several times over. Scans are only a third to a half of it.
         let mut batch =
             WriteBatch::with_capacity_bytes(scans.len() * self.batch_bytes_per_scan * 9 / 8);
         let received_time = prost_types::Timestamp::from(SystemTime::now());
@@ -158,8 +155,9 @@ impl Writer {
                 keys::change_key(sequence),
             );
         }
-        let now_stored = (*stored_scans + stored.len() as u64).saturating_sub(removed.len() as u64);
-        if now_stored != *stored_scans {
+        let now_stored =
+            (self.stored_scans + stored.len() as u64).saturating_sub(removed.len() as u64);
+        if now_stored != self.stored_scans {
             batch.put_cf(
                 self.store.cf(keys::META),
                 keys::META_STORED_SCANS,
@@ -173,7 +171,7 @@ impl Writer {
         // Not synced here: the syncer syncs the WAL for this and any later group at once.
         db.write_opt(batch, &WriteOptions::default())?;
 
-        *stored_scans = now_stored;
+        self.stored_scans = now_stored;
         self.last_sequence = sequence;
         self.stalled_shipments = stalled_shipments;
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);

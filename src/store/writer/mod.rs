@@ -23,6 +23,7 @@
 mod changes;
 mod commit;
 mod replicate;
+mod restore;
 mod sweep;
 mod syncer;
 #[cfg(test)]
@@ -32,7 +33,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rocksdb::WriteOptions;
-
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cache::ShipmentCache;
@@ -77,6 +77,16 @@ enum Job {
     Probe {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Install a source partition's shipments replicated from its previous owner; answered
+    /// with how many, once durable. The caller waits on a thread of its own (the rebalance
+    /// callback), hence a channel it can block on.
+    Restore {
+        topic: String,
+        partition: i32,
+        snapshots: Vec<Snapshot>,
+        resume: i64,
+        reply: std::sync::mpsc::SyncSender<Result<usize, StoreError>>,
+    },
 }
 
 /// The ingest side's handle on the writer.
@@ -107,6 +117,40 @@ impl WriterHandle {
             .await
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Has the writer install a source partition's replicated shipments (see
+    /// [`Job::Restore`]) and waits until they are durable. Blocking: for Kafka's rebalance
+    /// callback, which must finish the restore before the partition is consumed.
+    pub fn restore_blocking(
+        &self,
+        topic: &str,
+        partition: i32,
+        snapshots: Vec<Snapshot>,
+        resume: i64,
+    ) -> Result<usize, StoreError> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let job = Job::Restore {
+            topic: topic.to_owned(),
+            partition,
+            snapshots,
+            resume,
+            reply,
+        };
+        // Not `blocking_send`, which refuses to run on a runtime thread, where the callback
+        // runs: a restore is rare, and a full queue frees a place within a group's write.
+        let mut job = job;
+        loop {
+            match self.tx.try_send(job) {
+                Ok(()) => break,
+                Err(mpsc::error::TrySendError::Full(again)) => {
+                    job = again;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::WriterGone),
+            }
+        }
+        answer.recv().map_err(|_| StoreError::WriterGone)?
     }
 
     /// Queues a batch for the writer, waiting while its queue is full. The receiver resolves
@@ -165,8 +209,11 @@ struct Writer {
     last_sequence: Sequence,
     /// Mirrors `META_STALLED_SHIPMENTS`: moves only with a successful write.
     stalled_shipments: u64,
+    /// Mirrors `META_STORED_SCANS`: moves only with a successful write.
+    stored_scans: u64,
     group_commit_batches: usize,
-    /// What the last group's WriteBatch held per scan (events, shipment records, changes):
+    /// What the last group's WriteBatch held per scan (shipment deltas with their scans,
+    /// changes):
     /// the next one is sized from it.
     batch_bytes_per_scan: usize,
     cache: ShipmentCache,
@@ -197,6 +244,18 @@ impl Writer {
                 }
                 Job::Probe { reply } => {
                     let result = self.probe();
+                    self.signals.record_write(result.as_ref().err());
+                    let _ = reply.send(result);
+                    continue;
+                }
+                Job::Restore {
+                    topic,
+                    partition,
+                    snapshots,
+                    resume,
+                    reply,
+                } => {
+                    let result = self.restore(&topic, partition, &snapshots, resume);
                     self.signals.record_write(result.as_ref().err());
                     let _ = reply.send(result);
                     continue;
@@ -298,6 +357,7 @@ pub fn spawn(
 > {
     let last = store.last_sequence()?;
     let stalled_shipments = store.stalled_shipments()?;
+    let stored_scans = store.stored_scans()?;
     metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
     metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(last.0 as f64);
     let (tx, rx) = mpsc::channel(config.queue_batches);
@@ -325,9 +385,10 @@ pub fn spawn(
         stall,
         last_sequence: last,
         stalled_shipments,
+        stored_scans,
         group_commit_batches: config.group_commit_batches,
         batch_bytes_per_scan: 512,
-        cache: ShipmentCache::new(config.shipment_cache_entries, store.restore_epoch()),
+        cache: ShipmentCache::new(config.shipment_cache_entries),
         store,
         changelog,
     };

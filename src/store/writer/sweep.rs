@@ -149,8 +149,6 @@ impl Writer {
         now: EventTime,
         due: &[Vec<u8>],
     ) -> Result<(Applied, usize), StoreError> {
-        let store = self.store.clone();
-        let _exclusive = store.exclusive_state_writes();
         let db = &self.store.db;
         let index = self.store.cf(keys::STALL_DEADLINES);
         let shipments_cf = self.store.cf(keys::SHIPMENTS);

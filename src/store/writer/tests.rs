@@ -517,3 +517,155 @@ async fn shipments_stall_at_their_deadline_once_and_a_later_scan_moves_them_on()
     drop(writer);
     thread.join().expect("writer stops");
 }
+
+/// A shipment's whole scans, as `timeline_values` reads them back.
+fn whole_scans(number: &str, scan_ids: &[&str]) -> Vec<Vec<u8>> {
+    scan_ids
+        .iter()
+        .map(|id| {
+            pb::Scan {
+                scan_id: (*id).into(),
+                tracking_number: number.into(),
+                event_time: Some(prost_types::Timestamp {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        })
+        .collect()
+}
+
+/// A snapshot as a writer builds one: its shipment's stored record, each entry with its scan.
+fn snapshot(number: &str, next_offset: i64, scan_ids: &[&str]) -> Snapshot {
+    let state = crate::engine::ShipmentState {
+        timeline: scan_ids
+            .iter()
+            .map(|id| crate::engine::Entry {
+                event_time: EventTime(60_000_000),
+                scan_id: crate::domain::ScanId::from_stored(id),
+                scan_type: crate::domain::ScanType::LabelCreated,
+                facility: 0,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let stored: Vec<Vec<u8>> = whole_scans(number, scan_ids)
+        .iter()
+        .map(|whole| {
+            let mut scan = pb::Scan::decode(whole.as_slice()).expect("decodes");
+            records::encode_event(&mut scan)
+        })
+        .collect();
+    let entries = state
+        .timeline
+        .iter()
+        .zip(&stored)
+        .map(|(entry, event)| records::EntryFields {
+            event,
+            ..records::EntryFields::from(entry)
+        });
+    Snapshot {
+        tracking_number: number.into(),
+        topic: "scans.raw".into(),
+        partition: 1,
+        next_offset,
+        record: records::encode_shipment_delta(&state, entries, std::iter::empty()),
+    }
+}
+
+#[tokio::test]
+async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, thread) = spawn_writer(&store);
+    let n = |s: &str| TrackingNumber::parse(s).expect("valid");
+    // A shipment the writer has cached, which the restore replaces.
+    ingest(
+        &writer,
+        vec![scan("PARCEL0002", "x", ScanType::LabelCreated, 0)],
+    )
+    .await;
+    // Fresh owner: everything installed, resume at the marker (not beyond a later snapshot).
+    let restored = writer
+        .restore_blocking(
+            "scans.raw",
+            1,
+            vec![
+                snapshot("PARCEL0001", 10, &["a", "b"]),
+                snapshot("PARCEL0002", 30, &["c"]),
+            ],
+            20,
+        )
+        .expect("restore");
+    assert_eq!(restored, 2);
+    assert_eq!(store.stored_scans().expect("reads"), 3);
+    assert_eq!(
+        store.source_offset("scans.raw", 1).expect("offset"),
+        Some(20)
+    );
+    // Read back whole: the bytes the snapshot carried.
+    assert_eq!(
+        store.timeline_values(&n("PARCEL0001")).expect("events"),
+        whole_scans("PARCEL0001", &["a", "b"])
+    );
+    let timeline = store
+        .shipment(&n("PARCEL0002"))
+        .expect("read")
+        .expect("restored")
+        .timeline;
+    assert_eq!(timeline.len(), 1);
+    assert_eq!(
+        (
+            timeline[0].scan_id.as_str(),
+            timeline[0].tracking_number.as_str()
+        ),
+        ("c", "PARCEL0002")
+    );
+    // A previous owner coming back further along keeps its own newer state and position.
+    writer
+        .restore_blocking("scans.raw", 1, vec![snapshot("PARCEL0001", 5, &["x"])], 5)
+        .expect("restore");
+    assert_eq!(
+        store.source_offset("scans.raw", 1).expect("offset"),
+        Some(20)
+    );
+    assert_eq!(
+        store
+            .timeline_values(&n("PARCEL0001"))
+            .expect("events")
+            .len(),
+        2
+    );
+    assert_eq!(store.stored_scans().expect("reads"), 3);
+    // A newer snapshot replaces what it restores, in the count too, twice in one batch.
+    writer
+        .restore_blocking(
+            "scans.raw",
+            1,
+            vec![
+                snapshot("PARCEL0001", 40, &["d", "e", "f"]),
+                snapshot("PARCEL0001", 41, &["g"]),
+            ],
+            41,
+        )
+        .expect("restore");
+    assert_eq!(store.stored_scans().expect("reads"), 2);
+    assert_eq!(
+        store.timeline_values(&n("PARCEL0001")).expect("events"),
+        whole_scans("PARCEL0001", &["g"])
+    );
+    // The writer's next group applies to the restored record, not to what it had cached.
+    ingest(&writer, vec![scan("PARCEL0002", "d", ScanType::Sorted, 1)]).await;
+    let restored_then_scanned = shipment(&store, "PARCEL0002");
+    let ids: Vec<&str> = restored_then_scanned
+        .timeline
+        .iter()
+        .map(|s| s.scan_id.as_str())
+        .collect();
+    assert_eq!(ids, ["c", "d"]);
+    assert_eq!(restored_then_scanned.version, 1);
+    assert_eq!(store.stored_scans().expect("reads"), 3);
+    drop(writer);
+    thread.join().expect("writer stops");
+}
