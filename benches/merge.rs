@@ -8,8 +8,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prost::Message;
-use scand::store::merge::{merge_shipment_records, prost_merge};
-use scand::store::records::{EntryRecord, ShipmentRecord};
+use scand::store::codec::merge::{merge_shipment_records, prost_merge};
+use scand::store::codec::{EntryRecord, ShipmentRecord};
 
 /// The delta of one scan of a journey: the head as the writer writes it and the entry with
 /// its stored scan (~170 bytes, as in the load generator's workload).

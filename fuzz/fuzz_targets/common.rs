@@ -17,7 +17,7 @@ use scand::ingest::validate::{
 };
 use scand::ingest::IngestConfig;
 use scand::proto::pb;
-use scand::store::records;
+use scand::store::codec;
 
 /// The server clock of every run: fixed, so a crash reproduces.
 pub const NOW_SECS: u64 = 1_800_000_000;
@@ -203,7 +203,7 @@ pub fn check_valid(input: &pb::Scan, v: &ValidScan, config: &IngestConfig) {
     }
 
     // What is stored: the stamped wire form, less what its timeline entry holds.
-    let whole = records::whole_scan(v.tracking_number.as_str(), v.scan_id.as_str(), &v.stored);
+    let whole = codec::whole_scan(v.tracking_number.as_str(), v.scan_id.as_str(), &v.stored);
     assert_eq!(whole, v.wire.encode_to_vec());
     assert!(v.origin.is_none());
     let issue = v.number_check.as_ref().map(|c| c.issue.as_str());

@@ -11,8 +11,8 @@
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use scand::store::merge::{merge_shipment_records, prost_merge};
-use scand::store::records::ShipmentRecord;
+use scand::store::codec::merge::{merge_shipment_records, prost_merge};
+use scand::store::codec::ShipmentRecord;
 
 type Values<'a> = (Option<&'a [u8]>, Vec<&'a [u8]>);
 

@@ -13,7 +13,7 @@ use crate::domain::NumberCheck;
 use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, TrackingNumberError};
 use crate::engine::facility_hash;
 use crate::proto::pb;
-use crate::store::records;
+use crate::store::codec;
 use crate::telemetry::metrics as m;
 
 /// Longest facility, device or exception code, in bytes.
@@ -260,7 +260,7 @@ impl Validator {
                 .map_or("", |l| l.facility_id.as_str()),
         );
         Ok(ValidScan {
-            stored: records::encode_event(&mut scan),
+            stored: codec::encode_event(&mut scan),
             tracking_number,
             scan_id,
             scan_type,

@@ -17,7 +17,7 @@ pub mod pb {
 
 /// scand's storage format, generated from proto/scand/storage/v1/storage.proto: the values of
 /// its column families and the changelog's snapshots. Not a public API; the store's hot
-/// encoders write the same bytes by hand (`store::records`, tested against these).
+/// encoders write the same bytes by hand (`store::codec`, tested against these).
 #[allow(clippy::all, clippy::pedantic)]
 pub mod storage {
     tonic::include_proto!("scand.storage.v1");

@@ -3,7 +3,8 @@
 //! marker per partition ("complete up to offset N"); this task produces them, in order, to a
 //! compacted changelog topic on the same partition number as their scans. When a partition is
 //! assigned, the new owner reads that changelog partition to its end, installs every snapshot
-//! newer than its own state (a restore job of the store writer) and resumes consuming scans at the last marker.
+//! newer than its own state (a restore job of the store writer) and resumes consuming scans at
+//! the last marker.
 //!
 //! Invariant: the changelog may lag the store (it is written after durability), never lead it,
 //! and the resume point is a marker, so it never passes a snapshot that was not written. A new

@@ -10,7 +10,7 @@ use crate::domain::{EventTime, Sequence, TrackingNumber};
 /// stored scan (see `records`): one key per shipment holds all a shipment read needs.
 pub const SHIPMENTS: &str = "shipments";
 /// `first sequence` → a block of consecutive `scand.v1.StatusChange`s written together (see
-/// `records::ChangeBlock`): the change log the feed and publishers read. A block per write, not
+/// `codec::ChangeBlock`): the change log the feed and publishers read. A block per write, not
 /// a key per change: a batch of scans changes most of its shipments' statuses.
 pub const CHANGES: &str = "change_blocks";
 /// Most changes in one block, so a reader resuming anywhere decodes little it skips.

@@ -1,5 +1,5 @@
 //! The store: RocksDB behind one door. Column families and key layouts live in `keys`, value
-//! codecs in `records`, the shipments' merge operator in `merge`; `open` opens and tunes the
+//! codecs in `codec` (with the shipments' merge operator, `codec::merge`); `open` opens and tunes the
 //! database, `reads` serves readers, and every write of shipment state goes through the single
 //! `writer`, which turns an engine result into one atomic `WriteBatch` made durable by its
 //! syncer before anything is acknowledged.
@@ -13,9 +13,8 @@
 //! - A shipment's record holds its scans, so one point read gives a consistent shipment.
 
 pub mod cache;
+pub mod codec;
 pub mod keys;
-pub mod merge;
-pub mod records;
 pub mod writer;
 
 mod open;
@@ -159,14 +158,14 @@ impl Store {
 pub(crate) fn put_change_blocks(
     batch: &mut rocksdb::WriteBatch,
     cf: &ColumnFamily,
-    records: &[records::ChangeRecord<'_>],
+    records: &[codec::ChangeRecord<'_>],
 ) {
     for block in records.chunks(keys::CHANGES_PER_BLOCK) {
         if let Some(first) = block.first() {
             batch.put_cf(
                 cf,
                 keys::change_key(Sequence(first.sequence)),
-                records::encode_change_block(block),
+                codec::encode_change_block(block),
             );
         }
     }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, DB};
 
-use super::{keys, merge, Store, StoreConfig, StoreError, StoreTelemetry};
+use super::codec::merge;
+use super::{keys, Store, StoreConfig, StoreError, StoreTelemetry};
 
 /// Memtables of the shipments, hashed by tracking number: an insert finds its shipment's
 /// bucket, where the default memtable walks one skip list of every key in 64 MiB (its splice

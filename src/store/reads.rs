@@ -7,7 +7,7 @@
 use prost::Message;
 use rocksdb::{IteratorMode, ReadOptions};
 
-use super::{keys, records, Store, StoreError};
+use super::{codec, keys, Store, StoreError};
 use crate::domain::{EventTime, Sequence, TrackingNumber};
 use crate::proto::pb;
 
@@ -47,9 +47,7 @@ impl Store {
                     .batched_multi_get_cf(self.cf(keys::SHIPMENTS), keys, sorted),
             )
             .map(|(number, value)| match value? {
-                Some(bytes) => {
-                    records::decode_shipment(keys::shipment_key(number), &bytes).map(Some)
-                }
+                Some(bytes) => codec::decode_shipment(keys::shipment_key(number), &bytes).map(Some),
                 None => Ok(None),
             })
             .collect()
@@ -146,7 +144,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let key = keys::shipment_key(tracking_number);
         Ok(match self.db.get_cf(self.cf(keys::SHIPMENTS), key)? {
-            Some(bytes) => records::decode_shipment_record(key, &bytes)?.timeline.len() as u64,
+            Some(bytes) => codec::decode_shipment_record(key, &bytes)?.timeline.len() as u64,
             None => 0,
         })
     }
@@ -160,7 +158,7 @@ impl Store {
         let Some(bytes) = self.shipment_record(tracking_number)? else {
             return Ok(None);
         };
-        let state = records::decode_shipment(key, &bytes)?;
+        let state = codec::decode_shipment(key, &bytes)?;
         let timeline = scans_of(tracking_number, &bytes)?
             .into_iter()
             .map(|scan| {
@@ -217,7 +215,7 @@ impl Store {
                 blocks.status()?;
                 break;
             };
-            let block = records::decode_change_block(key, value)?;
+            let block = codec::decode_change_block(key, value)?;
             out.extend(
                 block
                     .changes
@@ -234,16 +232,14 @@ impl Store {
 /// The whole scans of a shipment's record, in timeline order.
 fn scans_of(tracking_number: &TrackingNumber, record: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
     let key = keys::shipment_key(tracking_number);
-    let record = records::decode_shipment_record(key, record)?;
+    let record = codec::decode_shipment_record(key, record)?;
     record
         .timeline
         .iter()
         .map(|entry| {
-            records::entry_scan(tracking_number.as_str(), entry).ok_or_else(|| {
-                StoreError::Corrupt {
-                    key: tracking_number.to_string(),
-                    what: format!("timeline entry {} without its stored scan", entry.scan_id),
-                }
+            codec::entry_scan(tracking_number.as_str(), entry).ok_or_else(|| StoreError::Corrupt {
+                key: tracking_number.to_string(),
+                what: format!("timeline entry {} without its stored scan", entry.scan_id),
             })
         })
         .collect()

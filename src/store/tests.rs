@@ -29,8 +29,8 @@ fn change(sequence: u64) -> pb::StatusChange {
     }
 }
 
-fn records_of(changes: &[pb::StatusChange]) -> Vec<records::ChangeRecord<'_>> {
-    changes.iter().map(records::ChangeRecord::of).collect()
+fn records_of(changes: &[pb::StatusChange]) -> Vec<codec::ChangeRecord<'_>> {
+    changes.iter().map(codec::ChangeRecord::of).collect()
 }
 
 fn sequences(changes: &[pb::StatusChange]) -> Vec<u64> {

@@ -6,7 +6,7 @@ use crate::domain::scan::ValidScan;
 use crate::domain::wire::{stalled_status, status_fields};
 use crate::domain::{EventTime, Sequence};
 use crate::engine::{Change, ShipmentState};
-use crate::store::records::ChangeRecord;
+use crate::store::codec::ChangeRecord;
 
 pub(super) fn timestamp(t: EventTime) -> prost_types::Timestamp {
     prost_types::Timestamp {

@@ -18,7 +18,7 @@ use super::{Request, Writer};
 use crate::domain::scan::ValidScan;
 use crate::domain::{NumberCheck, Sequence, TrackingNumber};
 use crate::engine::{Change, Effects, Incoming, Outcome, ShipmentState};
-use crate::store::records;
+use crate::store::codec;
 use crate::store::{keys, StoreError};
 use crate::telemetry::metrics as m;
 
@@ -105,7 +105,7 @@ impl Writer {
                 // A delta, not the whole record: the timeline summary is what a record holds
                 // most of, and a group adds a scan or two to it (see `records`).
                 let replaced = replaced.iter().map(|(_, _, scan_id)| scan_id.as_str());
-                let added = added.map(|scan| records::EntryFields {
+                let added = added.map(|scan| codec::EntryFields {
                     event_time: scan.event_time,
                     scan_id: scan.scan_id.as_str(),
                     scan_type: scan.scan_type,
@@ -115,7 +115,7 @@ impl Writer {
                 batch.merge_cf(
                     shipments_cf,
                     keys::shipment_key(number),
-                    records::encode_shipment_delta(state, added, replaced),
+                    codec::encode_shipment_delta(state, added, replaced),
                 );
             }
         }

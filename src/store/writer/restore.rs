@@ -6,7 +6,7 @@ use rocksdb::{WriteBatch, WriteOptions};
 
 use super::{Snapshot, Writer};
 use crate::domain::TrackingNumber;
-use crate::store::{keys, records, StoreError};
+use crate::store::{codec, keys, StoreError};
 
 impl Writer {
     /// Every snapshot newer than the local state replaces the stored record of its shipment
@@ -35,7 +35,7 @@ impl Writer {
                 }
             })?;
             let key = keys::shipment_key(&number);
-            let record = records::decode_shipment_record(key, &snapshot.record)?;
+            let record = codec::decode_shipment_record(key, &snapshot.record)?;
             let had = match scan_counts.get(&number) {
                 Some(&(had, _)) => had,
                 None => store.scans_stored_for(&number)?,
@@ -43,7 +43,7 @@ impl Writer {
             scan_counts.insert(number.clone(), (had, record.timeline.len() as u64));
             batch.put_cf(store.cf(keys::SHIPMENTS), key, &snapshot.record);
             // The deadline index is local: rebuild this shipment's entry from its record.
-            let state = records::decode_shipment(key, &snapshot.record)?;
+            let state = codec::decode_shipment(key, &snapshot.record)?;
             if let Some(deadline) = state.stall_deadline {
                 batch.put_cf(
                     store.cf(keys::STALL_DEADLINES),

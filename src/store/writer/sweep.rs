@@ -17,7 +17,7 @@ use super::{Job, Writer, WriterHandle};
 use crate::domain::{EventTime, Sequence, Status, TrackingNumber};
 use crate::engine::stall::StallPolicy;
 use crate::engine::ShipmentState;
-use crate::store::records::{self, ChangeRecord};
+use crate::store::codec::{self, ChangeRecord};
 use crate::store::{keys, StoreError};
 use crate::telemetry::metrics as m;
 
@@ -181,7 +181,7 @@ impl Writer {
                 batch.delete_cf(index, key);
                 continue;
             };
-            let mut state = match records::decode_shipment(keys::shipment_key(&number), &bytes) {
+            let mut state = match codec::decode_shipment(keys::shipment_key(&number), &bytes) {
                 Ok(state) => state,
                 Err(error) => {
                     // Its entry stays, so it is tried again, and the rest of the chunk goes
@@ -208,7 +208,7 @@ impl Writer {
                 batch.merge_cf(
                     shipments_cf,
                     keys::shipment_key(&number),
-                    records::encode_shipment_head(&state),
+                    codec::encode_shipment_head(&state),
                 );
                 continue;
             };
@@ -217,7 +217,7 @@ impl Writer {
             batch.merge_cf(
                 shipments_cf,
                 keys::shipment_key(&number),
-                records::encode_shipment_head(&state),
+                codec::encode_shipment_head(&state),
             );
             changes.push((sequence, change, deadline));
             stalled.push((number, state));

@@ -12,7 +12,7 @@ use crate::domain::Status;
 use crate::domain::{ScanId, ScanType, TrackingNumber};
 use crate::engine::States;
 use crate::proto::pb;
-use crate::store::{keys, records};
+use crate::store::{codec, keys};
 
 const HOUR: i64 = 3_600_000_000;
 
@@ -45,7 +45,7 @@ fn scan(number: &str, id: &str, scan_type: ScanType, hours: i64) -> ValidScan {
         ..Default::default()
     };
     ValidScan {
-        stored: records::encode_event(&mut wire),
+        stored: codec::encode_event(&mut wire),
         tracking_number,
         scan_id,
         scan_type,
@@ -187,7 +187,7 @@ async fn shipment_deltas_merge_into_the_record_of_the_engines_state() {
                         .collect()
                 };
                 let merged = (
-                    records::decode_shipment(key, &merged).expect("decodes"),
+                    codec::decode_shipment(key, &merged).expect("decodes"),
                     scan_ids(store.timeline_values(number).expect("scans")),
                 );
                 let ids = state.timeline.iter().map(|e| e.scan_id.to_string());
@@ -555,23 +555,23 @@ fn snapshot(number: &str, next_offset: i64, scan_ids: &[&str]) -> Snapshot {
         .iter()
         .map(|whole| {
             let mut scan = pb::Scan::decode(whole.as_slice()).expect("decodes");
-            records::encode_event(&mut scan)
+            codec::encode_event(&mut scan)
         })
         .collect();
     let entries = state
         .timeline
         .iter()
         .zip(&stored)
-        .map(|(entry, event)| records::EntryFields {
+        .map(|(entry, event)| codec::EntryFields {
             event,
-            ..records::EntryFields::from(entry)
+            ..codec::EntryFields::from(entry)
         });
     Snapshot {
         tracking_number: number.into(),
         topic: "scans.raw".into(),
         partition: 1,
         next_offset,
-        record: records::encode_shipment_delta(&state, entries, std::iter::empty()),
+        record: codec::encode_shipment_delta(&state, entries, std::iter::empty()),
     }
 }
 

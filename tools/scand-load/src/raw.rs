@@ -20,7 +20,7 @@ use scand::domain::EventTime;
 use scand::ingest::validate::Validator;
 use scand::ingest::IngestConfig;
 use scand::proto::pb::{self, scan_ingest_server::ScanIngest};
-use scand::store::records;
+use scand::store::codec;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -221,7 +221,7 @@ struct StoringIngest {
 }
 
 /// Keys and encodes a batch's scans and queues them for the writer; the receiver answers once
-/// they are durable. A value is scand's stored form of the scan (`records::encode_event`, as
+/// they are durable. A value is scand's stored form of the scan (`codec::encode_event`, as
 /// the raw RocksDB limit stores), so both raw stores write the same bytes.
 async fn write(
     writer: &mpsc::Sender<ToWrite>,
@@ -238,7 +238,7 @@ async fn write(
                 .and_then(|t| EventTime::from_parts(t.seconds, t.nanos))
                 .unwrap_or(EventTime(0));
             let key = event_key(&scan.tracking_number, event_time, &scan.scan_id);
-            (key, records::encode_event(scan))
+            (key, codec::encode_event(scan))
         })
         .collect();
     let (durable, synced) = oneshot::channel();

@@ -6,7 +6,7 @@
 //!
 //! Invariants:
 //! - The result decodes to what applying the deltas one by one to the decoded record gives
-//!   (`records::ShipmentRecord` semantics: the last head whole, entries in order without
+//!   (`codec::ShipmentRecord` semantics: the last head whole, entries in order without
 //!   repeats, replaced scan ids out of the timeline and into the replaced list), and for
 //!   operands in prost's encoding it is byte for byte prost's encoding of that record (tested
 //!   against a prost model). Fields this build does not know are kept with the head.
@@ -15,117 +15,16 @@
 //! - A value that is not a well-formed `ShipmentRecord` fails the merge (`None`, RocksDB's
 //!   "corrupt"); nothing is dropped silently.
 
-const VARINT: u8 = 0;
-const FIXED64: u8 = 1;
-const LEN: u8 = 2;
-const START_GROUP: u8 = 3;
-const END_GROUP: u8 = 4;
-const FIXED32: u8 = 5;
-
-const TIMELINE: u32 = 5;
-const REPLACED: u32 = 15;
-const ENTRY_EVENT_TIME: u32 = 1;
-const ENTRY_SCAN_ID: u32 = 2;
-
-/// One field as it lies in its message: its tag and wire type, its whole bytes (key
-/// included) and its value's bytes (what the length covers, for a length-delimited field).
-#[derive(Clone, Copy)]
-struct Field<'a> {
-    tag: u32,
-    wire_type: u8,
-    whole: &'a [u8],
-    payload: &'a [u8],
-}
-
-#[inline]
-fn varint(buf: &mut &[u8]) -> Option<u64> {
-    // Keys and most lengths and values here take one byte.
-    if let Some((&byte, rest)) = buf.split_first() {
-        if byte < 0x80 {
-            *buf = rest;
-            return Some(u64::from(byte));
-        }
-    }
-    let mut value = 0u64;
-    for (i, &byte) in buf.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte < 0x80 {
-            *buf = &buf[i + 1..];
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// The next field of `buf`, advancing past it; `None` when the bytes are no protobuf field.
-/// `depth` is prost's recursion budget left ([`RECURSION_LIMIT`] for a record's fields): a
-/// group (deprecated, but prost skips it as an unknown field) spends one a level, and where
-/// prost's decode would run out, this fails too.
-fn field<'a>(buf: &mut &'a [u8], depth: u32) -> Option<Field<'a>> {
-    let start = *buf;
-    let key = varint(buf)?;
-    let tag = u32::try_from(key >> 3).ok().filter(|&t| t != 0)?;
-    let wire_type = (key & 7) as u8;
-    let value = *buf;
-    let payload = match wire_type {
-        VARINT => {
-            varint(buf)?;
-            &value[..value.len() - buf.len()]
-        }
-        FIXED64 => take(buf, 8)?,
-        FIXED32 => take(buf, 4)?,
-        LEN => {
-            let len = usize::try_from(varint(buf)?).ok()?;
-            take(buf, len)?
-        }
-        START_GROUP => {
-            skip_group(buf, tag, depth)?;
-            &value[..value.len() - buf.len()]
-        }
-        _ => return None,
-    };
-    Some(Field {
-        tag,
-        wire_type,
-        whole: &start[..start.len() - buf.len()],
-        payload,
-    })
-}
-
-/// The next `len` bytes of `buf`, advancing past them.
-fn take<'a>(buf: &mut &'a [u8], len: usize) -> Option<&'a [u8]> {
-    let (taken, rest) = buf.split_at_checked(len)?;
-    *buf = rest;
-    Some(taken)
-}
-
-/// prost's `DecodeContext` recursion limit: the depth at which its decode fails.
-const RECURSION_LIMIT: u32 = 100;
-
-/// Skips a group's fields up to and with its end, as prost's `skip_field` does.
-fn skip_group(buf: &mut &[u8], tag: u32, depth: u32) -> Option<()> {
-    let inner_depth = depth.checked_sub(1).filter(|&d| d > 0)?;
-    loop {
-        let mut key_bytes = *buf;
-        let key = varint(&mut key_bytes)?;
-        if (key & 7) as u8 == END_GROUP {
-            *buf = key_bytes;
-            return (key >> 3 == u64::from(tag)).then_some(());
-        }
-        field(buf, inner_depth)?;
-    }
-}
-
-/// The fields of a message, failing on the first malformed one.
-fn fields(mut buf: &[u8], depth: u32) -> impl Iterator<Item = Option<Field<'_>>> {
-    std::iter::from_fn(move || (!buf.is_empty()).then(|| field(&mut buf, depth)))
-}
+use super::wire::shipment::{REPLACED_SCAN_IDS as REPLACED, TIMELINE};
+use super::wire::{entry, fields, read_varint, shipment, Field, LEN, RECURSION_LIMIT, VARINT};
 
 /// The wire type a known field of `ShipmentRecord` must have (`None`: unknown to this build).
 fn head_wire_type(tag: u32) -> Option<u8> {
+    use shipment::*;
     match tag {
-        1..=4 | 6..=9 | 14 => Some(VARINT),
-        10..=13 => Some(LEN),
+        STATUS | SUB_STATUS | VERSION | SCANS_AFTER_TERMINAL | STALLED | STALL_DEADLINE
+        | REGRESSIONS | CLOCK_SKEWED_SCANS | OWNER_PARTITION => Some(VARINT),
+        CARRIER | CARRIER_SERVICE | TRACKING_NUMBER_ISSUE | OWNER_TOPIC => Some(LEN),
         _ => None,
     }
 }
@@ -150,13 +49,13 @@ impl<'a> Entry<'a> {
         for inner in fields(field.payload, RECURSION_LIMIT - 1) {
             let inner = inner?;
             match (inner.tag, inner.wire_type) {
-                (ENTRY_EVENT_TIME, VARINT) => {
+                (entry::EVENT_TIME, VARINT) => {
                     let mut value = inner.payload;
-                    let zigzag = varint(&mut value)?;
+                    let zigzag = read_varint(&mut value)?;
                     entry.event_time = (zigzag >> 1) as i64 ^ -((zigzag & 1) as i64);
                 }
-                (ENTRY_SCAN_ID, LEN) => entry.scan_id = inner.payload,
-                (ENTRY_EVENT_TIME | ENTRY_SCAN_ID, _) => return None,
+                (entry::SCAN_ID, LEN) => entry.scan_id = inner.payload,
+                (entry::EVENT_TIME | entry::SCAN_ID, _) => return None,
                 _ => {}
             }
         }
@@ -280,7 +179,7 @@ pub fn prost_merge<'a>(
     record: Option<&[u8]>,
     deltas: impl IntoIterator<Item = &'a [u8]>,
 ) -> Option<Vec<u8>> {
-    use crate::store::records::ShipmentRecord;
+    use crate::store::codec::ShipmentRecord;
     use prost::Message;
     let mut merged = match record {
         Some(bytes) => ShipmentRecord::decode(bytes).ok()?,
@@ -309,7 +208,7 @@ pub fn prost_merge<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::records::{EntryRecord, ShipmentRecord};
+    use crate::store::codec::{EntryRecord, ShipmentRecord};
     use proptest::prelude::*;
     use prost::Message;
 

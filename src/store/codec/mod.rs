@@ -1,19 +1,24 @@
 //! Value codecs: the engine's shipment state as a `ShipmentRecord` (`shipments`), so fields can
 //! be added without a migration, the deltas the writer merges into it, and blocks of the change
 //! log (`change_blocks`). The messages are generated from proto/scand/storage/v1/storage.proto;
-//! the encoders the writer runs for every group are written by hand for speed and give prost's
-//! bytes (tested). A stored scan is kept in its timeline entry, without the scan id and
-//! tracking number the entry and key already hold.
+//! the encoders the writer runs for every group are written by hand for speed (`wire`, one
+//! set of wire primitives and field numbers shared with `merge`, the shipments' merge operator
+//! on the wire bytes) and give prost's bytes (tested). A stored scan is kept in its timeline
+//! entry, without the scan id and tracking number the entry and key already hold.
+
+pub mod merge;
+mod wire;
 
 use prost::Message;
 
-use crate::domain::{EventTime, Origin, ScanId, ScanType, Status, Version};
-use crate::domain::{NumberCheck, StatusPoint};
+use super::StoreError;
+use crate::domain::{
+    EventTime, NumberCheck, Origin, ScanId, ScanType, Status, StatusPoint, Version,
+};
 use crate::engine::status::Derived;
 use crate::engine::{Entry, Flags, ShipmentState};
-
-use super::StoreError;
 use crate::proto::pb;
+use wire::{entry, shipment};
 
 pub use crate::proto::storage::{ChangeBlock, EntryRecord, ShipmentRecord};
 
@@ -56,111 +61,6 @@ fn shipment_record(state: &ShipmentState) -> ShipmentRecord {
             .iter()
             .map(|id| id.as_str().to_owned())
             .collect(),
-    }
-}
-
-/// Protobuf wire primitives for the hand-written encoders, writing straight into a `Vec`:
-/// prost's generic ones go through `BufMut` a byte at a time, and the writer encodes some
-/// thirty varints per scan. Same bytes as prost's (the encoders' tests compare them).
-mod wire {
-    pub const VARINT: u32 = 0;
-    pub const FIXED64: u32 = 1;
-    pub const LEN: u32 = 2;
-
-    #[inline]
-    pub fn varint(mut value: u64, buf: &mut Vec<u8>) {
-        while value >= 0x80 {
-            buf.push(value as u8 | 0x80);
-            value >>= 7;
-        }
-        buf.push(value as u8);
-    }
-
-    #[inline]
-    pub fn key(tag: u32, wire_type: u32, buf: &mut Vec<u8>) {
-        varint(u64::from(tag << 3 | wire_type), buf);
-    }
-
-    pub fn uint64(tag: u32, value: &u64, buf: &mut Vec<u8>) {
-        key(tag, VARINT, buf);
-        varint(*value, buf);
-    }
-
-    pub fn uint32(tag: u32, value: &u32, buf: &mut Vec<u8>) {
-        key(tag, VARINT, buf);
-        varint(u64::from(*value), buf);
-    }
-
-    /// Negative values take ten bytes, as in protobuf.
-    pub fn int32(tag: u32, value: &i32, buf: &mut Vec<u8>) {
-        key(tag, VARINT, buf);
-        varint(i64::from(*value) as u64, buf);
-    }
-
-    pub fn sint64(tag: u32, value: &i64, buf: &mut Vec<u8>) {
-        key(tag, VARINT, buf);
-        varint(((value << 1) ^ (value >> 63)) as u64, buf);
-    }
-
-    pub fn bool(tag: u32, value: &bool, buf: &mut Vec<u8>) {
-        key(tag, VARINT, buf);
-        buf.push(u8::from(*value));
-    }
-
-    pub fn fixed64(tag: u32, value: &u64, buf: &mut Vec<u8>) {
-        key(tag, FIXED64, buf);
-        buf.extend_from_slice(&value.to_le_bytes());
-    }
-
-    /// A `google.protobuf.Timestamp` field, defaults left out. Its length computed here:
-    /// prost's `encoded_len` of a `Timestamp` is a call into another crate, not inlined, and
-    /// the writer encodes two timestamps a status change.
-    pub fn timestamp(tag: u32, time: &prost_types::Timestamp, buf: &mut Vec<u8>) {
-        use prost::encoding::{int32, int64};
-        let len = if time.seconds != 0 {
-            int64::encoded_len(1, &time.seconds)
-        } else {
-            0
-        } + if time.nanos != 0 {
-            int32::encoded_len(2, &time.nanos)
-        } else {
-            0
-        };
-        key(tag, LEN, buf);
-        varint(len as u64, buf);
-        if time.seconds != 0 {
-            key(1, VARINT, buf);
-            varint(time.seconds as u64, buf);
-        }
-        if time.nanos != 0 {
-            int32(2, &time.nanos, buf);
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use prost::Message;
-
-        #[test]
-        fn timestamps_and_varints_encode_as_prost_does() {
-            for (seconds, nanos) in [(0, 0), (1, 0), (0, 1), (-1, -1), (1 << 40, 999_999_999)] {
-                let time = prost_types::Timestamp { seconds, nanos };
-                let mut ours = Vec::new();
-                super::timestamp(8, &time, &mut ours);
-                let mut theirs = Vec::new();
-                prost::encoding::message::encode(8, &time, &mut theirs);
-                assert_eq!(ours, theirs, "{time:?}");
-                assert_eq!(time.encoded_len(), theirs.len() - 2);
-            }
-            for value in [0, 1, 127, 128, 300, u64::MAX] {
-                let mut ours = Vec::new();
-                super::varint(value, &mut ours);
-                let mut theirs = Vec::new();
-                prost::encoding::encode_varint(value, &mut theirs);
-                assert_eq!(ours, theirs);
-                assert_eq!(prost::encoding::encoded_len_varint(value), ours.len());
-            }
-        }
     }
 }
 
@@ -267,24 +167,24 @@ pub fn encode_shipment_delta<'a>(
         let time = e.event_time.0;
         let scan_type = e.scan_type.as_i32();
         (if time != 0 {
-            sint64::encoded_len(1, &time)
+            sint64::encoded_len(entry::EVENT_TIME, &time)
         } else {
             0
-        }) + str_len(2, e.scan_id)
+        }) + str_len(entry::SCAN_ID, e.scan_id)
             + (if scan_type != 0 {
-                int32::encoded_len(3, &scan_type)
+                int32::encoded_len(entry::SCAN_TYPE, &scan_type)
             } else {
                 0
             })
             + (if e.facility != 0 {
-                fixed64::encoded_len(4, &e.facility)
+                fixed64::encoded_len(entry::FACILITY, &e.facility)
             } else {
                 0
             })
             + (if e.event.is_empty() {
                 0
             } else {
-                key_len(5) + encoded_len_varint(e.event.len() as u64) + e.event.len()
+                key_len(entry::EVENT) + encoded_len_varint(e.event.len() as u64) + e.event.len()
             })
     }
 
@@ -298,7 +198,7 @@ pub fn encode_shipment_delta<'a>(
         .clone()
         .map(|e| {
             let len = entry_len(&e);
-            key_len(5) + encoded_len_varint(len as u64) + len
+            key_len(shipment::TIMELINE) + encoded_len_varint(len as u64) + len
         })
         .sum();
     let replaced_bytes: usize = replaced.clone().map(|id| id.len() + 2).sum();
@@ -306,58 +206,66 @@ pub fn encode_shipment_delta<'a>(
         timeline_bytes + replaced_bytes + 96 + check.carrier.len() + check.service.len(),
     );
     if status != 0 {
-        wire::int32(1, &status, &mut buf);
+        wire::int32(shipment::STATUS, &status, &mut buf);
     }
     if sub_status != 0 {
-        wire::int32(2, &sub_status, &mut buf);
+        wire::int32(shipment::SUB_STATUS, &sub_status, &mut buf);
     }
     if state.version.0 != 0 {
-        wire::uint64(3, &state.version.0, &mut buf);
+        wire::uint64(shipment::VERSION, &state.version.0, &mut buf);
     }
     if state.derived.scans_after_terminal != 0 {
-        wire::uint32(4, &state.derived.scans_after_terminal, &mut buf);
+        wire::uint32(
+            shipment::SCANS_AFTER_TERMINAL,
+            &state.derived.scans_after_terminal,
+            &mut buf,
+        );
     }
     for e in timeline {
-        wire::key(5, wire::LEN, &mut buf);
+        wire::key(shipment::TIMELINE, wire::LEN, &mut buf);
         wire::varint(entry_len(&e) as u64, &mut buf);
         if e.event_time.0 != 0 {
-            wire::sint64(1, &e.event_time.0, &mut buf);
+            wire::sint64(entry::EVENT_TIME, &e.event_time.0, &mut buf);
         }
-        put_str(2, e.scan_id, &mut buf);
+        put_str(entry::SCAN_ID, e.scan_id, &mut buf);
         if e.scan_type.as_i32() != 0 {
-            wire::int32(3, &e.scan_type.as_i32(), &mut buf);
+            wire::int32(entry::SCAN_TYPE, &e.scan_type.as_i32(), &mut buf);
         }
         if e.facility != 0 {
-            wire::fixed64(4, &e.facility, &mut buf);
+            wire::fixed64(entry::FACILITY, &e.facility, &mut buf);
         }
         if !e.event.is_empty() {
-            wire::key(5, wire::LEN, &mut buf);
+            wire::key(entry::EVENT, wire::LEN, &mut buf);
             wire::varint(e.event.len() as u64, &mut buf);
             buf.extend_from_slice(e.event);
         }
     }
     if state.stalled {
-        wire::bool(6, &state.stalled, &mut buf);
+        wire::bool(shipment::STALLED, &state.stalled, &mut buf);
     }
     if let Some(deadline) = state.stall_deadline {
-        wire::sint64(7, &deadline.0, &mut buf);
+        wire::sint64(shipment::STALL_DEADLINE, &deadline.0, &mut buf);
     }
     if state.flags.regressions != 0 {
-        wire::uint32(8, &state.flags.regressions, &mut buf);
+        wire::uint32(shipment::REGRESSIONS, &state.flags.regressions, &mut buf);
     }
     if state.flags.clock_skewed_scans != 0 {
-        wire::uint32(9, &state.flags.clock_skewed_scans, &mut buf);
+        wire::uint32(
+            shipment::CLOCK_SKEWED_SCANS,
+            &state.flags.clock_skewed_scans,
+            &mut buf,
+        );
     }
-    put_str(10, &check.carrier, &mut buf);
-    put_str(11, &check.service, &mut buf);
-    put_str(12, &check.issue, &mut buf);
-    put_str(13, owner_topic, &mut buf);
+    put_str(shipment::CARRIER, &check.carrier, &mut buf);
+    put_str(shipment::CARRIER_SERVICE, &check.service, &mut buf);
+    put_str(shipment::TRACKING_NUMBER_ISSUE, &check.issue, &mut buf);
+    put_str(shipment::OWNER_TOPIC, owner_topic, &mut buf);
     if owner_partition != 0 {
-        wire::int32(14, &owner_partition, &mut buf);
+        wire::int32(shipment::OWNER_PARTITION, &owner_partition, &mut buf);
     }
     for id in replaced {
         // Repeated strings are written even when empty.
-        wire::key(15, wire::LEN, &mut buf);
+        wire::key(shipment::REPLACED_SCAN_IDS, wire::LEN, &mut buf);
         wire::varint(id.len() as u64, &mut buf);
         buf.extend_from_slice(id.as_bytes());
     }
@@ -715,8 +623,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(delta, expected.encode_to_vec());
-        let merged =
-            crate::store::merge::merge_shipment_records(None, [delta.as_slice()]).expect("merges");
+        let merged = merge::merge_shipment_records(None, [delta.as_slice()]).expect("merges");
         let record = decode_shipment_record(b"k", &merged).expect("decodes");
         assert_eq!(
             record
