@@ -7,7 +7,7 @@
 use crate::domain::{EventTime, Sequence, TrackingNumber};
 
 /// `tracking_number` → shipment record: status, version and the timeline, each entry with its
-/// stored scan (see `records`): one key per shipment holds all a shipment read needs.
+/// stored scan (see `codec`): one key per shipment holds all a shipment read needs.
 pub const SHIPMENTS: &str = "shipments";
 /// `first sequence` → a block of consecutive `scand.v1.StatusChange`s written together (see
 /// `codec::ChangeBlock`): the change log the feed and publishers read. A block per write, not

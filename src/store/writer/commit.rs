@@ -103,7 +103,7 @@ impl Writer {
                 }
                 index_stall_deadline(&self.stall, stall_index, &mut batch, number, state);
                 // A delta, not the whole record: the timeline summary is what a record holds
-                // most of, and a group adds a scan or two to it (see `records`).
+                // most of, and a group adds a scan or two to it (see `codec`).
                 let replaced = replaced.iter().map(|(_, _, scan_id)| scan_id.as_str());
                 let added = added.map(|scan| codec::EntryFields {
                     event_time: scan.event_time,
