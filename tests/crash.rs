@@ -153,12 +153,18 @@ async fn sigkill_at_random_moments_loses_no_acked_scan_and_no_version() {
             .map(|(id, number)| (id.clone(), number.clone()))
             .collect();
         let log_end = verify_from(&daemon, &everything, cursor).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The resumed feed catches up with the log; then it must hold exactly the rest of it.
+        let expected: Vec<u64> = (last_seen + 1..=log_end).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while resumed.seen.lock().expect("lock").len() < expected.len() && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         {
             let seen = resumed.seen.lock().expect("lock");
             assert_eq!(
                 seen.as_slice(),
-                (last_seen + 1..=log_end).collect::<Vec<_>>().as_slice(),
+                expected.as_slice(),
                 "round {round}: resumed feed"
             );
         }
