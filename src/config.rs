@@ -1,5 +1,6 @@
 //! Configuration: a TOML file layered under `SCAND_*` environment variables
-//! (`SCAND_GRPC__LISTEN=0.0.0.0:50051` sets `grpc.listen`). Each component's section is a
+//! (`SCAND_GRPC__LISTEN=0.0.0.0:50051` sets `grpc.listen`; a variable without `__`, such as the
+//! `SCAND_PORT` Kubernetes injects for a Service named `scand`, is no option). Each component's section is a
 //! struct beside that component (`store::StoreConfig`, `ingest::IngestConfig`, ...); this
 //! module composes them, holds the engine's (dedup, stall), and checks the whole.
 //!
@@ -182,8 +183,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        // SCAND_CONFIG names the file itself (the CLI reads it), it is not an option.
-        Self::from_figment(figment.merge(Env::prefixed("SCAND_").ignore(&["config"]).split("__")))
+        Self::from_figment(figment.merge(config_variables()))
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
@@ -297,6 +297,18 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The `SCAND_*` variables that set options: those naming a key below a section
+/// (`SCAND_GRPC__LISTEN`), and only those. Platforms inject variables of the same prefix that
+/// are not options: Kubernetes `SCAND_PORT`, `SCAND_SERVICE_HOST`, `SCAND_PORT_50051_TCP_ADDR`…
+/// for a Service named `scand`, and `scand ctl` reads `SCAND_TARGET`; none has the `__` that
+/// separates a section from its key, so they never reach the options. A variable that has it
+/// is an option, and an unknown one (a typo) is still an error that names it.
+fn config_variables() -> Env {
+    Env::prefixed("SCAND_")
+        .filter(|key| key.as_str().contains("__"))
+        .split("__")
 }
 
 /// Both of `cert` and `key` or neither, and every file readable.
@@ -427,6 +439,45 @@ mod tests {
                 .map_err(|e| e.to_string())?;
             assert_eq!(c.grpc.listen, SocketAddr::from(([0, 0, 0, 0], 2000)));
             assert_eq!(c.ingest.max_batch_scans, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn variables_a_platform_injects_are_not_options_and_typos_in_options_are_errors() {
+        Jail::expect_with(|jail| {
+            // What Kubernetes gives every pod of a namespace with a Service named `scand`, and
+            // what an operator's shell may hold for `scand ctl`.
+            for (name, value) in [
+                ("SCAND_PORT", "tcp://10.96.0.12:50051"),
+                ("SCAND_PORT_50051_TCP", "tcp://10.96.0.12:50051"),
+                ("SCAND_PORT_50051_TCP_ADDR", "10.96.0.12"),
+                ("SCAND_PORT_50051_TCP_PORT", "50051"),
+                ("SCAND_PORT_50051_TCP_PROTO", "tcp"),
+                ("SCAND_SERVICE_HOST", "10.96.0.12"),
+                ("SCAND_SERVICE_PORT", "50051"),
+                ("SCAND_SERVICE_PORT_GRPC", "50051"),
+                ("SCAND_TARGET", "http://scand:50051"),
+                ("SCAND_CONFIG", "scand.toml"),
+            ] {
+                jail.set_env(name, value);
+            }
+            jail.set_env("SCAND_GRPC__LISTEN", "0.0.0.0:2000");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.grpc.listen, SocketAddr::from(([0, 0, 0, 0], 2000)));
+            jail.set_env("SCAND_GRPC__LISTN", "0.0.0.0:2001");
+            let err = Config::load(None)
+                .expect_err("a typo in an option")
+                .to_string();
+            assert!(err.contains("listn"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("SCAND_GPRC__LISTEN", "0.0.0.0:2001");
+            let err = Config::load(None)
+                .expect_err("a typo in a section")
+                .to_string();
+            assert!(err.contains("gprc"), "{err}");
             Ok(())
         });
     }

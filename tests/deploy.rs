@@ -182,6 +182,66 @@ fn kubernetes_manifests_run_scand_with_its_volume_probes_and_ports() {
     scand::config::Config::load(Some(file.path())).expect("the ConfigMap is a valid config");
 }
 
+/// The variables the kubelet puts into every pod of the namespace for each Service of the
+/// shipped manifest (service links, on unless `enableServiceLinks: false`), named as it names
+/// them: `SCAND_SERVICE_HOST`, `SCAND_PORT_50051_TCP_ADDR`, ... for a Service named `scand`.
+fn service_link_variables(docs: &[serde_yaml::Value]) -> Vec<(String, String)> {
+    let mut variables = Vec::new();
+    let host = "10.96.0.12";
+    for service in docs
+        .iter()
+        .filter(|d| d["kind"].as_str() == Some("Service"))
+    {
+        let name = service["metadata"]["name"]
+            .as_str()
+            .expect("named")
+            .to_uppercase()
+            .replace('-', "_");
+        let ports = service["spec"]["ports"].as_sequence().expect("ports");
+        let port = |p: &serde_yaml::Value| p["port"].as_u64().expect("port");
+        variables.push((format!("{name}_SERVICE_HOST"), host.to_owned()));
+        variables.push((format!("{name}_SERVICE_PORT"), port(&ports[0]).to_string()));
+        variables.push((
+            format!("{name}_PORT"),
+            format!("tcp://{host}:{}", port(&ports[0])),
+        ));
+        for p in ports {
+            let number = port(p);
+            if let Some(port_name) = p["name"].as_str() {
+                variables.push((
+                    format!("{name}_SERVICE_PORT_{}", port_name.to_uppercase()),
+                    number.to_string(),
+                ));
+            }
+            let prefix = format!("{name}_PORT_{number}_TCP");
+            variables.push((prefix.clone(), format!("tcp://{host}:{number}")));
+            variables.push((format!("{prefix}_PROTO"), "tcp".to_owned()));
+            variables.push((format!("{prefix}_PORT"), number.to_string()));
+            variables.push((format!("{prefix}_ADDR"), host.to_owned()));
+        }
+    }
+    variables
+}
+
+#[tokio::test]
+async fn the_daemon_starts_with_the_environment_a_pod_of_the_manifest_gets() {
+    let docs = yaml_documents("deploy/kubernetes/scand.yaml");
+    let mut variables = service_link_variables(&docs);
+    assert!(
+        variables.iter().any(|(name, _)| name == "SCAND_PORT"),
+        "the manifest's Service named scand injects SCAND_PORT: {variables:?}"
+    );
+    // And what an operator's shell may hold for `scand ctl`.
+    variables.push(("SCAND_TARGET".to_owned(), "http://scand:50051".to_owned()));
+    let env: Vec<(&str, &str)> = variables
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start_with_env(&dir.path().join("data"), "", &env);
+    assert_eq!(daemon.metric("scand_ready"), 1.0);
+}
+
 #[test]
 fn the_systemd_unit_and_the_image_are_hardened() {
     let unit = repo("deploy/systemd/scand.service");
