@@ -14,10 +14,12 @@ use tonic::transport::Server;
 use crate::api::operations::OperationsService;
 use crate::api::{connections, tls, tracking::TrackingService};
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::domain::Status;
+use crate::engine::{DuplicateKind, Engine};
 use crate::ingest::auth::DeviceTokens;
 use crate::ingest::kafka::KafkaSource;
 use crate::ingest::message_limit;
+use crate::ingest::validate::Rejection;
 use crate::ingest::{grpc::ScanIngestService, validate::Validator, Destination, Ingestor};
 use crate::proto::{pb, FILE_DESCRIPTOR_SET};
 use crate::publish::feed::Feed;
@@ -25,6 +27,7 @@ use crate::publish::kafka::KafkaSink;
 use crate::scaleout::changelog;
 use crate::scaleout::gateway::Gateway;
 use crate::store::{writer, Store, StoreError};
+use crate::telemetry::metrics::KnownLabels;
 use crate::telemetry::{self, admin::Readiness};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +60,19 @@ pub enum DaemonError {
 
 /// Runs until SIGTERM or SIGINT, then shuts down cleanly.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let metrics = telemetry::metrics::install()?;
+    let statuses = Status::ALL.map(Status::label);
+    let stallable = Status::ALL
+        .into_iter()
+        .filter(|s| !s.is_terminal() && *s != Status::Stalled)
+        .map(Status::label)
+        .collect::<Vec<_>>();
+    let metrics = telemetry::metrics::install(&KnownLabels {
+        rejection_reasons: &Rejection::CODES,
+        duplicate_kinds: &DuplicateKind::ALL.map(DuplicateKind::label),
+        statuses: &statuses,
+        stallable_statuses: &stallable,
+        sources: &["grpc", "kafka"],
+    })?;
     metrics::gauge!(telemetry::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     let readiness = Readiness::default();

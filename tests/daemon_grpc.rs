@@ -353,6 +353,28 @@ async fn health_and_reflection_are_served_and_metrics_are_exported() {
         );
     }
 
+    // Before anything happened, every series of a known label is there at zero.
+    let fresh = daemon.metrics();
+    for line in [
+        "scand_scans_duplicate_total{kind=\"scan_id\"} 0",
+        "scand_scans_duplicate_total{kind=\"fingerprint\"} 0",
+        "scand_shipments_stalled_total{status=\"in_transit\"} 0",
+        "scand_shipments_stalled_total{status=\"exception\"} 0",
+        "scand_scans_rejected_total{reason=\"event_time_in_future\"} 0",
+        "scand_status_changes_total{status=\"stalled\"} 0",
+        "scand_scans_received_total{source=\"kafka\"} 0",
+        "scand_scans_accepted_total 0",
+    ] {
+        assert!(
+            fresh.contains(line),
+            "{line} missing at start from:\n{fresh}"
+        );
+    }
+    assert!(
+        !fresh.contains("scand_shipments_stalled_total{status=\"delivered\"}"),
+        "a delivered shipment never stalls"
+    );
+
     let mut ingest = daemon.ingest().await;
     ingest
         .submit_scans(batch("m", journey("PARCEL0004", "m")))

@@ -211,6 +211,22 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 10] = {
+        use Status::*;
+        [
+            LabelCreated,
+            PickedPacked,
+            InTransit,
+            OutForDelivery,
+            DeliveryAttempted,
+            AvailableForPickup,
+            Delivered,
+            Exception,
+            ReturnedToSender,
+            Stalled,
+        ]
+    };
+
     pub fn as_i32(self) -> i32 {
         self as i32
     }
@@ -377,6 +393,12 @@ mod tests {
         assert_eq!(ScanType::from_i32(0), None);
         assert_eq!(ScanType::from_i32(16), None);
         assert_eq!(ScanType::from_i32(-3), None);
+    }
+
+    #[test]
+    fn every_status_is_listed_once_in_wire_order() {
+        let numbers: Vec<i32> = Status::ALL.iter().map(|s| s.as_i32()).collect();
+        assert_eq!(numbers, (1..=10).collect::<Vec<_>>());
     }
 
     #[test]

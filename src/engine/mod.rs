@@ -101,6 +101,8 @@ pub enum DuplicateKind {
 }
 
 impl DuplicateKind {
+    pub const ALL: [DuplicateKind; 2] = [DuplicateKind::ScanId, DuplicateKind::Fingerprint];
+
     pub fn label(self) -> &'static str {
         match self {
             DuplicateKind::ScanId => "scan_id",

@@ -68,6 +68,27 @@ pub enum Rejection {
 impl Rejection {
     /// Stable code: the `reason` label of `scand_scans_rejected_total` and the prefix of the
     /// reason sent back to the scanner.
+    /// Every code [`Rejection::code`] gives (tested), for series exported before the first.
+    pub const CODES: [&'static str; 17] = [
+        "missing_scan_id",
+        "scan_id_too_long",
+        "missing_tracking_number",
+        "tracking_number_length",
+        "tracking_number_charset",
+        Classification::CHECK_DIGIT_MISMATCH,
+        Classification::UNKNOWN_FORMAT,
+        "unspecified_scan_type",
+        "unknown_scan_type",
+        "missing_event_time",
+        "invalid_event_time",
+        "event_time_in_future",
+        "event_time_too_old",
+        "latitude_out_of_range",
+        "longitude_out_of_range",
+        "device_not_allowed",
+        "oversized",
+    ];
+
     pub fn code(&self) -> &'static str {
         match self {
             Rejection::MissingScanId => "missing_scan_id",
@@ -359,6 +380,47 @@ fn check_sizes(scan: &pb::Scan) -> Result<(), Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rejection_code_is_listed_once() {
+        let every = [
+            Rejection::MissingScanId,
+            Rejection::ScanIdTooLong(200),
+            Rejection::MissingTrackingNumber,
+            Rejection::InvalidTrackingNumber(TrackingNumberError::Empty),
+            Rejection::InvalidTrackingNumber(TrackingNumberError::Length(3)),
+            Rejection::InvalidTrackingNumber(TrackingNumberError::Character('_')),
+            Rejection::TrackingNumberCheckDigit("UPS".into()),
+            Rejection::TrackingNumberUnknownFormat,
+            Rejection::UnspecifiedScanType,
+            Rejection::UnknownScanType(99),
+            Rejection::MissingEventTime,
+            Rejection::InvalidEventTime("x".into()),
+            Rejection::EventTimeInFuture {
+                ahead_secs: 1,
+                limit_secs: 0,
+            },
+            Rejection::EventTimeTooOld {
+                age_secs: 1,
+                limit_secs: 0,
+            },
+            Rejection::LatitudeOutOfRange(91.0),
+            Rejection::LongitudeOutOfRange(181.0),
+            Rejection::DeviceNotAllowed("d".into()),
+            Rejection::Oversized {
+                field: "device_id",
+                len: 2,
+                limit: 1,
+                unit: "bytes",
+            },
+        ];
+        let mut produced: Vec<&str> = every.iter().map(Rejection::code).collect();
+        produced.sort_unstable();
+        produced.dedup();
+        let mut listed = Rejection::CODES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(produced, listed);
+    }
 
     const NOW_SECS: i64 = 1_800_000_000;
 

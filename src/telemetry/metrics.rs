@@ -66,9 +66,26 @@ const GROUP_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 #[error("cannot install the metrics recorder: {0}")]
 pub struct MetricsError(String);
 
+/// The closed label sets of the labelled series, which their owners name (the daemon passes
+/// them in: this module knows no layer): each series of a known label is exported at zero from
+/// the start, so `rate()` panels and alerts see it before its first event.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KnownLabels<'a> {
+    /// `scand_scans_rejected_total{reason}`.
+    pub rejection_reasons: &'a [&'static str],
+    /// `scand_scans_duplicate_total{kind}`.
+    pub duplicate_kinds: &'a [&'static str],
+    /// `scand_status_changes_total{status}`.
+    pub statuses: &'a [&'static str],
+    /// `scand_shipments_stalled_total{status}`: the statuses a shipment can stall in.
+    pub stallable_statuses: &'a [&'static str],
+    /// `scand_scans_received_total{source}`.
+    pub sources: &'a [&'static str],
+}
+
 /// Installs the global recorder and describes every metric. Histograms get explicit buckets:
 /// without them the exporter renders summaries, which cannot be aggregated across instances.
-pub fn install() -> Result<PrometheusHandle, MetricsError> {
+pub fn install(known: &KnownLabels<'_>) -> Result<PrometheusHandle, MetricsError> {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .and_then(|b| {
@@ -96,7 +113,22 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     for reason in ["missing_token", "malformed_token", "unknown_token"] {
         metrics::counter!(AUTH_FAILURES_TOTAL, "reason" => reason).absolute(0);
     }
+    let labelled = [
+        (SCANS_REJECTED_TOTAL, "reason", known.rejection_reasons),
+        (SCANS_DUPLICATE_TOTAL, "kind", known.duplicate_kinds),
+        (STATUS_CHANGES_TOTAL, "status", known.statuses),
+        (SHIPMENTS_STALLED_TOTAL, "status", known.stallable_statuses),
+        (SCANS_RECEIVED_TOTAL, "source", known.sources),
+    ];
+    for (counter, label, values) in labelled {
+        for value in values {
+            metrics::counter!(counter, label => *value).absolute(0);
+        }
+    }
     for counter in [
+        SCANS_ACCEPTED_TOTAL,
+        SCANS_AFTER_TERMINAL_TOTAL,
+        FEED_CHANGES_SENT_TOTAL,
         FEED_SUBSCRIBERS_CUT_OFF_TOTAL,
         STATUS_REGRESSIONS_TOTAL,
         SCANS_CLOCK_SKEW_TOTAL,
