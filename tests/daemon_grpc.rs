@@ -393,7 +393,7 @@ async fn health_and_reflection_are_served_and_metrics_are_exported() {
         "scand_rocksdb_memtable_bytes{cf=\"shipments\"}",
         "scand_rocksdb_pending_compaction_bytes",
         "scand_rocksdb_running_compactions",
-        "scand_rocksdb_write_stall_seconds_total",
+        "scand_rocksdb_write_stall_ratio 0",
         "scand_rocksdb_block_cache_usage_bytes",
         "scand_rocksdb_block_cache_capacity_bytes 134217728",
         "scand_rocksdb_block_cache_hits_total",

@@ -242,6 +242,41 @@ async fn the_daemon_starts_with_the_environment_a_pod_of_the_manifest_gets() {
     assert_eq!(daemon.metric("scand_ready"), 1.0);
 }
 
+#[tokio::test]
+async fn a_live_scrape_passes_promtool_check_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(&dir.path().join("data"), "");
+    let mut ingest = daemon.ingest().await;
+    ingest
+        .submit_scans(batch("p", journey("PROMTOOL01", "p")))
+        .await
+        .expect("submit");
+    let scrape = daemon.metrics();
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect(
+            "this test needs promtool: Debian's prometheus package (scripts/setup.sh installs it)",
+        );
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(scrape.as_bytes())
+        .expect("write the scrape");
+    let out = promtool.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn the_systemd_unit_and_the_image_are_hardened() {
     let unit = repo("deploy/systemd/scand.service");

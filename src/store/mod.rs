@@ -64,6 +64,9 @@ struct StoreTelemetry {
     options: Options,
     cache: Cache,
     cache_capacity: usize,
+    /// RocksDB's stall time (µs) at the previous reading, and when: the stall ratio is the
+    /// share of the time between two readings that writes stalled.
+    stall_sample: std::sync::Mutex<(u64, std::time::Instant)>,
 }
 
 fn now_unix_secs() -> u64 {
@@ -123,7 +126,19 @@ impl Store {
         metrics::gauge!(m::ROCKSDB_RUNNING_COMPACTIONS).set(running as f64);
         let telemetry = &self.telemetry;
         let stall_micros = telemetry.options.get_ticker_count(Ticker::StallMicros);
-        metrics::gauge!(m::ROCKSDB_WRITE_STALL_SECONDS_TOTAL).set(stall_micros as f64 / 1e6);
+        let now = std::time::Instant::now();
+        let (before, then) = std::mem::replace(
+            &mut *telemetry
+                .stall_sample
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            (stall_micros, now),
+        );
+        let elapsed = now.duration_since(then).as_micros() as f64;
+        if elapsed > 0.0 {
+            let stalled = stall_micros.saturating_sub(before) as f64;
+            metrics::gauge!(m::ROCKSDB_WRITE_STALL_RATIO).set((stalled / elapsed).min(1.0));
+        }
         metrics::gauge!(m::ROCKSDB_BLOCK_CACHE_USAGE_BYTES).set(telemetry.cache.get_usage() as f64);
         metrics::gauge!(m::ROCKSDB_BLOCK_CACHE_CAPACITY_BYTES).set(telemetry.cache_capacity as f64);
         metrics::counter!(m::ROCKSDB_BLOCK_CACHE_HITS_TOTAL)

@@ -119,6 +119,7 @@ impl Store {
                 options: db_opts,
                 cache,
                 cache_capacity: config.block_cache_bytes,
+                stall_sample: std::sync::Mutex::new((0, std::time::Instant::now())),
             }),
         };
         store.check_schema()?;

@@ -36,7 +36,7 @@ pub const ROCKSDB_SIZE_BYTES: &str = "scand_rocksdb_size_bytes";
 pub const ROCKSDB_MEMTABLE_BYTES: &str = "scand_rocksdb_memtable_bytes";
 pub const ROCKSDB_PENDING_COMPACTION_BYTES: &str = "scand_rocksdb_pending_compaction_bytes";
 pub const ROCKSDB_RUNNING_COMPACTIONS: &str = "scand_rocksdb_running_compactions";
-pub const ROCKSDB_WRITE_STALL_SECONDS_TOTAL: &str = "scand_rocksdb_write_stall_seconds_total";
+pub const ROCKSDB_WRITE_STALL_RATIO: &str = "scand_rocksdb_write_stall_ratio";
 pub const ROCKSDB_BLOCK_CACHE_USAGE_BYTES: &str = "scand_rocksdb_block_cache_usage_bytes";
 pub const ROCKSDB_BLOCK_CACHE_CAPACITY_BYTES: &str = "scand_rocksdb_block_cache_capacity_bytes";
 pub const ROCKSDB_BLOCK_CACHE_HITS_TOTAL: &str = "scand_rocksdb_block_cache_hits_total";
@@ -263,9 +263,14 @@ fn describe() {
     );
     describe_gauge!(ROCKSDB_RUNNING_COMPACTIONS, "Compactions running now.");
     describe_gauge!(
-        ROCKSDB_WRITE_STALL_SECONDS_TOTAL,
-        Unit::Seconds,
-        "Time writes were delayed or stopped by RocksDB (monotonic; use rate())."
+        ROCKSDB_WRITE_STALL_RATIO,
+        Unit::Count,
+        "Share of the time since the previous reading (every 5 s) that RocksDB delayed or stopped writes, 0 to 1."
+    );
+    describe_counter!(
+        KAFKA_DEAD_LETTER_ERRORS_TOTAL,
+        Unit::Count,
+        "Failed attempts to deliver a dead letter (the source's partitions pause meanwhile)."
     );
     describe_gauge!(
         ROCKSDB_BLOCK_CACHE_USAGE_BYTES,
