@@ -1,9 +1,12 @@
 //! The daemon: wires the pipeline together, serves it, and shuts it down in order.
 //!
-//! Start: metrics → admin HTTP (not ready) → RocksDB → writer thread → gRPC services → ready.
-//! Stop (SIGTERM/SIGINT): not ready → stop accepting, end feed streams, stop reading scan
-//! streams → answer every batch already queued once it is durable → writer drains and stops →
-//! RocksDB closes. Each wait is bounded by `grpc.shutdown_grace`.
+//! Start: metrics → admin HTTP (not ready) → RocksDB → writer thread → gRPC services → ready
+//! (and `READY=1` to systemd).
+//! Stop (SIGTERM/SIGINT, or a fatal error: the gRPC server or the store writer gone):
+//! `STOPPING=1`, not ready → stop accepting, end feed streams, stop reading scan streams →
+//! answer every batch already queued once it is durable → writer drains and stops → RocksDB
+//! closes. The whole stop takes at most `grpc.shutdown_grace`; a fatal error exits non-zero.
+//! Meanwhile a check of the store pipeline keeps `/healthz` honest and pets systemd's watchdog.
 
 use std::time::Duration;
 
@@ -28,7 +31,7 @@ use crate::scaleout::changelog;
 use crate::scaleout::gateway::Gateway;
 use crate::store::{writer, Store, StoreError};
 use crate::telemetry::metrics::KnownLabels;
-use crate::telemetry::{self, admin::Readiness};
+use crate::telemetry::{self, admin::Liveness, admin::Readiness};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -56,6 +59,8 @@ pub enum DaemonError {
     Carrier(#[from] crate::ingest::carrier::CarrierError),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
+    #[error("stopped on a fatal error: {0}")]
+    Fatal(String),
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down cleanly.
@@ -77,6 +82,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .set(1.0);
     let readiness = Readiness::default();
     readiness.set(false);
+    let liveness = Liveness::new(PIPELINE_SILENCE_LIMIT);
     let shutdown = CancellationToken::new();
 
     let admin_listener = TcpListener::bind(config.admin.listen)
@@ -90,6 +96,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         admin_listener,
         metrics,
         readiness.clone(),
+        liveness.clone(),
         shutdown.clone(),
     ));
 
@@ -143,6 +150,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let prober = tokio::spawn(writer::run_write_prober(
         writer.clone(),
         Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    // A fatal error of a task that only a restart mends stops the daemon, which exits non-zero.
+    let fatal = CancellationToken::new();
+    let pipeline_check = tokio::spawn(check_pipeline(
+        writer.clone(),
+        liveness.clone(),
+        fatal.clone(),
         shutdown.clone(),
     ));
     let store_health = tokio::spawn(follow_store_failures(
@@ -273,6 +288,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let store_metrics = tokio::spawn(export_store_metrics(store.clone(), shutdown.clone()));
     readiness.set(true);
+    notify_service_manager(sd_notify::NotifyState::Ready);
     tracing::info!(
         grpc = %config.grpc.listen,
         tls = config.grpc.tls.enabled(),
@@ -283,24 +299,36 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "scand ready"
     );
 
-    tokio::select! {
+    let failed = tokio::select! {
         signal = shutdown_signal() => {
             signal.map_err(DaemonError::Signal)?;
             tracing::info!("shutdown requested: finishing in-flight batches");
+            None
         }
         ended = &mut server => {
-            tracing::error!(?ended, "gRPC server stopped unexpectedly");
+            let reason = format!("the gRPC server stopped: {ended:?}");
+            tracing::error!(%reason, "stopping");
+            liveness.dead(reason.clone());
+            Some(reason)
         }
-    }
+        () = fatal.cancelled() => {
+            let reason = liveness.dead_because().unwrap_or_else(|| "a fatal error".to_owned());
+            tracing::error!(%reason, "stopping");
+            Some(reason)
+        }
+    };
+    // The whole shutdown, every step together, takes at most the grace period.
+    let grace = config.grpc.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
+    notify_service_manager(sd_notify::NotifyState::Stopping);
     readiness.set(false);
     health_reporter
         .set_not_serving::<pb::scan_ingest_server::ScanIngestServer<ScanIngestService>>()
         .await;
     shutdown.cancel();
 
-    let grace = config.grpc.shutdown_grace;
     if !server.is_finished() {
-        match tokio::time::timeout(grace, &mut server).await {
+        match tokio::time::timeout_at(deadline, &mut server).await {
             Ok(Ok(Err(error))) => tracing::warn!(%error, "gRPC server ended with an error"),
             Ok(_) => {}
             Err(_) => {
@@ -312,27 +340,80 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    for task in kafka_tasks
-        .into_iter()
-        .chain([sweeper, store_metrics, prober, store_health])
-    {
-        if tokio::time::timeout(grace, task).await.is_err() {
-            tracing::warn!("a Kafka task still busy after the grace period");
+    for task in kafka_tasks.into_iter().chain([
+        sweeper,
+        store_metrics,
+        prober,
+        store_health,
+        pipeline_check,
+    ]) {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!("a task still busy after the grace period");
         }
     }
     // The writer stops once the last handle (held by the services and their streams) is gone
     // and every queued batch was answered.
     let joined = tokio::task::spawn_blocking(move || writer_thread.join());
-    if tokio::time::timeout(grace.max(Duration::from_secs(1)), joined)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline, joined).await.is_err() {
         tracing::warn!("store writer still busy after the grace period");
     }
-    let _ = admin.await;
+    let _ = tokio::time::timeout_at(deadline, admin).await;
     drop(store);
-    tracing::info!("scand stopped");
-    Ok(())
+    match failed {
+        None => {
+            tracing::info!("scand stopped");
+            Ok(())
+        }
+        Some(reason) => Err(DaemonError::Fatal(reason)),
+    }
+}
+
+/// How long the store pipeline may leave its check unanswered before `/healthz` fails: far
+/// above a group's write and sync under load, so only a stuck writer or disk trips it.
+const PIPELINE_SILENCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Sends the pipeline a probe (a synced write through the store writer) every few seconds:
+/// each answer, even a refused write (a full disk is the store's failure, not a stuck process),
+/// keeps `/healthz` alive and, under systemd with `WatchdogSec=`, pets the watchdog. A writer
+/// that stopped is fatal.
+async fn check_pipeline(
+    writer: writer::WriterHandle,
+    liveness: Liveness,
+    fatal: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let every = sd_notify::watchdog_enabled()
+        .map_or(Duration::from_secs(10), |watchdog| watchdog / 2)
+        .min(Duration::from_secs(10));
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match tokio::time::timeout(PIPELINE_SILENCE_LIMIT, writer.probe()).await {
+            Ok(Err(StoreError::WriterGone)) => {
+                liveness.dead("the store writer stopped");
+                fatal.cancel();
+                return;
+            }
+            Ok(_) => {
+                liveness.pipeline_answered();
+                notify_service_manager(sd_notify::NotifyState::Watchdog);
+            }
+            Err(_) => tracing::error!(
+                limit = ?PIPELINE_SILENCE_LIMIT,
+                "the store pipeline did not answer its check"
+            ),
+        }
+    }
+}
+
+/// Tells systemd (`Type=notify`) where the daemon stands; nothing without `NOTIFY_SOCKET`.
+fn notify_service_manager(state: sd_notify::NotifyState<'_>) {
+    if let Err(error) = sd_notify::notify(&[state]) {
+        tracing::warn!(%error, "cannot notify the service manager");
+    }
 }
 
 /// Not ready while the store refuses writes, so load balancers send scanners elsewhere.

@@ -288,6 +288,9 @@ fn the_systemd_unit_and_the_image_are_hardened() {
         "CapabilityBoundingSet=",
         "SystemCallFilter=@system-service",
         "Restart=on-failure",
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30s",
         "ExecStart=/usr/local/bin/scand run --config /etc/scand/scand.toml",
     ] {
         assert!(unit.lines().any(|l| l == line), "unit lacks {line}");

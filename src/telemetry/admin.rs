@@ -1,5 +1,6 @@
-//! Admin HTTP: `/metrics` in the Prometheus text format, `/healthz` (the process answers) and
-//! `/readyz` (the store is open, takes writes, and the gRPC services listen).
+//! Admin HTTP: `/metrics` in the Prometheus text format, `/healthz` (the process is alive: its
+//! gRPC server runs and its store pipeline answers) and `/readyz` (the store is open, takes
+//! writes, and the gRPC services listen).
 
 use std::net::SocketAddr;
 use std::sync::{
@@ -53,10 +54,60 @@ impl Readiness {
     }
 }
 
+/// Liveness, read by `/healthz`: whether the parts whose loss only a restart mends still
+/// work. A part reports itself dead with the reason; the store pipeline also has to answer
+/// its check again and again, or it counts as stuck.
+#[derive(Clone)]
+pub struct Liveness {
+    dead: Arc<Mutex<Option<String>>>,
+    /// When the store pipeline last answered its check, and how long an answer stays good.
+    pipeline: Arc<Mutex<(std::time::Instant, std::time::Duration)>>,
+}
+
+impl Liveness {
+    /// Alive from now; the pipeline must answer within `stale_after` of each last answer.
+    pub fn new(stale_after: std::time::Duration) -> Self {
+        Self {
+            dead: Arc::default(),
+            pipeline: Arc::new(Mutex::new((std::time::Instant::now(), stale_after))),
+        }
+    }
+
+    /// A part is gone for good (the gRPC server stopped, the store writer stopped).
+    pub fn dead(&self, reason: impl Into<String>) {
+        if let Ok(mut slot) = self.dead.lock() {
+            slot.get_or_insert(reason.into());
+        }
+    }
+
+    /// The store pipeline answered its check.
+    pub fn pipeline_answered(&self) {
+        if let Ok(mut slot) = self.pipeline.lock() {
+            slot.0 = std::time::Instant::now();
+        }
+    }
+
+    /// Why the process should be restarted, or `None` while it is alive.
+    pub fn dead_because(&self) -> Option<String> {
+        if let Some(reason) = self.dead.lock().ok()?.clone() {
+            return Some(reason);
+        }
+        let (answered, stale_after) = *self.pipeline.lock().ok()?;
+        let silent = answered.elapsed();
+        (silent > stale_after).then(|| {
+            format!(
+                "the store pipeline has not answered for {}s (stuck writer or disk)",
+                silent.as_secs()
+            )
+        })
+    }
+}
+
 #[derive(Clone)]
 struct AdminState {
     metrics: PrometheusHandle,
     readiness: Readiness,
+    liveness: Liveness,
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -64,13 +115,18 @@ pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
     readiness: Readiness,
+    liveness: Liveness,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthy))
         .route("/readyz", get(ready))
-        .with_state(AdminState { metrics, readiness });
+        .with_state(AdminState {
+            metrics,
+            readiness,
+            liveness,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -78,6 +134,16 @@ pub async fn serve(
 
 async fn render_metrics(State(state): State<AdminState>) -> String {
     state.metrics.render()
+}
+
+async fn healthy(State(state): State<AdminState>) -> (StatusCode, String) {
+    match state.liveness.dead_because() {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not alive: {reason}\n"),
+        ),
+    }
 }
 
 async fn ready(State(state): State<AdminState>) -> (StatusCode, String) {
@@ -102,5 +168,34 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Liveness;
+
+    #[test]
+    fn alive_while_the_pipeline_answers_and_until_a_part_is_gone() {
+        let liveness = Liveness::new(Duration::from_millis(50));
+        assert_eq!(liveness.dead_because(), None);
+        std::thread::sleep(Duration::from_millis(80));
+        let stuck = liveness.dead_because().expect("a silent pipeline is stuck");
+        assert!(
+            stuck.starts_with("the store pipeline has not answered"),
+            "{stuck}"
+        );
+        liveness.pipeline_answered();
+        assert_eq!(liveness.dead_because(), None);
+        liveness.dead("the gRPC server stopped");
+        liveness.dead("a later reason");
+        liveness.pipeline_answered();
+        assert_eq!(
+            liveness.dead_because().as_deref(),
+            Some("the gRPC server stopped"),
+            "the first reason stays; an answer does not revive a dead part"
+        );
     }
 }
