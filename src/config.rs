@@ -16,7 +16,7 @@ use figment::{
 use serde::{Deserialize, Serialize};
 
 use crate::api::{tls::TlsConfig, GrpcConfig};
-use crate::ingest::auth::AuthConfig;
+use crate::ingest::auth::{AuthConfig, Scope};
 use crate::ingest::kafka::KafkaSourceConfig;
 use crate::ingest::IngestConfig;
 use crate::kafka::{Cluster, KafkaClientConfig};
@@ -187,7 +187,8 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        read_token_files(&mut config.grpc.auth)?;
         config.validate()?;
         Ok(config)
     }
@@ -344,13 +345,39 @@ fn validate_tls(tls: &TlsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Tokens long enough, each allowing some device, none twice.
+/// Reads each `token_file` into its token's secret: a token is in the config or in its file,
+/// never both.
+fn read_token_files(auth: &mut AuthConfig) -> Result<(), ConfigError> {
+    for (position, entry) in auth.tokens.iter_mut().enumerate() {
+        let Some(path) = &entry.token_file else {
+            continue;
+        };
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "grpc.auth.tokens",
+            reason: format!("token #{} {reason}", position + 1),
+        };
+        if !entry.token.is_empty() {
+            return Err(invalid(
+                "sets both `token` and `token_file`: keep the secret in one place".to_owned(),
+            ));
+        }
+        entry.token = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("cannot read token_file {}: {e}", path.display())))?
+            .trim()
+            .to_owned();
+    }
+    Ok(())
+}
+
+/// Tokens long enough, each with a scope, ingest tokens allowing some device, none twice.
 fn validate_auth(auth: &AuthConfig) -> Result<(), ConfigError> {
     let mut seen = std::collections::HashSet::new();
     for (position, entry) in auth.tokens.iter().enumerate() {
         let problem = if entry.token.len() < 16 {
             Some("is shorter than 16 characters")
-        } else if entry.devices.is_empty() {
+        } else if entry.scopes.is_empty() {
+            Some("has no scope (list \"ingest\", \"read\" and/or \"admin\")")
+        } else if entry.scopes.contains(&Scope::Ingest) && entry.devices.is_empty() {
             Some("allows no device (list device ids, or \"*\" for any)")
         } else if !seen.insert(entry.token.as_str()) {
             Some("is configured twice")

@@ -31,6 +31,18 @@ pub struct CtlArgs {
     pub connect_timeout: Duration,
     #[command(flatten)]
     pub tls: CtlTls,
+    /// Bearer token for a daemon with `[[grpc.auth.tokens]]` (scope `read` for get and tail,
+    /// `admin` for stats).
+    #[arg(long, global = true, env = "SCAND_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A file holding the bearer token (instead of `--token`).
+    #[arg(
+        long,
+        global = true,
+        env = "SCAND_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -101,6 +113,8 @@ pub enum CtlError {
     },
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    #[error("the token is not a valid header value (printable ASCII only)")]
+    Token,
     #[error("cannot read {what} {path}: {source}")]
     TlsFile {
         what: &'static str,
@@ -112,6 +126,7 @@ pub enum CtlError {
 /// Runs one `ctl` command. A closed stdout (e.g. piped into `head`) ends it quietly.
 pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
     let channel = connect(&args.target, args.connect_timeout, &args.tls).await?;
+    let bearer = bearer(&args)?;
     let rpc_error = |status: tonic::Status| CtlError::Rpc {
         target: args.target.clone(),
         code: status.code(),
@@ -123,7 +138,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
             tracking_number,
             json,
         } => {
-            let reply = TrackingClient::new(channel)
+            let reply = TrackingClient::with_interceptor(channel, bearer.clone())
                 .get_shipment(pb::GetShipmentRequest {
                     tracking_number: tracking_number.clone(),
                 })
@@ -150,7 +165,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
             let after_sequence = match from {
                 Some(first) => first.saturating_sub(1),
                 None => {
-                    OperationsClient::new(channel.clone())
+                    OperationsClient::with_interceptor(channel.clone(), bearer.clone())
                         .get_stats(pb::GetStatsRequest {})
                         .await
                         .map_err(rpc_error)?
@@ -158,7 +173,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
                         .last_sequence
                 }
             };
-            let mut stream = TrackingClient::new(channel)
+            let mut stream = TrackingClient::with_interceptor(channel, bearer.clone())
                 .watch_status_changes(pb::WatchRequest {
                     after_sequence,
                     tracking_number,
@@ -186,7 +201,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
             }
         }
         CtlCommand::Stats { json } => {
-            let stats = OperationsClient::new(channel)
+            let stats = OperationsClient::with_interceptor(channel, bearer.clone())
                 .get_stats(pb::GetStatsRequest {})
                 .await
                 .map_err(rpc_error)?
@@ -202,6 +217,43 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// An interceptor sending `--token` (or the content of `--token-file`) as a bearer token.
+fn bearer(
+    args: &CtlArgs,
+) -> Result<
+    impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+    CtlError,
+> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(token), _) => Some(token.trim().to_owned()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| CtlError::TlsFile {
+                    what: "token file",
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let header = token
+        .map(|token| {
+            tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| CtlError::Token)
+        })
+        .transpose()?;
+    Ok(move |mut request: tonic::Request<()>| {
+        if let Some(header) = &header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    })
 }
 
 async fn connect(target: &str, timeout: Duration, tls: &CtlTls) -> Result<Channel, CtlError> {

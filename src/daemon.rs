@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::api::operations::OperationsService;
@@ -19,7 +20,7 @@ use crate::api::{connections, tls, tracking::TrackingService};
 use crate::config::Config;
 use crate::domain::Status;
 use crate::engine::{DuplicateKind, Engine};
-use crate::ingest::auth::DeviceTokens;
+use crate::ingest::auth::{DeviceTokens, Scope};
 use crate::ingest::kafka::KafkaSource;
 use crate::ingest::message_limit;
 use crate::ingest::validate::Rejection;
@@ -209,23 +210,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     );
     let feed = Feed::new(store.clone(), committed, &config.feed, shutdown.clone());
     let max_message = config.grpc.max_message_bytes;
+    let tokens = DeviceTokens::new(&config.grpc.auth);
     let ingest_service = pb::scan_ingest_server::ScanIngestServer::new(ScanIngestService::new(
         ingestor,
-        DeviceTokens::new(&config.grpc.auth),
+        tokens.clone(),
         config.ingest.admission_timeout,
         shutdown.clone(),
     ))
     .max_decoding_message_size(max_message);
-    let tracking_service =
+    let tracking_service = InterceptedService::new(
         pb::tracking_server::TrackingServer::new(TrackingService::new(store.clone(), feed))
-            .max_decoding_message_size(max_message);
+            .max_decoding_message_size(max_message),
+        DeviceTokens::require(tokens.clone(), Scope::Read),
+    );
     let sinks = if kafka.sink.enabled {
         vec![crate::publish::kafka::SINK]
     } else {
         Vec::new()
     };
-    let operations_service =
-        pb::operations_server::OperationsServer::new(OperationsService::new(store.clone(), sinks));
+    let operations_service = InterceptedService::new(
+        pb::operations_server::OperationsServer::new(OperationsService::new(store.clone(), sinks)),
+        DeviceTokens::require(tokens, Scope::Admin),
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -38,7 +38,7 @@ enum Command {
         config: PathBuf,
     },
     /// Operator commands against a running daemon: get a shipment, tail changes, stats.
-    Ctl(scand::ctl::CtlArgs),
+    Ctl(Box<scand::ctl::CtlArgs>),
 }
 
 fn main() -> ExitCode {
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::CheckConfig { config } => check_config(&config),
-        Command::Ctl(args) => ctl(args),
+        Command::Ctl(args) => ctl(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,7 +85,7 @@ fn secured_daemon(dir: &Path) -> (Daemon, Pki) {
     let config = format!(
         "[grpc.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\nclient_ca = \"{0}/ca.pem\"\n\
          [[grpc.auth.tokens]]\ntoken = \"{DOCK_TOKEN}\"\ndevices = [\"dock7-handheld-1\", \"dock7-handheld-2\"]\n\
-         [[grpc.auth.tokens]]\ntoken = \"{HUB_TOKEN}\"\ndevices = [\"*\"]\n",
+         [[grpc.auth.tokens]]\ntoken = \"{HUB_TOKEN}\"\ndevices = [\"*\"]\nscopes = [\"ingest\", \"read\"]\n",
         dir.display()
     );
     (Daemon::start(&dir.join("data"), &config), pki)
@@ -250,7 +250,8 @@ async fn only_clients_with_a_certificate_from_the_ca_get_a_connection() {
                 .arg(dir.path().join("client.key"));
         }
         command
-            .args(["get", "TLSPARCEL0001", "--json"])
+            .args(["--token", HUB_TOKEN, "get", "TLSPARCEL0001", "--json"])
+            .env_remove("SCAND_TOKEN")
             .output()
             .expect("run scand ctl")
     };
@@ -352,4 +353,130 @@ async fn tokens_authorize_calls_and_each_scan_s_device() {
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
+}
+
+/// A daemon with an ingest token, a read token kept in a file of its own, and an admin token:
+/// every service asks for its scope, health stays open, and `scand ctl` sends its token.
+#[tokio::test]
+async fn scoped_tokens_guard_the_read_and_admin_side_too() {
+    const READ_TOKEN: &str = "reader-token-0123456789abcdef";
+    const ADMIN_TOKEN: &str = "admin-token-0123456789abcdefg";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let read_file = dir.path().join("read.token");
+    std::fs::write(&read_file, format!("{READ_TOKEN}\n")).expect("write the token file");
+    let config = format!(
+        "[[grpc.auth.tokens]]\ntoken = \"{HUB_TOKEN}\"\ndevices = [\"*\"]\n\
+         [[grpc.auth.tokens]]\ntoken_file = \"{}\"\nscopes = [\"read\"]\n\
+         [[grpc.auth.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\nscopes = [\"admin\"]\n",
+        read_file.display()
+    );
+    let daemon = Daemon::start(&dir.path().join("data"), &config);
+    let mut ingest = daemon.ingest().await;
+    let ack = ingest
+        .submit_scans(with_token(
+            batch("s", journey("SCOPEPARCEL1", "s")),
+            HUB_TOKEN,
+        ))
+        .await
+        .expect("an ingest token ingests")
+        .into_inner();
+    assert!(ack
+        .results
+        .iter()
+        .all(|r| r.outcome == Outcome::Accepted as i32));
+    let denied = ingest
+        .submit_scans(with_token(
+            batch("r", journey("SCOPEPARCEL2", "r")),
+            READ_TOKEN,
+        ))
+        .await
+        .expect_err("a read token does not ingest");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+
+    let mut tracking = daemon.tracking().await;
+    let get = |token: Option<&str>| {
+        let request = pb::GetShipmentRequest {
+            tracking_number: "SCOPEPARCEL1".into(),
+        };
+        match token {
+            Some(token) => with_token(request, token),
+            None => tonic::Request::new(request),
+        }
+    };
+    let anonymous = tracking
+        .get_shipment(get(None))
+        .await
+        .expect_err("no token");
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    assert!(
+        anonymous.message().contains("scope `read`"),
+        "{}",
+        anonymous.message()
+    );
+    let ingest_only = tracking
+        .get_shipment(get(Some(HUB_TOKEN)))
+        .await
+        .expect_err("an ingest token does not read");
+    assert_eq!(ingest_only.code(), tonic::Code::PermissionDenied);
+    let shipment = tracking
+        .get_shipment(get(Some(READ_TOKEN)))
+        .await
+        .expect("the read token from its file reads")
+        .into_inner();
+    assert_eq!(shipment.timeline.len(), journey("SCOPEPARCEL1", "s").len());
+    let feed = tracking
+        .watch_status_changes(pb::WatchRequest::default())
+        .await
+        .expect_err("the feed needs a token too");
+    assert_eq!(feed.code(), tonic::Code::Unauthenticated);
+
+    let mut operations = pb::operations_client::OperationsClient::connect(daemon.url())
+        .await
+        .expect("connect Operations");
+    let reader_stats = operations
+        .get_stats(with_token(pb::GetStatsRequest {}, READ_TOKEN))
+        .await
+        .expect_err("a read token is no admin");
+    assert_eq!(reader_stats.code(), tonic::Code::PermissionDenied);
+    operations
+        .get_stats(with_token(pb::GetStatsRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("the admin token gets stats");
+
+    let channel = Channel::from_shared(daemon.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health stays open for probes");
+
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_scand"))
+            .arg("ctl")
+            .args(["--target", &daemon.url()])
+            .args(args)
+            .env_remove("SCAND_TARGET")
+            .env_remove("SCAND_TOKEN")
+            .output()
+            .expect("run scand ctl")
+    };
+    let read_file = read_file.to_str().expect("utf-8 path");
+    let table = ctl(&["--token-file", read_file, "get", "SCOPEPARCEL1"]);
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    assert!(String::from_utf8_lossy(&table.stdout).contains("SCOPEPARCEL1"));
+    let refused = ctl(&["get", "SCOPEPARCEL1"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }

@@ -1,7 +1,11 @@
-//! Per-device bearer tokens for `ScanIngest` (`[[grpc.auth.tokens]]`). A call must carry
-//! `authorization: Bearer <token>` naming a configured token, else it is refused as a whole
-//! (UNAUTHENTICATED); each scan of an authorized call must come from a device the token
-//! allows, else that scan alone is REJECTED (`device_not_allowed`).
+//! Bearer tokens with scopes (`[[grpc.auth.tokens]]`). Once any token is configured, every
+//! call of `ScanIngest` (scope `ingest`), `Tracking` (scope `read`: shipments and the change
+//! feed) and `Operations` (scope `admin`) must carry `authorization: Bearer <token>` naming a
+//! configured token (else UNAUTHENTICATED) whose scopes include the service's (else
+//! PERMISSION_DENIED); health and reflection stay open for probes. Each scan of an authorized
+//! ingest call must come from a device the token allows, else that scan alone is REJECTED
+//! (`device_not_allowed`). A token's secret is in the config or in a file of its own
+//! (`token_file`: systemd `LoadCredential`, a Kubernetes Secret), read when the config loads.
 //!
 //! Tokens are kept as SHA-256 digests and looked up by digest, so neither memory dumps nor
 //! lookup timing reveal a configured token.
@@ -32,10 +36,39 @@ impl AllowedDevices {
     }
 }
 
+/// What a token may do: one scope per gRPC service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Send scans (`ScanIngest`).
+    Ingest,
+    /// Read shipments and follow the change feed (`Tracking`).
+    Read,
+    /// Stats and administration (`Operations`).
+    Admin,
+}
+
+impl Scope {
+    fn name(self) -> &'static str {
+        match self {
+            Scope::Ingest => "ingest",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// One configured token: its scopes and the devices it may send scans for.
+#[derive(Debug)]
+struct Grant {
+    scopes: HashSet<Scope>,
+    devices: Arc<AllowedDevices>,
+}
+
 /// The configured tokens; `None` from [`DeviceTokens::new`] when there are none.
 #[derive(Clone, Debug)]
 pub struct DeviceTokens {
-    by_digest: Arc<HashMap<[u8; 32], Arc<AllowedDevices>>>,
+    by_digest: Arc<HashMap<[u8; 32], Grant>>,
 }
 
 impl DeviceTokens {
@@ -52,7 +85,11 @@ impl DeviceTokens {
                 } else {
                     AllowedDevices::Only(entry.devices.iter().cloned().collect())
                 };
-                (digest(entry.token.as_bytes()), Arc::new(allowed))
+                let grant = Grant {
+                    scopes: entry.scopes.iter().copied().collect(),
+                    devices: Arc::new(allowed),
+                };
+                (digest(entry.token.as_bytes()), grant)
             })
             .collect();
         Some(Self {
@@ -60,16 +97,24 @@ impl DeviceTokens {
         })
     }
 
-    /// The devices the call's bearer token allows.
-    pub fn authorize(&self, metadata: &MetadataMap) -> Result<Arc<AllowedDevices>, Status> {
-        let refuse = |reason: &'static str, message: &str| {
+    /// The devices the call's bearer token allows, if the token has `scope`.
+    pub fn authorize(
+        &self,
+        metadata: &MetadataMap,
+        scope: Scope,
+    ) -> Result<Arc<AllowedDevices>, Status> {
+        let refuse = |reason: &'static str, message: String| {
             metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
             Err(Status::unauthenticated(message))
         };
         let Some(header) = metadata.get("authorization") else {
             return refuse(
                 "missing_token",
-                "missing bearer token: send `authorization: Bearer <token>` (scand requires a device token for scans)",
+                format!(
+                    "missing bearer token: send `authorization: Bearer <token>` (this scand \
+                     requires a token with scope `{}`)",
+                    scope.name()
+                ),
             );
         };
         let Some(token) = header
@@ -80,12 +125,32 @@ impl DeviceTokens {
         else {
             return refuse(
                 "malformed_token",
-                "malformed authorization header: expected `Bearer <token>`",
+                "malformed authorization header: expected `Bearer <token>`".to_owned(),
             );
         };
         match self.by_digest.get(&digest(token.as_bytes())) {
-            Some(allowed) => Ok(allowed.clone()),
-            None => refuse("unknown_token", "unknown bearer token"),
+            Some(grant) if grant.scopes.contains(&scope) => Ok(grant.devices.clone()),
+            Some(_) => {
+                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "missing_scope").increment(1);
+                Err(Status::permission_denied(format!(
+                    "this bearer token lacks scope `{}`",
+                    scope.name()
+                )))
+            }
+            None => refuse("unknown_token", "unknown bearer token".to_owned()),
+        }
+    }
+
+    /// A tonic interceptor admitting only calls whose token has `scope`.
+    pub fn require(
+        tokens: Option<DeviceTokens>,
+        scope: Scope,
+    ) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone {
+        move |request: tonic::Request<()>| {
+            if let Some(tokens) = &tokens {
+                tokens.authorize(request.metadata(), scope)?;
+            }
+            Ok(request)
         }
     }
 }
@@ -94,19 +159,34 @@ fn digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
-/// Per-device bearer tokens for `ScanIngest`. With none configured, ingest needs no token.
+/// Bearer tokens. With none configured, no call needs a token.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub tokens: Vec<DeviceToken>,
 }
 
-/// One bearer token and the device ids whose scans it may send (`"*"`: any device).
+/// One bearer token: its secret (`token`, or the file `token_file` holds it in), its scopes
+/// (default `["ingest"]`) and, for `ingest`, the device ids whose scans it may send (`"*"`:
+/// any device).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceToken {
+    #[serde(default)]
     pub token: String,
+    /// A file holding the secret (surrounding whitespace ignored), read when the config loads.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
+    #[serde(default = "DeviceToken::default_scopes")]
+    pub scopes: Vec<Scope>,
+    #[serde(default)]
     pub devices: Vec<String>,
+}
+
+impl DeviceToken {
+    fn default_scopes() -> Vec<Scope> {
+        vec![Scope::Ingest]
+    }
 }
 
 impl std::fmt::Debug for DeviceToken {
@@ -114,6 +194,8 @@ impl std::fmt::Debug for DeviceToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceToken")
             .field("token", &"<redacted>")
+            .field("token_file", &self.token_file)
+            .field("scopes", &self.scopes)
             .field("devices", &self.devices)
             .finish()
     }
@@ -128,11 +210,21 @@ mod tests {
             tokens: vec![
                 DeviceToken {
                     token: "dock7-0123456789abcdef".into(),
+                    token_file: None,
+                    scopes: vec![Scope::Ingest],
                     devices: vec!["dock7-1".into(), "dock7-2".into()],
                 },
                 DeviceToken {
                     token: "hub-0123456789abcdefgh".into(),
+                    token_file: None,
+                    scopes: vec![Scope::Ingest],
                     devices: vec!["*".into()],
+                },
+                DeviceToken {
+                    token: "reader-0123456789abcdef".into(),
+                    token_file: None,
+                    scopes: vec![Scope::Read],
+                    devices: vec![],
                 },
             ],
         })
@@ -153,16 +245,34 @@ mod tests {
     #[test]
     fn a_token_allows_exactly_its_devices() {
         let allowed = tokens()
-            .authorize(&metadata("Bearer dock7-0123456789abcdef"))
+            .authorize(&metadata("Bearer dock7-0123456789abcdef"), Scope::Ingest)
             .expect("known token");
         assert!(allowed.permits("dock7-1"));
         assert!(allowed.permits("dock7-2"));
         assert!(!allowed.permits("dock8-1"));
         assert!(!allowed.permits(""));
         let any = tokens()
-            .authorize(&metadata("Bearer hub-0123456789abcdefgh"))
+            .authorize(&metadata("Bearer hub-0123456789abcdefgh"), Scope::Ingest)
             .expect("known token");
         assert_eq!(*any, AllowedDevices::Any);
+    }
+
+    #[test]
+    fn a_token_without_the_services_scope_is_denied() {
+        let tokens = tokens();
+        let reader = metadata("Bearer reader-0123456789abcdef");
+        assert!(tokens.authorize(&reader, Scope::Read).is_ok());
+        for scope in [Scope::Ingest, Scope::Admin] {
+            let status = tokens.authorize(&reader, scope).expect_err("denied");
+            assert_eq!(status.code(), tonic::Code::PermissionDenied);
+            assert_eq!(
+                status.message(),
+                format!("this bearer token lacks scope `{}`", scope.name())
+            );
+        }
+        let dock = metadata("Bearer dock7-0123456789abcdef");
+        let status = tokens.authorize(&dock, Scope::Read).expect_err("denied");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
     }
 
     #[test]
@@ -176,7 +286,9 @@ mod tests {
                 "unknown bearer token",
             ),
         ] {
-            let status = tokens.authorize(&metadata).expect_err("refused");
+            let status = tokens
+                .authorize(&metadata, Scope::Read)
+                .expect_err("refused");
             assert_eq!(status.code(), tonic::Code::Unauthenticated);
             assert!(
                 status.message().starts_with(message),

@@ -19,7 +19,7 @@ use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::auth::{AllowedDevices, DeviceTokens};
+use super::auth::{AllowedDevices, DeviceTokens, Scope};
 use super::message_limit;
 use super::{Admission, Caller, Ingestor, Pending};
 use crate::proto::pb::{self, scan_ingest_server::ScanIngest};
@@ -56,7 +56,7 @@ impl ScanIngestService {
     fn authorize<T>(&self, request: &Request<T>) -> Result<Option<Arc<AllowedDevices>>, Status> {
         self.tokens
             .as_ref()
-            .map(|tokens| tokens.authorize(request.metadata()))
+            .map(|tokens| tokens.authorize(request.metadata(), Scope::Ingest))
             .transpose()
     }
 }

@@ -110,7 +110,12 @@ pub fn install(known: &KnownLabels<'_>) -> Result<PrometheusHandle, MetricsError
     for reason in ["batch_too_large", "overloaded", "store_unwritable"] {
         metrics::counter!(INGEST_BATCHES_FAILED_TOTAL, "reason" => reason).absolute(0);
     }
-    for reason in ["missing_token", "malformed_token", "unknown_token"] {
+    for reason in [
+        "missing_token",
+        "malformed_token",
+        "unknown_token",
+        "missing_scope",
+    ] {
         metrics::counter!(AUTH_FAILURES_TOTAL, "reason" => reason).absolute(0);
     }
     let labelled = [
@@ -234,7 +239,7 @@ fn describe() {
     describe_counter!(
         AUTH_FAILURES_TOTAL,
         Unit::Count,
-        "Scan calls refused for a missing or unknown bearer token, by reason."
+        "Calls refused for a missing, malformed or unknown bearer token, or one without the service's scope, by reason."
     );
     describe_counter!(
         FEED_SUBSCRIBERS_CUT_OFF_TOTAL,
