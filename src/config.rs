@@ -270,6 +270,18 @@ impl Config {
         }
         validate_tls(&self.grpc.tls)?;
         validate_auth(&self.grpc.auth)?;
+        let anonymous = self.grpc.auth.tokens.is_empty() && self.grpc.tls.client_ca.is_none();
+        if anonymous && !self.grpc.listen.ip().is_loopback() && !self.grpc.allow_anonymous {
+            return Err(ConfigError::Invalid {
+                key: "grpc.listen",
+                reason: format!(
+                    "{} is reachable from other hosts, where anyone could send scans and read \
+                     every shipment: configure [[grpc.auth.tokens]] or grpc.tls.client_ca, or \
+                     set grpc.allow_anonymous = true to serve anonymous callers",
+                    self.grpc.listen
+                ),
+            });
+        }
         let kafka = &self.kafka;
         if (kafka.source.enabled || kafka.sink.enabled || kafka.gateway.enabled)
             && kafka.brokers.trim().is_empty()
@@ -460,6 +472,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.create_file("scand.toml", "[grpc]\nlisten = \"127.0.0.1:1000\"\n")?;
             jail.set_env("SCAND_GRPC__LISTEN", "0.0.0.0:2000");
+            jail.set_env("SCAND_GRPC__ALLOW_ANONYMOUS", "true");
             jail.set_env("SCAND_INGEST__MAX_BATCH_SCANS", "7");
             jail.set_env("SCAND_CONFIG", "scand.toml");
             let c = Config::load(Some(std::path::Path::new("scand.toml")))
@@ -490,6 +503,7 @@ mod tests {
                 jail.set_env(name, value);
             }
             jail.set_env("SCAND_GRPC__LISTEN", "0.0.0.0:2000");
+            jail.set_env("SCAND_GRPC__ALLOW_ANONYMOUS", "true");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.grpc.listen, SocketAddr::from(([0, 0, 0, 0], 2000)));
             jail.set_env("SCAND_GRPC__LISTN", "0.0.0.0:2001");
@@ -507,6 +521,23 @@ mod tests {
             assert!(err.contains("gprc"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn an_address_other_hosts_reach_needs_tokens_or_client_certificates() {
+        let err = load_in_jail("[grpc]\nlisten = \"0.0.0.0:50051\"\n").expect_err("anonymous");
+        assert!(
+            err.starts_with("invalid value for `grpc.listen`: 0.0.0.0:50051 is reachable"),
+            "{err}"
+        );
+        load_in_jail("[grpc]\nlisten = \"0.0.0.0:50051\"\nallow_anonymous = true\n")
+            .expect("anonymous by choice");
+        load_in_jail(
+            "[grpc]\nlisten = \"0.0.0.0:50051\"\n[[grpc.auth.tokens]]\n\
+             token = \"0123456789abcdef-secret\"\ndevices = [\"*\"]\n",
+        )
+        .expect("tokens");
+        load_in_jail("[grpc]\nlisten = \"127.0.0.1:50051\"\n").expect("loopback");
     }
 
     #[test]

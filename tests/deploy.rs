@@ -127,13 +127,7 @@ fn every_alert_says_what_happened_and_links_its_runbook() {
 fn kubernetes_manifests_run_scand_with_its_volume_probes_and_ports() {
     let docs = yaml_documents("deploy/kubernetes/scand.yaml");
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    for kind in [
-        "ConfigMap",
-        "Service",
-        "StatefulSet",
-        "PodDisruptionBudget",
-        "ServiceMonitor",
-    ] {
+    for kind in ["ConfigMap", "Service", "StatefulSet", "ServiceMonitor"] {
         assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
     }
     let set = docs
@@ -148,6 +142,11 @@ fn kubernetes_manifests_run_scand_with_its_volume_probes_and_ports() {
     assert_eq!(
         container["livenessProbe"]["httpGet"]["path"].as_str(),
         Some("/healthz")
+    );
+    assert_eq!(
+        container["startupProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz"),
+        "liveness waits until a long store open or restore is done"
     );
     let defaults = scand::config::Config::default();
     let ports: Vec<u64> = container["ports"]
@@ -177,9 +176,90 @@ fn kubernetes_manifests_run_scand_with_its_volume_probes_and_ports() {
         .find(|d| d["kind"].as_str() == Some("ConfigMap"))
         .and_then(|d| d["data"]["scand.toml"].as_str())
         .expect("config");
+    // Its tokens come from the Secret the pod mounts; here, files of test secrets.
+    let secrets = tempfile::tempdir().expect("tempdir");
+    for name in ["scanners", "readers", "admin"] {
+        std::fs::write(
+            secrets.path().join(name),
+            format!("{name}-0123456789abcdef\n"),
+        )
+        .expect("write a secret");
+    }
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["name"].as_str() == Some("tokens"))
+        .and_then(|m| m["mountPath"].as_str())
+        .expect("the tokens Secret is mounted");
+    let config = config.replace(mount, &secrets.path().display().to_string());
     let file = tempfile::NamedTempFile::new().expect("temp");
     std::fs::write(file.path(), config).expect("write");
-    scand::config::Config::load(Some(file.path())).expect("the ConfigMap is a valid config");
+    let loaded =
+        scand::config::Config::load(Some(file.path())).expect("the ConfigMap is a valid config");
+    assert!(!loaded.grpc.listen.ip().is_loopback());
+    assert_eq!(loaded.grpc.auth.tokens.len(), 3, "callers need a token");
+    assert!(!loaded.grpc.allow_anonymous);
+}
+
+/// `scand check-config` run with the environment the image sets (its `ENV` lines).
+fn check_config_as_the_image(config: &std::path::Path) -> std::process::Output {
+    let dockerfile = repo("Dockerfile");
+    let env_block = dockerfile
+        .split("ENV ")
+        .nth(1)
+        .expect("the image sets its environment");
+    let env: Vec<(String, String)> = env_block
+        .lines()
+        .take_while(|line| !line.starts_with("USER") && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.trim().trim_end_matches('\\').trim().split_once('=')?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    assert!(
+        env.iter().any(|(name, _)| name == "SCAND_GRPC__LISTEN"),
+        "{env:?}"
+    );
+    std::process::Command::new(env!("CARGO_BIN_EXE_scand"))
+        .args(["check-config", "--config"])
+        .arg(config)
+        .envs(env)
+        .output()
+        .expect("run scand check-config")
+}
+
+#[test]
+fn the_image_serves_only_callers_with_a_token() {
+    let refused = check_config_as_the_image(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/scand.toml"),
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(
+            "invalid value for `grpc.listen`: 0.0.0.0:50051 is reachable from other hosts"
+        ),
+        "{stderr}"
+    );
+    let secrets = tempfile::tempdir().expect("tempdir");
+    for name in ["scanners", "readers", "admin"] {
+        std::fs::write(
+            secrets.path().join(name),
+            format!("{name}-0123456789abcdef\n"),
+        )
+        .expect("write a secret");
+    }
+    let image_config = repo("deploy/docker/tokens.toml")
+        .replace("/run/secrets/scand", &secrets.path().display().to_string());
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), image_config).expect("write");
+    let accepted = check_config_as_the_image(file.path());
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
 }
 
 /// The variables the kubelet puts into every pod of the namespace for each Service of the

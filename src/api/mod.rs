@@ -39,6 +39,9 @@ pub struct GrpcConfig {
     pub max_connections: usize,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    /// Serve callers with neither a token nor a client certificate on an address other hosts
+    /// reach. Off: such a listen address needs `[[grpc.auth.tokens]]` or `tls.client_ca`.
+    pub allow_anonymous: bool,
 }
 
 impl Default for GrpcConfig {
@@ -55,6 +58,7 @@ impl Default for GrpcConfig {
             max_connections: 1024,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            allow_anonymous: false,
         }
     }
 }
