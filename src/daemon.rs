@@ -31,6 +31,7 @@ use crate::publish::kafka::KafkaSink;
 use crate::scaleout::changelog;
 use crate::scaleout::gateway::Gateway;
 use crate::store::{writer, Store, StoreError};
+use crate::telemetry::lag::Lag;
 use crate::telemetry::metrics::KnownLabels;
 use crate::telemetry::{self, admin::Liveness, admin::Readiness};
 
@@ -84,6 +85,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let readiness = Readiness::default();
     readiness.set(false);
     let liveness = Liveness::new(PIPELINE_SILENCE_LIMIT);
+    let lag = Lag::default();
     let shutdown = CancellationToken::new();
 
     let admin_listener = TcpListener::bind(config.admin.listen)
@@ -96,6 +98,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let admin = tokio::spawn(telemetry::admin::serve(
         admin_listener,
         metrics,
+        lag.clone(),
         readiness.clone(),
         liveness.clone(),
         shutdown.clone(),
@@ -180,6 +183,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             store.clone(),
             writer.clone(),
             stores_here,
+            lag,
         )
         .map_err(|e| DaemonError::Kafka(e.to_string()))?;
         kafka_tasks.push(tokio::spawn(source.run(shutdown.clone())));

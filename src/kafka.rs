@@ -1,6 +1,6 @@
 //! Kafka client plumbing shared by the Kafka adapters (`ingest::kafka`, `scaleout`,
-//! `publish::kafka`): client configuration with pass-through properties, and a context that
-//! routes librdkafka's logs into tracing and its statistics into metrics.
+//! `publish::kafka`): client configuration with pass-through properties, a context that routes
+//! librdkafka's logs into tracing, and the consumer's statistics onto the lag board.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +11,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 use serde::{Deserialize, Serialize};
 
-use crate::telemetry::metrics as m;
+use crate::telemetry::lag::Lag;
 
 /// How to reach the cluster: its bootstrap servers and each kind of client's properties.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,7 +56,7 @@ pub fn idempotent_producer(
     .create_with_context(LoggingContext)
 }
 
-/// librdkafka logs through tracing; consumer statistics become lag gauges.
+/// librdkafka logs through tracing.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoggingContext;
 
@@ -67,10 +67,6 @@ impl ClientContext for LoggingContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "kafka client error");
-    }
-
-    fn stats(&self, statistics: Statistics) {
-        record_lag(&statistics);
     }
 }
 
@@ -90,19 +86,17 @@ pub fn log(level: RDKafkaLogLevel, facility: &str, message: &str) {
     }
 }
 
-/// Consumer lag per assigned partition, from librdkafka's statistics (no broker round trip).
-pub fn record_lag(statistics: &Statistics) {
-    for (topic, t) in &statistics.topics {
-        for (partition, p) in &t.partitions {
+/// Consumer lag per assigned partition, from librdkafka's statistics (no broker round trip):
+/// the partitions in them are the ones this consumer owns now.
+pub fn record_lag(statistics: &Statistics, lag: &Lag) {
+    lag.owned(statistics.topics.iter().flat_map(|(topic, t)| {
+        t.partitions
+            .iter()
             // -1 = the partition is not consumed by this client, or lag unknown yet.
-            if *partition >= 0 && p.consumer_lag >= 0 {
-                metrics::gauge!(m::KAFKA_CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                    .set(p.consumer_lag as f64);
-            }
-        }
-    }
+            .filter(|(partition, p)| **partition >= 0 && p.consumer_lag >= 0)
+            .map(|(partition, p)| ((topic.clone(), *partition), p.consumer_lag))
+    }));
 }
-
 /// librdkafka properties passed through as they are (TLS, SASL, timeouts...).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

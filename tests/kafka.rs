@@ -273,7 +273,8 @@ async fn journeys_from_kafka_are_applied_dead_lettered_and_published_in_version_
         "scand_kafka_records_total{topic=\"scans.raw\"}",
         "scand_publish_total{sink=\"kafka\",result=\"ok\"}",
         "scand_publish_latency_seconds_bucket",
-        "scand_kafka_consumer_lag{topic=\"scans.raw\",partition=\"0\"} 0",
+        "scand_kafka_consumer_lag_records{topic=\"scans.raw\",partition=\"0\"} 0",
+        "scand_kafka_consumer_lag_seconds{topic=\"scans.raw\",partition=\"0\"} 0",
         "scand_kafka_partitions_assigned 3",
     ];
     let metrics = daemon

@@ -35,6 +35,7 @@ use crate::proto::codec::{self, Encoding};
 use crate::scaleout::changelog;
 use crate::store::writer::{SourceOffset, WriterHandle};
 use crate::store::Store;
+use crate::telemetry::lag::Lag;
 use crate::telemetry::metrics as m;
 
 pub const HEADER_REASON: &str = "scand-reason";
@@ -56,6 +57,8 @@ pub enum KafkaSourceError {
 /// `auto.offset.reset`.
 pub struct SourceContext {
     store: Store,
+    /// The lag of the partitions this consumer owns, from its statistics.
+    lag: Lag,
     /// Installs restored partition state, as a job in its queue.
     writer: WriterHandle,
     cluster: Cluster,
@@ -68,7 +71,7 @@ impl ClientContext for SourceContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        client::record_lag(&statistics);
+        client::record_lag(&statistics, &self.lag);
     }
 }
 
@@ -143,6 +146,7 @@ impl ConsumerContext for SourceContext {
 /// The running source: consume, decode, validate, dead-letter, store, commit.
 pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
+    lag: Lag,
     dead_letters: FutureProducer<LoggingContext>,
     config: KafkaSourceConfig,
     /// Stores into this instance's store, whatever gRPC's destination.
@@ -223,6 +227,7 @@ impl KafkaSource {
         store: Store,
         writer: WriterHandle,
         ingestor: Ingestor,
+        lag: Lag,
     ) -> Result<Self, KafkaSourceError> {
         let consumer: StreamConsumer<SourceContext> = client::client_config(
             cluster,
@@ -237,6 +242,7 @@ impl KafkaSource {
         )
         .create_with_context(SourceContext {
             store,
+            lag: lag.clone(),
             writer,
             cluster: cluster.clone(),
             changelog_topic: config.changelog_topic.clone(),
@@ -245,6 +251,7 @@ impl KafkaSource {
         consumer.subscribe(&topics)?;
         Ok(Self {
             consumer,
+            lag,
             dead_letters: client::idempotent_producer(cluster)?,
             config: config.clone(),
             ingestor,
@@ -299,6 +306,12 @@ impl KafkaSource {
                 (record.topic().to_owned(), record.partition()),
                 record.offset() + 1,
             );
+            if let Some(millis) = record.timestamp().to_millis() {
+                let produced = std::time::UNIX_EPOCH
+                    + Duration::from_millis(u64::try_from(millis).unwrap_or_default());
+                self.lag
+                    .consumed(record.topic(), record.partition(), produced);
+            }
             match triage(
                 record.payload(),
                 content_type(&record),

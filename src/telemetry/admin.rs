@@ -106,6 +106,7 @@ impl Liveness {
 #[derive(Clone)]
 struct AdminState {
     metrics: PrometheusHandle,
+    lag: super::lag::Lag,
     readiness: Readiness,
     liveness: Liveness,
 }
@@ -114,6 +115,7 @@ struct AdminState {
 pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
+    lag: super::lag::Lag,
     readiness: Readiness,
     liveness: Liveness,
     shutdown: CancellationToken,
@@ -124,6 +126,7 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .with_state(AdminState {
             metrics,
+            lag,
             readiness,
             liveness,
         });
@@ -133,7 +136,9 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> String {
-    state.metrics.render()
+    let mut text = state.metrics.render();
+    text.push_str(&state.lag.render(std::time::SystemTime::now()));
+    text
 }
 
 async fn healthy(State(state): State<AdminState>) -> (StatusCode, String) {

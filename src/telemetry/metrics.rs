@@ -25,7 +25,6 @@ pub const FEED_CHANGES_SENT_TOTAL: &str = "scand_feed_changes_sent_total";
 pub const KAFKA_RECORDS_TOTAL: &str = "scand_kafka_records_total";
 pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "scand_kafka_dead_letters_total";
 pub const KAFKA_DEAD_LETTER_ERRORS_TOTAL: &str = "scand_kafka_dead_letter_errors_total";
-pub const KAFKA_CONSUMER_LAG: &str = "scand_kafka_consumer_lag";
 pub const KAFKA_PARTITIONS_ASSIGNED: &str = "scand_kafka_partitions_assigned";
 pub const KAFKA_RESTORED_SHIPMENTS_TOTAL: &str = "scand_kafka_restored_shipments_total";
 pub const OUTBOX_PENDING: &str = "scand_outbox_pending";

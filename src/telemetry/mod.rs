@@ -1,7 +1,8 @@
-//! Telemetry: tracing setup, the metric catalogue (`metrics`) and the admin HTTP endpoint
-//! (`admin`: /metrics, /healthz, /readyz).
+//! Telemetry: tracing setup, the metric catalogue (`metrics`), the Kafka lag board rendered at
+//! each scrape (`lag`) and the admin HTTP endpoint (`admin`: /metrics, /healthz, /readyz).
 
 pub mod admin;
+pub mod lag;
 pub mod metrics;
 
 use serde::{Deserialize, Serialize};
