@@ -177,14 +177,7 @@ fn kubernetes_manifests_run_scand_with_its_volume_probes_and_ports() {
         .and_then(|d| d["data"]["scand.toml"].as_str())
         .expect("config");
     // Its tokens come from the Secret the pod mounts; here, files of test secrets.
-    let secrets = tempfile::tempdir().expect("tempdir");
-    for name in ["scanners", "readers", "admin"] {
-        std::fs::write(
-            secrets.path().join(name),
-            format!("{name}-0123456789abcdef\n"),
-        )
-        .expect("write a secret");
-    }
+    let secrets = token_secrets();
     let mount = container["volumeMounts"]
         .as_sequence()
         .expect("mounts")
@@ -200,6 +193,16 @@ fn kubernetes_manifests_run_scand_with_its_volume_probes_and_ports() {
     assert!(!loaded.grpc.listen.ip().is_loopback());
     assert_eq!(loaded.grpc.auth.tokens.len(), 3, "callers need a token");
     assert!(!loaded.grpc.allow_anonymous);
+}
+
+/// A directory holding the token secrets the shipped kit mounts, one file each.
+fn token_secrets() -> tempfile::TempDir {
+    let secrets = tempfile::tempdir().expect("tempdir");
+    for name in ["scanners", "readers", "admin"] {
+        let secret = format!("{name}-0123456789abcdef\n");
+        std::fs::write(secrets.path().join(name), secret).expect("write a secret");
+    }
+    secrets
 }
 
 /// `scand check-config` run with the environment the image sets (its `ENV` lines).
@@ -242,14 +245,7 @@ fn the_image_serves_only_callers_with_a_token() {
         ),
         "{stderr}"
     );
-    let secrets = tempfile::tempdir().expect("tempdir");
-    for name in ["scanners", "readers", "admin"] {
-        std::fs::write(
-            secrets.path().join(name),
-            format!("{name}-0123456789abcdef\n"),
-        )
-        .expect("write a secret");
-    }
+    let secrets = token_secrets();
     let image_config = repo("deploy/docker/tokens.toml")
         .replace("/run/secrets/scand", &secrets.path().display().to_string());
     let file = tempfile::NamedTempFile::new().expect("temp");

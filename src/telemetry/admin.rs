@@ -142,22 +142,18 @@ async fn render_metrics(State(state): State<AdminState>) -> String {
 }
 
 async fn healthy(State(state): State<AdminState>) -> (StatusCode, String) {
-    match state.liveness.dead_because() {
-        None => (StatusCode::OK, "ok\n".to_owned()),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not alive: {reason}\n"),
-        ),
-    }
+    probe_answer(state.liveness.dead_because(), "ok", "not alive")
 }
 
 async fn ready(State(state): State<AdminState>) -> (StatusCode, String) {
-    match state.readiness.not_ready_because() {
-        None => (StatusCode::OK, "ready\n".to_owned()),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
-        ),
+    probe_answer(state.readiness.not_ready_because(), "ready", "not ready")
+}
+
+/// 200 with `yes`, or 503 with `no` and the reason.
+fn probe_answer(failure: Option<String>, yes: &str, no: &str) -> (StatusCode, String) {
+    match failure {
+        None => (StatusCode::OK, format!("{yes}\n")),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{no}: {reason}\n")),
     }
 }
 
