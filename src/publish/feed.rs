@@ -140,6 +140,10 @@ impl Feed {
                 .await
                 .map_err(|e| Status::internal(format!("feed reader failed: {e}")))?
                 .map_err(|e| Status::unavailable(format!("change log unreadable: {e}")))?;
+            // A filtered subscriber may see nothing for many chunks: stop reading for one that left.
+            if tx.is_closed() {
+                return Ok(());
+            }
             if chunk.is_empty() {
                 tokio::select! {
                     () = tx.closed() => return Ok(()),
