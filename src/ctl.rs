@@ -151,7 +151,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
                 Err(status) => return Err(rpc_error(status)),
             };
             if json {
-                writeln!(out, "{}", json::shipment(&shipment))
+                writeln!(out, "{}", json::to_json(&shipment))
             } else {
                 write_shipment(&mut out, &shipment)
             }
@@ -191,7 +191,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
                 };
                 shown += 1;
                 let written = if json {
-                    writeln!(out, "{}", json::status_change(&change))
+                    writeln!(out, "{}", json::to_json(&change))
                 } else {
                     writeln!(out, "{}", change_line(&change))
                 };
@@ -207,7 +207,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
                 .map_err(rpc_error)?
                 .into_inner();
             if json {
-                writeln!(out, "{}", stats_json(&stats))
+                writeln!(out, "{}", json::to_json(&stats))
             } else {
                 write_stats(&mut out, &stats)
             }
@@ -423,23 +423,6 @@ fn change_line(c: &pb::StatusChange) -> String {
         line.push_str("  [correction]");
     }
     line
-}
-
-fn stats_json(s: &pb::Stats) -> serde_json::Value {
-    serde_json::json!({
-        "version": s.version,
-        "uptime_seconds": s.uptime_seconds,
-        "last_sequence": s.last_sequence,
-        "shipments_estimate": s.shipments_estimate,
-        "stored_scans_estimate": s.stored_scans_estimate,
-        "stalled_shipments": s.stalled_shipments,
-        "data_bytes": s.data_bytes,
-        "sinks": s.sinks.iter().map(|k| serde_json::json!({
-            "name": k.name,
-            "delivered_sequence": k.delivered_sequence,
-            "pending": k.pending,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn write_stats(out: &mut impl Write, s: &pb::Stats) -> std::io::Result<()> {

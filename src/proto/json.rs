@@ -1,18 +1,68 @@
-//! The JSON form of the public messages, as the Kafka sink and `scand ctl --json` print them:
-//! proto field names, enums by name, timestamps in RFC 3339 (the proto3 JSON conventions).
-//! One place, so every JSON consumer sees the same shape.
+//! The proto3 JSON form of the `scand.v1` messages, both ways, through their own descriptors
+//! (prost-reflect over the descriptor set built with them): field names in lowerCamelCase,
+//! enums by name, 64-bit integers as strings, timestamps in RFC 3339, defaults left out; both
+//! spellings of a field name and enums by name or number are read. What the Kafka sink writes,
+//! `scand ctl --json` prints and the Kafka source reads (`codec`), so any proto3 JSON
+//! implementation reads and writes the same (tested against Python's `json_format`).
 
-use std::time::SystemTime;
+use std::sync::LazyLock;
 
-use serde_json::{json, Value};
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 
 use super::pb;
 
-fn rfc3339(t: Option<prost_types::Timestamp>) -> Option<String> {
-    t.and_then(|t| SystemTime::try_from(t).ok())
-        .map(|t| humantime::format_rfc3339_nanos(t).to_string())
+/// The descriptors of scand.v1, from the set compiled with the messages.
+static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
+    DescriptorPool::decode(super::FILE_DESCRIPTOR_SET)
+        .expect("the descriptor set is built with the messages it describes")
+});
+
+/// A `scand.v1` message with its full name, so its descriptor can be found.
+pub trait Named: Message + Default {
+    const NAME: &'static str;
 }
 
+impl Named for pb::Scan {
+    const NAME: &'static str = "scand.v1.Scan";
+}
+
+impl Named for pb::StatusChange {
+    const NAME: &'static str = "scand.v1.StatusChange";
+}
+
+impl Named for pb::Shipment {
+    const NAME: &'static str = "scand.v1.Shipment";
+}
+
+impl Named for pb::Stats {
+    const NAME: &'static str = "scand.v1.Stats";
+}
+
+fn descriptor<M: Named>() -> MessageDescriptor {
+    POOL.get_message_by_name(M::NAME)
+        .expect("every Named message is in the descriptor set (tested)")
+}
+
+/// The message's proto3 JSON.
+pub fn to_json<M: Named>(message: &M) -> String {
+    let mut dynamic = DynamicMessage::new(descriptor::<M>());
+    dynamic
+        .transcode_from(message)
+        .expect("a message transcodes to its own descriptor");
+    serde_json::to_string(&dynamic).expect("a message serializes to JSON")
+}
+
+/// A message from its proto3 JSON; unknown fields are an error.
+pub fn from_json<M: Named>(bytes: &[u8]) -> Result<M, String> {
+    let mut reader = serde_json::Deserializer::from_slice(bytes);
+    let dynamic =
+        DynamicMessage::deserialize(descriptor::<M>(), &mut reader).map_err(|e| e.to_string())?;
+    reader.end().map_err(|e| e.to_string())?;
+    dynamic.transcode_to::<M>().map_err(|e| e.to_string())
+}
+
+/// An enum value's name (`STATUS_DELIVERED`), as the JSON form spells it.
 pub fn status_name(n: i32) -> &'static str {
     pb::Status::try_from(n)
         .unwrap_or(pb::Status::Unspecified)
@@ -25,79 +75,21 @@ pub fn scan_type_name(n: i32) -> &'static str {
         .as_str_name()
 }
 
-fn location(l: &pb::Location) -> Value {
-    json!({
-        "facility_id": l.facility_id,
-        "kind": pb::LocationKind::try_from(l.kind).unwrap_or(pb::LocationKind::Unspecified).as_str_name(),
-        "latitude": l.latitude,
-        "longitude": l.longitude,
-    })
-}
-
-pub fn status_change(c: &pb::StatusChange) -> Value {
-    json!({
-        "sequence": c.sequence,
-        "tracking_number": c.tracking_number,
-        "version": c.version,
-        "previous_status": status_name(c.previous_status),
-        "previous_sub_status": scan_type_name(c.previous_sub_status),
-        "previous_stalled_status": status_name(c.previous_stalled_status),
-        "status": status_name(c.status),
-        "sub_status": scan_type_name(c.sub_status),
-        "stalled_status": status_name(c.stalled_status),
-        "cause_scan_id": c.cause_scan_id,
-        "event_time": rfc3339(c.event_time),
-        "location": c.location.as_ref().map(location),
-        "regression": c.regression,
-        "correction": c.correction,
-        "committed_time": rfc3339(c.committed_time),
-        "carrier": c.carrier,
-        "carrier_service": c.carrier_service,
-    })
-}
-
-pub fn scan(s: &pb::Scan) -> Value {
-    json!({
-        "scan_id": s.scan_id,
-        "tracking_number": s.tracking_number,
-        "scan_type": scan_type_name(s.scan_type),
-        "event_time": rfc3339(s.event_time),
-        "received_time": rfc3339(s.received_time),
-        "location": s.location.as_ref().map(location),
-        "device_id": s.device_id,
-        "source": pb::Source::try_from(s.source).unwrap_or(pb::Source::Unspecified).as_str_name(),
-        "sensor": s.sensor.as_ref().map(|r| json!({
-            "temperature_c": r.temperature_c,
-            "humidity_pct": r.humidity_pct,
-        })),
-        "exception_code": s.exception_code,
-        "attributes": s.attributes,
-    })
-}
-
-pub fn shipment(s: &pb::Shipment) -> Value {
-    json!({
-        "tracking_number": s.tracking_number,
-        "status": status_name(s.status),
-        "sub_status": scan_type_name(s.sub_status),
-        "stalled_status": status_name(s.stalled_status),
-        "version": s.version,
-        "carrier": s.carrier,
-        "carrier_service": s.carrier_service,
-        "tracking_number_issue": s.tracking_number_issue,
-        "scans_after_terminal": s.scans_after_terminal,
-        "regressions": s.regressions,
-        "clock_skewed_scans": s.clock_skewed_scans,
-        "timeline": s.timeline.iter().map(scan).collect::<Vec<_>>(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
-    fn change_uses_proto_names_and_rfc3339() {
+    fn every_named_message_has_its_descriptor() {
+        descriptor::<pb::Scan>();
+        descriptor::<pb::StatusChange>();
+        descriptor::<pb::Shipment>();
+        descriptor::<pb::Stats>();
+    }
+
+    #[test]
+    fn a_change_reads_as_proto3_json() {
         let change = pb::StatusChange {
             sequence: 7,
             tracking_number: "PARCEL0001".into(),
@@ -111,19 +103,24 @@ mod tests {
             }),
             ..Default::default()
         };
-        let v = status_change(&change);
+        let v: Value = serde_json::from_str(&to_json(&change)).expect("json");
         assert_eq!(v["status"], "STATUS_STALLED");
-        assert_eq!(v["stalled_status"], "STATUS_IN_TRANSIT");
-        assert_eq!(v["previous_status"], "STATUS_IN_TRANSIT");
-        assert_eq!(v["sub_status"], "SCAN_TYPE_UNSPECIFIED");
-        assert_eq!(v["event_time"], "2026-11-25T08:15:00.000000000Z");
-        assert_eq!(v["version"], 2);
-        assert_eq!(v["location"], Value::Null);
+        assert_eq!(v["stalledStatus"], "STATUS_IN_TRANSIT");
+        assert_eq!(v["previousStatus"], "STATUS_IN_TRANSIT");
+        assert_eq!(v["eventTime"], "2026-11-25T08:15:00Z");
+        assert_eq!(v["version"], "2", "64-bit integers are strings");
+        assert_eq!(v["sequence"], "7");
+        assert_eq!(v.get("subStatus"), None, "defaults are left out");
+        assert_eq!(v.get("location"), None);
+        assert_eq!(
+            from_json::<pb::StatusChange>(to_json(&change).as_bytes()),
+            Ok(change)
+        );
     }
 
     #[test]
-    fn shipment_lists_its_timeline() {
-        let v = shipment(&pb::Shipment {
+    fn a_shipment_lists_its_timeline() {
+        let v: Value = serde_json::from_str(&to_json(&pb::Shipment {
             tracking_number: "PARCEL0001".into(),
             status: pb::Status::Delivered as i32,
             timeline: vec![pb::Scan {
@@ -132,9 +129,23 @@ mod tests {
                 ..Default::default()
             }],
             ..Default::default()
-        });
+        }))
+        .expect("json");
         assert_eq!(v["status"], "STATUS_DELIVERED");
-        assert_eq!(v["timeline"][0]["scan_type"], "SCAN_TYPE_DELIVERED");
-        assert_eq!(v["timeline"][0]["source"], "SOURCE_UNSPECIFIED");
+        assert_eq!(v["timeline"][0]["scanType"], "SCAN_TYPE_DELIVERED");
+        assert_eq!(v["timeline"][0]["scanId"], "s1");
+    }
+
+    #[test]
+    fn both_field_spellings_and_enum_numbers_read_and_unknown_fields_do_not() {
+        let proto_names = br#"{"scan_id":"a","scan_type":"SCAN_TYPE_SORTED"}"#;
+        let json_names = br#"{"scanId":"a","scanType":7}"#;
+        let a = from_json::<pb::Scan>(proto_names).expect("proto names");
+        let b = from_json::<pb::Scan>(json_names).expect("json names");
+        assert_eq!(a.scan_id, "a");
+        assert_eq!(a.scan_type, pb::ScanType::Sorted as i32);
+        assert_eq!(b.scan_type, 7);
+        let unknown = from_json::<pb::Scan>(br#"{"scanId":"a","colour":"red"}"#);
+        assert!(unknown.is_err_and(|e| e.contains("colour")));
     }
 }

@@ -212,9 +212,7 @@ pub fn content_type(encoding: Encoding) -> &'static str {
 pub fn encode(change: &pb::StatusChange, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Protobuf => change.encode_to_vec(),
-        Encoding::Json => crate::proto::json::status_change(change)
-            .to_string()
-            .into_bytes(),
+        Encoding::Json => crate::proto::json::to_json(change).into_bytes(),
     }
 }
 
@@ -253,9 +251,10 @@ mod tests {
             status: pb::Status::Delivered as i32,
             ..Default::default()
         };
-        let json: serde_json::Value =
-            serde_json::from_slice(&encode(&change, Encoding::Json)).expect("json");
-        assert_eq!(json, crate::proto::json::status_change(&change));
+        assert_eq!(
+            crate::proto::json::from_json::<pb::StatusChange>(&encode(&change, Encoding::Json)),
+            Ok(change.clone())
+        );
         assert_eq!(
             pb::StatusChange::decode(encode(&change, Encoding::Protobuf).as_slice()).ok(),
             Some(change)
