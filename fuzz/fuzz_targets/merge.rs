@@ -1,4 +1,4 @@
-//! The shipments merge operator (`store::merge`), which RocksDB runs on the flush thread, in
+//! The shipments merge operator (`store::codec::merge`), which RocksDB runs on the flush thread, in
 //! compactions and in reads: on any stored record and deltas it must not panic, and whatever
 //! prost's decode-apply-encode merge takes it must take too, into the same record (prost drops
 //! fields it does not know, the wire merge keeps them, so the two are compared decoded).
