@@ -136,19 +136,25 @@ impl Feed {
         loop {
             let store = self.store.clone();
             let durable = *self.committed.borrow();
-            let chunk = tokio::task::spawn_blocking(move || store.changes(cursor, durable, CHUNK))
-                .await
-                .map_err(|e| Status::internal(format!("feed reader failed: {e}")))?
-                .map_err(|e| Status::unavailable(format!("change log unreadable: {e}")))?;
-            // A filtered subscriber may see nothing for many chunks: stop reading for one that left.
+            let only = only.clone();
+            // One shipment's changes through its record's index, never a scan of the log.
+            let chunk = tokio::task::spawn_blocking(move || match &only {
+                Some(number) => store.changes_of(number, cursor, durable, CHUNK),
+                None => store.changes(cursor, durable, CHUNK),
+            })
+            .await
+            .map_err(|e| Status::internal(format!("feed reader failed: {e}")))?
+            .map_err(|e| Status::unavailable(format!("change log unreadable: {e}")))?;
             if tx.is_closed() {
                 return Ok(());
             }
             if chunk.is_empty() {
+                // Everything up to `durable` is read (for a filtered subscriber, the log may
+                // have moved past its cursor with other shipments' changes).
                 tokio::select! {
                     () = tx.closed() => return Ok(()),
                     () = self.shutdown.cancelled() => return Err(shutting_down(cursor)),
-                    committed = self.committed.wait_for(|s| *s > cursor) => {
+                    committed = self.committed.wait_for(|s| *s > durable) => {
                         if committed.is_err() {
                             return Err(shutting_down(cursor));
                         }
@@ -158,27 +164,22 @@ impl Feed {
             }
             for change in chunk {
                 let sequence = Sequence(change.sequence);
-                if only
-                    .as_ref()
-                    .is_none_or(|n| n.as_str() == change.tracking_number)
-                {
-                    let room = match tx.try_reserve() {
-                        Ok(room) => room,
-                        Err(mpsc::error::TrySendError::Closed(())) => return Ok(()),
-                        Err(mpsc::error::TrySendError::Full(())) => tokio::select! {
-                            room = tx.reserve() => match room {
-                                Ok(room) => room,
-                                Err(_) => return Ok(()),
-                            },
-                            () = tokio::time::sleep(self.stalled_timeout) => {
-                                return Err(self.cut_off(cursor));
-                            }
-                            () = self.shutdown.cancelled() => return Err(shutting_down(cursor)),
+                let room = match tx.try_reserve() {
+                    Ok(room) => room,
+                    Err(mpsc::error::TrySendError::Closed(())) => return Ok(()),
+                    Err(mpsc::error::TrySendError::Full(())) => tokio::select! {
+                        room = tx.reserve() => match room {
+                            Ok(room) => room,
+                            Err(_) => return Ok(()),
                         },
-                    };
-                    room.send(Ok(change));
-                    metrics::counter!(m::FEED_CHANGES_SENT_TOTAL).increment(1);
-                }
+                        () = tokio::time::sleep(self.stalled_timeout) => {
+                            return Err(self.cut_off(cursor));
+                        }
+                        () = self.shutdown.cancelled() => return Err(shutting_down(cursor)),
+                    },
+                };
+                room.send(Ok(change));
+                metrics::counter!(m::FEED_CHANGES_SENT_TOTAL).increment(1);
                 cursor = sequence;
             }
         }

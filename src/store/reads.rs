@@ -187,6 +187,53 @@ impl Store {
         }))
     }
 
+    /// Up to `limit` of one shipment's changes with a sequence above `after` and at most
+    /// `upto`, in order: the sequences its record lists, each read from its block (consecutive
+    /// ones from one block). Only this shipment's changes are read, however long the log.
+    pub fn changes_of(
+        &self,
+        tracking_number: &TrackingNumber,
+        after: Sequence,
+        upto: Sequence,
+        limit: usize,
+    ) -> Result<Vec<pb::StatusChange>, StoreError> {
+        let Some(record) = self.shipment_record(tracking_number)? else {
+            return Ok(Vec::new());
+        };
+        let key = keys::shipment_key(tracking_number);
+        let wanted = codec::change_sequences(key, &record)?
+            .into_iter()
+            .filter(|&s| s > after.0 && s <= upto.0)
+            .take(limit);
+        let mut blocks = self.db.raw_iterator_cf(self.cf(keys::CHANGES));
+        let mut block: Option<codec::ChangeBlock> = None;
+        let mut out = Vec::new();
+        for sequence in wanted {
+            let missing = || StoreError::Corrupt {
+                key: tracking_number.to_string(),
+                what: format!("change {sequence} listed but not in the log"),
+            };
+            let in_block =
+                |b: &codec::ChangeBlock| b.changes.iter().find(|c| c.sequence == sequence).cloned();
+            let change = match block.as_ref().and_then(in_block) {
+                Some(change) => change,
+                None => {
+                    blocks.seek_for_prev(keys::change_key(Sequence(sequence)));
+                    let Some((key, value)) = blocks.item() else {
+                        blocks.status()?;
+                        return Err(missing());
+                    };
+                    let read = codec::decode_change_block(key, value)?;
+                    let change = in_block(&read).ok_or_else(missing)?;
+                    block = Some(read);
+                    change
+                }
+            };
+            out.push(change);
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` changes with a sequence above `after` and at most `upto`, in order: from
     /// the block holding `after + 1` (the last block starting at or before it) onwards. Readers
     /// pass the durable sequence (the writer's watch) as `upto`: the log may already hold

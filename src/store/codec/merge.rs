@@ -7,7 +7,8 @@
 //! Invariants:
 //! - The result decodes to what applying the deltas one by one to the decoded record gives
 //!   (`codec::ShipmentRecord` semantics: the last head whole, entries in order without
-//!   repeats, replaced scan ids out of the timeline and into the replaced list), and for
+//!   repeats, replaced scan ids out of the timeline and into the replaced list, change
+//!   sequences appended), and for
 //!   operands in prost's encoding it is byte for byte prost's encoding of that record (tested
 //!   against a prost model). Fields this build does not know are kept with the head.
 //! - Associative: combining deltas without their record, then merging that into the record,
@@ -15,7 +16,7 @@
 //! - A value that is not a well-formed `ShipmentRecord` fails the merge (`None`, RocksDB's
 //!   "corrupt"); nothing is dropped silently.
 
-use super::wire::shipment::{REPLACED_SCAN_IDS as REPLACED, TIMELINE};
+use super::wire::shipment::{CHANGE_SEQUENCES as CHANGES, REPLACED_SCAN_IDS as REPLACED, TIMELINE};
 use super::wire::{entry, fields, read_varint, shipment, Field, LEN, RECURSION_LIMIT, VARINT};
 
 /// The wire type a known field of `ShipmentRecord` must have (`None`: unknown to this build).
@@ -75,6 +76,8 @@ struct Merged<'a> {
     /// Whether `entries` is strictly in (event_time, scan_id) order, so needs no sort.
     in_order: bool,
     replaced: Vec<Field<'a>>,
+    /// Change sequences, every record's and delta's appended in order.
+    changes: Vec<Field<'a>>,
 }
 
 /// The merge operator of the `shipments` column family (associative, so RocksDB also uses it
@@ -90,6 +93,7 @@ pub fn merge_shipment_records<'a>(
         entries: Vec::with_capacity(record.map_or(16, |r| r.len() / 128 + 16)),
         in_order: true,
         replaced: Vec::new(),
+        changes: Vec::new(),
     };
     if let Some(record) = record {
         merged.apply(record, false)?;
@@ -121,7 +125,8 @@ impl<'a> Merged<'a> {
                     self.entries.push(entry);
                 }
                 REPLACED if field.wire_type == LEN => self.replaced.push(field),
-                TIMELINE | REPLACED => return None,
+                CHANGES if field.wire_type == VARINT => self.changes.push(field),
+                TIMELINE | REPLACED | CHANGES => return None,
                 tag => {
                     if head_wire_type(tag).is_some_and(|expected| expected != field.wire_type) {
                         return None;
@@ -148,11 +153,13 @@ impl<'a> Merged<'a> {
     }
 
     /// The fields in tag order, as prost writes a record: the head below the timeline, the
-    /// entries, the head between them and the replaced ids, the ids, then fields unknown here.
+    /// entries, the head between them and the replaced ids, the ids, the change sequences, then
+    /// fields unknown here.
     fn encode(&self) -> Vec<u8> {
         let len = self.head.iter().map(|f| f.whole.len()).sum::<usize>()
             + self.entries.iter().map(|e| e.whole.len()).sum::<usize>()
-            + self.replaced.iter().map(|f| f.whole.len()).sum::<usize>();
+            + self.replaced.iter().map(|f| f.whole.len()).sum::<usize>()
+            + self.changes.iter().map(|f| f.whole.len()).sum::<usize>();
         let mut out = Vec::with_capacity(len);
         let head = |out: &mut Vec<u8>, tags: std::ops::Range<u32>| {
             for f in self.head.iter().filter(|f| tags.contains(&f.tag)) {
@@ -167,7 +174,11 @@ impl<'a> Merged<'a> {
         for id in &self.replaced {
             out.extend_from_slice(id.whole);
         }
-        head(&mut out, REPLACED + 1..u32::MAX);
+        head(&mut out, REPLACED + 1..CHANGES);
+        for sequence in &self.changes {
+            out.extend_from_slice(sequence.whole);
+        }
+        head(&mut out, CHANGES + 1..u32::MAX);
         out
     }
 }
@@ -189,8 +200,11 @@ pub fn prost_merge<'a>(
         let mut delta = ShipmentRecord::decode(delta).ok()?;
         let added = std::mem::take(&mut delta.timeline);
         let newly_replaced = std::mem::take(&mut delta.replaced_scan_ids);
+        let new_changes = std::mem::take(&mut delta.change_sequences);
         let mut timeline = std::mem::take(&mut merged.timeline);
         let mut replaced = std::mem::take(&mut merged.replaced_scan_ids);
+        let mut changes = std::mem::take(&mut merged.change_sequences);
+        changes.extend(new_changes);
         timeline.extend(added);
         timeline.sort_by(|a, b| (a.event_time, &a.scan_id).cmp(&(b.event_time, &b.scan_id)));
         timeline.dedup_by(|a, b| a.event_time == b.event_time && a.scan_id == b.scan_id);
@@ -199,6 +213,7 @@ pub fn prost_merge<'a>(
         merged = ShipmentRecord {
             timeline,
             replaced_scan_ids: replaced,
+            change_sequences: changes,
             ..delta
         };
     }
@@ -225,6 +240,7 @@ mod tests {
     fn deltas_and_expected(writes: &[WriteModel]) -> (Vec<Vec<u8>>, ShipmentRecord) {
         let mut timeline: Vec<EntryRecord> = Vec::new();
         let mut replaced = Vec::new();
+        let mut changes = Vec::new();
         let mut deltas = Vec::new();
         let mut next_id = 0;
         let head = |version: usize, variant: u8| ShipmentRecord {
@@ -260,10 +276,17 @@ mod tests {
                 }
             }
             replaced.extend(newly_replaced.iter().cloned());
+            // A write that changed the status brings its change's sequence.
+            let new_changes: Vec<u64> = (variant % 2 == 0)
+                .then_some(version as u64 * 300 + 1)
+                .into_iter()
+                .collect();
+            changes.extend(new_changes.iter().copied());
             deltas.push(
                 ShipmentRecord {
                     timeline: added,
                     replaced_scan_ids: newly_replaced,
+                    change_sequences: new_changes,
                     ..head(version, *variant)
                 }
                 .encode_to_vec(),
@@ -274,6 +297,7 @@ mod tests {
         let expected = ShipmentRecord {
             timeline,
             replaced_scan_ids: replaced,
+            change_sequences: changes,
             ..head(writes.len() - 1, last)
         };
         (deltas, expected)

@@ -61,6 +61,7 @@ fn shipment_record(state: &ShipmentState) -> ShipmentRecord {
             .iter()
             .map(|id| id.as_str().to_owned())
             .collect(),
+        change_sequences: Vec::new(),
     }
 }
 
@@ -142,13 +143,14 @@ pub fn encode_shipment(state: &ShipmentState) -> Vec<u8> {
         state,
         state.timeline.iter().map(EntryFields::from),
         state.replaced.iter().map(ScanId::as_str),
+        0..0,
     )
 }
 
 /// A delta of the state's head alone (status, version, flags, deadline): what the stall sweep
 /// changes, written without rewriting the timeline and the scans it stores.
-pub fn encode_shipment_head(state: &ShipmentState) -> Vec<u8> {
-    encode_shipment_delta(state, std::iter::empty(), std::iter::empty())
+pub fn encode_shipment_head(state: &ShipmentState, changes: std::ops::Range<u64>) -> Vec<u8> {
+    encode_shipment_delta(state, std::iter::empty(), std::iter::empty(), changes)
 }
 
 /// Encodes what one write changed in a shipment, the operand [`super::merge`] applies to the
@@ -160,6 +162,7 @@ pub fn encode_shipment_delta<'a>(
     state: &ShipmentState,
     timeline: impl Iterator<Item = EntryFields<'a>> + Clone,
     replaced: impl Iterator<Item = &'a str> + Clone,
+    changes: std::ops::Range<u64>,
 ) -> Vec<u8> {
     use prost::encoding::{encoded_len_varint, fixed64, int32, key_len, sint64};
 
@@ -202,8 +205,14 @@ pub fn encode_shipment_delta<'a>(
         })
         .sum();
     let replaced_bytes: usize = replaced.clone().map(|id| id.len() + 2).sum();
+    let change_bytes = (changes.end - changes.start) as usize * 10;
     let mut buf = Vec::with_capacity(
-        timeline_bytes + replaced_bytes + 96 + check.carrier.len() + check.service.len(),
+        timeline_bytes
+            + replaced_bytes
+            + change_bytes
+            + 96
+            + check.carrier.len()
+            + check.service.len(),
     );
     if status != 0 {
         wire::int32(shipment::STATUS, &status, &mut buf);
@@ -269,7 +278,44 @@ pub fn encode_shipment_delta<'a>(
         wire::varint(id.len() as u64, &mut buf);
         buf.extend_from_slice(id.as_bytes());
     }
+    for sequence in changes {
+        wire::uint64(shipment::CHANGE_SEQUENCES, &sequence, &mut buf);
+    }
     buf
+}
+
+/// The sequences of a shipment's status changes its record lists (the index a change feed
+/// filtered to one shipment reads), without decoding the rest of the record.
+pub fn change_sequences(key: &[u8], record: &[u8]) -> Result<Vec<u64>, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        what: "not a shipment record".to_owned(),
+    };
+    let mut sequences = Vec::new();
+    for field in wire::fields(record, wire::RECURSION_LIMIT) {
+        let field = field.ok_or_else(corrupt)?;
+        if field.tag == shipment::CHANGE_SEQUENCES {
+            let mut value = field.payload;
+            sequences.push(wire::read_varint(&mut value).ok_or_else(corrupt)?);
+        }
+    }
+    Ok(sequences)
+}
+
+/// A record without its change sequences: what a restore installs, since the sequences name
+/// changes in the previous owner's change log, not this instance's.
+pub fn without_change_sequences(key: &[u8], record: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let mut kept = Vec::with_capacity(record.len());
+    for field in wire::fields(record, wire::RECURSION_LIMIT) {
+        let field = field.ok_or_else(|| StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            what: "not a shipment record".to_owned(),
+        })?;
+        if field.tag != shipment::CHANGE_SEQUENCES {
+            kept.extend_from_slice(field.whole);
+        }
+    }
+    Ok(kept)
 }
 
 /// Decodes a record or delta. Copied once into a shared buffer, which the entries' stored
@@ -607,7 +653,7 @@ mod tests {
             facility: 3,
             event,
         });
-        let delta = encode_shipment_delta(&state, added.into_iter(), std::iter::empty());
+        let delta = encode_shipment_delta(&state, added.into_iter(), std::iter::empty(), 0..0);
         let expected = ShipmentRecord {
             version: 2,
             timeline: added
@@ -636,6 +682,43 @@ mod tests {
         let decoded = decode_shipment(b"k", &merged).expect("decodes");
         assert_eq!(decoded.timeline.len(), 2);
         assert_eq!(decoded.version, Version(2));
+    }
+
+    #[test]
+    fn a_delta_lists_its_change_sequences_as_prost_would_and_they_read_back_and_strip() {
+        let state = ShipmentState {
+            version: Version(3),
+            replaced: vec![ScanId::from_stored("r")],
+            ..Default::default()
+        };
+        let delta = encode_shipment_delta(&state, std::iter::empty(), ["r"].into_iter(), 127..130);
+        let expected = ShipmentRecord {
+            version: 3,
+            replaced_scan_ids: vec!["r".into()],
+            change_sequences: vec![127, 128, 129],
+            ..Default::default()
+        };
+        assert_eq!(delta, expected.encode_to_vec());
+        let later = encode_shipment_head(&state, 300..301);
+        let merged =
+            merge::merge_shipment_records(Some(&delta), [later.as_slice()]).expect("merges");
+        assert_eq!(
+            change_sequences(b"k", &merged).expect("reads"),
+            [127, 128, 129, 300]
+        );
+        let stripped = without_change_sequences(b"k", &merged).expect("strips");
+        assert_eq!(
+            change_sequences(b"k", &stripped).expect("reads"),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            ShipmentRecord {
+                change_sequences: Vec::new(),
+                ..decode_shipment_record(b"k", &merged).expect("decodes")
+            },
+            decode_shipment_record(b"k", &stripped).expect("decodes")
+        );
+        assert!(change_sequences(b"k", &[0xff, 0xff]).is_err());
     }
 
     #[test]

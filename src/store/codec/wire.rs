@@ -33,6 +33,7 @@ pub mod shipment {
     pub const OWNER_TOPIC: u32 = 13;
     pub const OWNER_PARTITION: u32 = 14;
     pub const REPLACED_SCAN_IDS: u32 = 15;
+    pub const CHANGE_SEQUENCES: u32 = 16;
 }
 
 /// Field numbers of `scand.storage.v1.EntryRecord`.
@@ -289,6 +290,10 @@ mod tests {
         assert_eq!(
             record(|r| r.replaced_scan_ids.push("x".into())),
             shipment::REPLACED_SCAN_IDS
+        );
+        assert_eq!(
+            record(|r| r.change_sequences.push(1)),
+            shipment::CHANGE_SEQUENCES
         );
         let entry = |set: fn(&mut EntryRecord)| {
             let mut e = EntryRecord::default();

@@ -91,11 +91,25 @@ impl Writer {
         // `removed` is grouped in the same shipment order, and each of its shipments stored a
         // scan: its runs are met in step with `touched`.
         let mut removed_runs = removed.chunk_by(|(a, _, _), (b, _, _)| a == b).peekable();
+        // `changes` too, each shipment's changes together (numbered in this order below): a
+        // delta lists its shipment's change sequences, the index of a filtered feed.
+        let mut change_runs = changes
+            .chunk_by(|a, b| a.tracking_number == b.tracking_number)
+            .peekable();
+        let mut next_sequence = self.last_sequence.0 + 1;
+        let mut sequences_of = |number: &TrackingNumber| {
+            let run = change_runs
+                .next_if(|run| run.first().is_some_and(|c| &c.tracking_number == number))
+                .map_or(0, <[Change]>::len) as u64;
+            next_sequence += run;
+            next_sequence - run..next_sequence
+        };
         let stall_index = self.store.cf(keys::STALL_DEADLINES);
         for (number, added) in touched {
             let replaced = removed_runs
                 .next_if(|run| run.first().is_some_and(|(of, _, _)| of == number))
                 .unwrap_or_default();
+            let sequences = sequences_of(number);
             if let Some(state) = states.get_mut(number) {
                 let added = stored[added].iter().map(|&index| scans[index]);
                 for scan in added.clone() {
@@ -115,10 +129,14 @@ impl Writer {
                 batch.merge_cf(
                     shipments_cf,
                     keys::shipment_key(number),
-                    codec::encode_shipment_delta(state, added, replaced),
+                    codec::encode_shipment_delta(state, added, replaced, sequences),
                 );
             }
         }
+        debug_assert!(
+            change_runs.next().is_none(),
+            "a change comes of a stored scan, so its shipment is touched"
+        );
         let mut sequence = self.last_sequence;
         let mut records = Vec::with_capacity(changes.len());
         for change in &changes {

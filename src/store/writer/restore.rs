@@ -10,7 +10,8 @@ use crate::store::{codec, keys, StoreError};
 
 impl Writer {
     /// Every snapshot newer than the local state replaces the stored record of its shipment
-    /// (scans included, byte for byte as the snapshot carries them), and the partition resumes
+    /// (scans included, byte for byte as the snapshot carries them; the change sequences,
+    /// which name the previous owner's change log, left out), and the partition resumes
     /// at `resume` (the last complete-state marker) unless the local state is further along.
     /// One synced write, counted in the stored scans; the restored shipments leave the cache.
     pub(super) fn restore(
@@ -41,7 +42,9 @@ impl Writer {
                 None => store.scans_stored_for(&number)?,
             };
             scan_counts.insert(number.clone(), (had, record.timeline.len() as u64));
-            batch.put_cf(store.cf(keys::SHIPMENTS), key, &snapshot.record);
+            // The sequences the record lists are the previous owner's change log's.
+            let record_here = codec::without_change_sequences(key, &snapshot.record)?;
+            batch.put_cf(store.cf(keys::SHIPMENTS), key, record_here);
             // The deadline index is local: rebuild this shipment's entry from its record.
             let state = codec::decode_shipment(key, &snapshot.record)?;
             if let Some(deadline) = state.stall_deadline {

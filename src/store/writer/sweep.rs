@@ -208,7 +208,7 @@ impl Writer {
                 batch.merge_cf(
                     shipments_cf,
                     keys::shipment_key(&number),
-                    codec::encode_shipment_head(&state),
+                    codec::encode_shipment_head(&state, 0..0),
                 );
                 continue;
             };
@@ -217,7 +217,7 @@ impl Writer {
             batch.merge_cf(
                 shipments_cf,
                 keys::shipment_key(&number),
-                codec::encode_shipment_head(&state),
+                codec::encode_shipment_head(&state, sequence.0..sequence.0 + 1),
             );
             changes.push((sequence, change, deadline));
             stalled.push((number, state));

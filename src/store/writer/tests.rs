@@ -363,6 +363,79 @@ async fn due_entries_a_scan_superseded_after_the_sweep_read_them_are_not_stalled
     thread.join().expect("writer stops");
 }
 
+/// A shipment's changes read through its record's index are the log's changes of that
+/// shipment, in order, within the bounds asked, the sweep's STALLED included.
+#[tokio::test]
+async fn one_shipments_changes_read_through_its_index_are_the_logs_for_it() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, thread) = spawn_writer(&store);
+    for hour in 0..4 {
+        ingest(
+            &writer,
+            ["INDEXED001", "OTHER00001", "OTHER00002"]
+                .iter()
+                .zip(0..)
+                .map(|(number, n)| {
+                    let types = [
+                        ScanType::LabelCreated,
+                        ScanType::PickedUp,
+                        ScanType::Sorted,
+                        ScanType::Loaded,
+                    ];
+                    // Shipments interleave in the log; each ends in transit, so it stalls.
+                    scan(
+                        number,
+                        &format!("{number}-{hour}"),
+                        types[hour as usize],
+                        hour + n,
+                    )
+                })
+                .collect(),
+        )
+        .await;
+    }
+    assert_eq!(
+        writer
+            .sweep(EventTime(100 * HOUR))
+            .await
+            .expect("sweeps")
+            .stalled,
+        3
+    );
+    let all = store
+        .changes(Sequence(0), Sequence(u64::MAX), 1000)
+        .expect("log");
+    let number = TrackingNumber::parse("INDEXED001").expect("valid");
+    let of_it: Vec<pb::StatusChange> = all
+        .iter()
+        .filter(|c| c.tracking_number == "INDEXED001")
+        .cloned()
+        .collect();
+    assert!(of_it.len() >= 3, "{of_it:?}");
+    assert_eq!(
+        of_it.last().map(|c| c.status),
+        Some(pb::Status::Stalled as i32)
+    );
+    let indexed = |after: u64, upto: u64, limit: usize| {
+        store
+            .changes_of(&number, Sequence(after), Sequence(upto), limit)
+            .expect("indexed read")
+    };
+    assert_eq!(indexed(0, u64::MAX, 1000), of_it);
+    let second = of_it[1].sequence;
+    assert_eq!(indexed(second - 1, u64::MAX, 1), vec![of_it[1].clone()]);
+    assert_eq!(indexed(0, second, 1000), of_it[..2].to_vec());
+    let unknown = TrackingNumber::parse("NEVERSEEN1").expect("valid");
+    assert_eq!(
+        store
+            .changes_of(&unknown, Sequence(0), Sequence(u64::MAX), 10)
+            .expect("reads"),
+        vec![]
+    );
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
 #[tokio::test]
 async fn shipments_stall_at_their_deadline_once_and_a_later_scan_moves_them_on() {
     let (_dir, store) = crate::store::tests::temp_store();
@@ -571,7 +644,7 @@ fn snapshot(number: &str, next_offset: i64, scan_ids: &[&str]) -> Snapshot {
         topic: "scans.raw".into(),
         partition: 1,
         next_offset,
-        record: codec::encode_shipment_delta(&state, entries, std::iter::empty()),
+        record: codec::encode_shipment_delta(&state, entries, std::iter::empty(), 0..0),
     }
 }
 
