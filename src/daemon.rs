@@ -49,8 +49,6 @@ pub enum DaemonError {
     Metrics(#[from] telemetry::metrics::MetricsError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
-    #[error(transparent)]
-    TlsFiles(#[from] tls::TlsError),
     #[error("gRPC TLS (grpc.tls): {0}")]
     Tls(String),
     #[error("reflection service: {0}")]
@@ -263,16 +261,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             addr: config.grpc.listen,
             source,
         })?;
-    let mut builder = Server::builder();
-    if let Some(tls) = tls::server_config(&config.grpc.tls)? {
-        builder = builder.tls_config(tls).map_err(|error| {
-            // tonic's own message is only "transport error"; the cause names the problem.
-            let cause =
-                std::error::Error::source(&error).map_or(error.to_string(), |c| c.to_string());
-            DaemonError::Tls(format!("certificate or key not usable: {cause}"))
-        })?;
-    }
-    let server = builder
+    let tls = tls::ReloadingTls::load(&config.grpc.tls)
+        .map_err(|error| DaemonError::Tls(error.to_string()))?;
+    let tls_watch = tls
+        .clone()
+        .map(|tls| tokio::spawn(tls.watch(shutdown.clone())));
+    let server = Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             message_limit::map_response,
         ))
@@ -288,7 +282,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .add_service(tracking_service)
         .add_service(operations_service)
         .serve_with_incoming_shutdown(
-            connections::incoming(grpc_listener, config.grpc.max_connections, shutdown.clone()),
+            connections::incoming(
+                grpc_listener,
+                config.grpc.max_connections,
+                tls,
+                shutdown.clone(),
+            ),
             shutdown.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);
@@ -350,13 +349,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    for task in kafka_tasks.into_iter().chain([
-        sweeper,
-        store_metrics,
-        prober,
-        store_health,
-        pipeline_check,
-    ]) {
+    for task in kafka_tasks
+        .into_iter()
+        .chain([sweeper, store_metrics, prober, store_health, pipeline_check])
+        .chain(tls_watch)
+    {
         if tokio::time::timeout_at(deadline, task).await.is_err() {
             tracing::warn!("a task still busy after the grace period");
         }

@@ -432,10 +432,27 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
     ];
     broker.produce("scans.raw", &records).await;
 
+    // The series only TLS has (the served certificate's expiry), from a daemon with TLS on.
+    let tls_dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    std::fs::write(tls_dir.path().join("server.pem"), cert.pem()).expect("write");
+    std::fs::write(tls_dir.path().join("server.key"), key.serialize_pem()).expect("write");
+    let tls_daemon = Daemon::start(
+        &tls_dir.path().join("data"),
+        &format!(
+            "[grpc.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\n",
+            tls_dir.path().display()
+        ),
+    );
+
     let deadline = Instant::now() + Duration::from_secs(60);
     let missing = loop {
-        let exported: BTreeSet<String> = daemon
-            .metrics()
+        let scrapes = daemon.metrics() + &tls_daemon.metrics();
+        let exported: BTreeSet<String> = scrapes
             .lines()
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| l.split(['{', ' ']).next())

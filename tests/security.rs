@@ -480,3 +480,120 @@ async fn scoped_tokens_guard_the_read_and_admin_side_too() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+/// A server certificate for `names`, issued by `issuer`, expiring on `expires` (y, m, d).
+fn server_certificate(
+    issuer: &Issuer<'_, &KeyPair>,
+    names: &[&str],
+    expires: (i32, u8, u8),
+) -> (String, String) {
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .expect("params");
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_after = rcgen::date_time_ymd(expires.0, expires.1, expires.2);
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, issuer).expect("signed");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Installs a certificate and its key as an operator's tooling would: each file replaced whole.
+fn install(dir: &Path, (cert, key): &(String, String)) {
+    for (name, pem) in [("server.key", key), ("server.pem", cert)] {
+        let staged = dir.join(format!("{name}.new"));
+        std::fs::write(&staged, pem).expect("write");
+        std::fs::rename(&staged, dir.join(name)).expect("replace");
+    }
+}
+
+async fn tls_tracking(
+    daemon: &Daemon,
+    ca_pem: &str,
+    name: &str,
+) -> Result<pb::tracking_client::TrackingClient<Channel>, String> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(name);
+    Channel::from_shared(format!("https://localhost:{}", daemon.grpc.port()))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("client tls")
+        .connect()
+        .await
+        .map(pb::tracking_client::TrackingClient::new)
+        .map_err(|e| format!("{e:?}"))
+}
+
+async fn answers(client: &mut pb::tracking_client::TrackingClient<Channel>) -> bool {
+    let reply = client
+        .get_shipment(pb::GetShipmentRequest {
+            tracking_number: "ROTATE00001".into(),
+        })
+        .await;
+    matches!(reply, Err(status) if status.code() == tonic::Code::NotFound)
+}
+
+/// Waits until scand counts `n` successful TLS reloads.
+async fn wait_for_reloads(daemon: &Daemon, n: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while daemon.metric("scand_tls_reloads_total{result=\"ok\"}") < n {
+        assert!(std::time::Instant::now() < deadline, "no reload");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Rotating the server certificate needs no restart: on SIGHUP, and on a changed file, new
+/// connections get the new certificate while an open one goes on; the expiry is exported.
+#[tokio::test]
+async fn the_server_certificate_rotates_under_a_live_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca_params, ca_key, ca_pem) = ca("scand rotation CA");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    install(
+        dir.path(),
+        &server_certificate(&issuer, &["localhost"], (2031, 1, 1)),
+    );
+    let config = format!(
+        "[grpc.tls]\ncert = \"{0}/server.pem\"\nkey = \"{0}/server.key\"\n",
+        dir.path().display()
+    );
+    let daemon = Daemon::start(&dir.path().join("data"), &config);
+    let expiry = "scand_tls_certificate_expiry_timestamp_seconds";
+    assert_eq!(daemon.metric(expiry), 1_924_992_000.0, "2031-01-01");
+    let mut open = tls_tracking(&daemon, &ca_pem, "localhost")
+        .await
+        .expect("connects");
+    assert!(answers(&mut open).await);
+    assert!(
+        tls_tracking(&daemon, &ca_pem, "rotated.scand.test")
+            .await
+            .is_err(),
+        "the first certificate does not name rotated.scand.test"
+    );
+
+    install(
+        dir.path(),
+        &server_certificate(&issuer, &["localhost", "rotated.scand.test"], (2032, 1, 1)),
+    );
+    std::process::Command::new("kill")
+        .args(["-HUP", &daemon.child.id().to_string()])
+        .status()
+        .expect("send SIGHUP");
+    wait_for_reloads(&daemon, 1.0).await;
+    assert_eq!(daemon.metric(expiry), 1_956_528_000.0, "2032-01-01");
+    let mut rotated = tls_tracking(&daemon, &ca_pem, "rotated.scand.test")
+        .await
+        .expect("new connections get the new certificate");
+    assert!(answers(&mut rotated).await);
+    assert!(answers(&mut open).await, "the open connection goes on");
+
+    // A changed file is noticed without a signal.
+    install(
+        dir.path(),
+        &server_certificate(&issuer, &["localhost"], (2033, 1, 1)),
+    );
+    wait_for_reloads(&daemon, 2.0).await;
+    assert_eq!(daemon.metric(expiry), 1_988_150_400.0, "2033-01-01");
+    assert!(answers(&mut open).await);
+}

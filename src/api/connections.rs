@@ -9,18 +9,37 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use super::tls::ReloadingTls;
 use crate::telemetry::metrics as m;
 
-/// An accepted connection and its permit; dropping it frees a place.
+/// The byte stream of a connection: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// An accepted connection (past its TLS handshake, with TLS) and its permit; dropping it frees
+/// a place.
 pub struct LimitedConnection {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
+    info: TcpConnectInfo,
     _permit: OwnedSemaphorePermit,
+}
+
+impl LimitedConnection {
+    fn new(stream: Box<dyn Io>, info: TcpConnectInfo, permit: OwnedSemaphorePermit) -> Self {
+        metrics::gauge!(m::GRPC_CONNECTIONS).increment(1.0);
+        Self {
+            stream,
+            info,
+            _permit: permit,
+        }
+    }
 }
 
 impl Drop for LimitedConnection {
@@ -29,10 +48,16 @@ impl Drop for LimitedConnection {
     }
 }
 
-/// Connections as the server consumes them; ends when `shutdown` is cancelled.
+/// How long a client may take over its TLS handshake, holding a place meanwhile.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections as the server consumes them; ends when `shutdown` is cancelled. With `tls`, each
+/// connection's handshake runs in a task of its own with the configuration in force when it
+/// was accepted, so a slow client holds up nobody else and a reload never touches an open one.
 pub fn incoming(
     listener: TcpListener,
     max_connections: usize,
+    tls: Option<Arc<ReloadingTls>>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<LimitedConnection>> {
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -63,14 +88,26 @@ pub fn incoming(
             if let Err(error) = stream.set_nodelay(true) {
                 tracing::debug!(%error, "TCP_NODELAY not set");
             }
-            metrics::gauge!(m::GRPC_CONNECTIONS).increment(1.0);
-            let connection = LimitedConnection {
-                stream,
-                _permit: permit,
+            let info = stream.connect_info();
+            let Some(tls) = &tls else {
+                let connection = LimitedConnection::new(Box::new(stream), info, permit);
+                if tx.send(Ok(connection)).await.is_err() {
+                    return;
+                }
+                continue;
             };
-            if tx.send(Ok(connection)).await.is_err() {
-                return;
-            }
+            let acceptor = tls.acceptor();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let connection = LimitedConnection::new(Box::new(stream), info, permit);
+                        let _ = tx.send(Ok(connection)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
         }
     });
     ReceiverStream::new(rx)
@@ -80,7 +117,7 @@ impl Connected for LimitedConnection {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
 }
 
@@ -90,7 +127,7 @@ impl AsyncRead for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        Pin::new(&mut *self.stream).poll_read(cx, buf)
     }
 }
 
@@ -100,15 +137,15 @@ impl AsyncWrite for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        Pin::new(&mut *self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        Pin::new(&mut *self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        Pin::new(&mut *self.stream).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -116,7 +153,7 @@ impl AsyncWrite for LimitedConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        Pin::new(&mut *self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -52,6 +52,9 @@ pub const GRPC_CONNECTIONS: &str = "scand_grpc_connections";
 pub const INGEST_IN_FLIGHT_BYTES: &str = "scand_ingest_in_flight_bytes";
 pub const AUTH_FAILURES_TOTAL: &str = "scand_auth_failures_total";
 pub const FEED_SUBSCRIBERS_CUT_OFF_TOTAL: &str = "scand_feed_subscribers_cut_off_total";
+pub const TLS_RELOADS_TOTAL: &str = "scand_tls_reloads_total";
+pub const TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
+    "scand_tls_certificate_expiry_timestamp_seconds";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -108,6 +111,9 @@ pub fn install(known: &KnownLabels<'_>) -> Result<PrometheusHandle, MetricsError
     // Refusals by reason, so dashboards and rate() see a zero before the first one.
     for reason in ["batch_too_large", "overloaded", "store_unwritable"] {
         metrics::counter!(INGEST_BATCHES_FAILED_TOTAL, "reason" => reason).absolute(0);
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(TLS_RELOADS_TOTAL, "result" => result).absolute(0);
     }
     for reason in [
         "missing_token",
@@ -270,6 +276,16 @@ fn describe() {
         ROCKSDB_WRITE_STALL_RATIO,
         Unit::Count,
         "Share of the time since the previous reading (every 5 s) that RocksDB delayed or stopped writes, 0 to 1."
+    );
+    describe_counter!(
+        TLS_RELOADS_TOTAL,
+        Unit::Count,
+        "Reloads of the gRPC TLS certificate (SIGHUP or a changed file), by result."
+    );
+    describe_gauge!(
+        TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "When the gRPC TLS certificate served now expires (Unix time)."
     );
     describe_counter!(
         KAFKA_DEAD_LETTER_ERRORS_TOTAL,
