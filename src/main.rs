@@ -75,12 +75,15 @@ fn ctl(args: scand::ctl::CtlArgs) -> anyhow::Result<()> {
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(Some(path)).with_context(|| format!("loading {}", path.display()))?;
-    scand::telemetry::init_tracing(&config.log).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("scand")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(scand::daemon::run(config))?;
-    Ok(())
+    runtime.block_on(async {
+        let traces = scand::telemetry::init_tracing(&config.log).map_err(anyhow::Error::msg)?;
+        let ran = scand::daemon::run(config).await;
+        traces.shutdown();
+        Ok(ran?)
+    })
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use crate::domain::scan::ValidScan;
 use crate::engine::{DuplicateKind, Outcome};
@@ -135,6 +136,8 @@ pub struct Pending {
     /// Index into `results` of each scan sent to the writer, in the order sent.
     queued: Vec<usize>,
     answer: Option<oneshot::Receiver<Result<Vec<Outcome>, IngestError>>>,
+    /// The batch's span, until it is answered.
+    span: tracing::Span,
 }
 
 /// A batch's share of `ingest.max_in_flight_bytes`, counted in `scand_ingest_in_flight_bytes`
@@ -188,12 +191,30 @@ impl Ingestor {
     }
 
     /// Validates a batch and queues its valid scans (waiting while the writer's queue is full).
-    /// Batches queued by one caller are applied in the order they were queued.
-    #[tracing::instrument(name = "ingest", skip_all, fields(batch_id = %batch.batch_id, scans = batch.scans.len(), source = caller.source))]
+    /// Batches queued by one caller are applied in the order they were queued. The batch's span
+    /// (`scan_batch`) lasts from here to its answer; the writer's group commit and WAL sync of
+    /// it are its children.
     pub async fn queue(
         &self,
         batch: pb::ScanBatch,
         caller: Caller<'_>,
+    ) -> Result<Pending, IngestError> {
+        let span = tracing::info_span!(
+            "scan_batch",
+            batch_id = %batch.batch_id,
+            scans = batch.scans.len(),
+            source = caller.source
+        );
+        self.queue_in_span(batch, caller, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn queue_in_span(
+        &self,
+        batch: pb::ScanBatch,
+        caller: Caller<'_>,
+        span: tracing::Span,
     ) -> Result<Pending, IngestError> {
         let received = Instant::now();
         let source = caller.source;
@@ -260,6 +281,7 @@ impl Ingestor {
             results,
             queued,
             answer: answer.map(|answer| answer.resolve(admitted)),
+            span,
         })
     }
 
@@ -280,11 +302,16 @@ impl Ingestor {
         let Destination::Store(writer) = &self.destination else {
             return Err(IngestError::NotStoring);
         };
-        enqueue(writer, scans, offsets, received)
-            .await?
-            .await
-            .map_err(|_| StoreError::WriterGone)?
-            .map_err(IngestError::from)
+        let span = tracing::info_span!("scan_batch", scans = scans.len(), source = "kafka");
+        async {
+            enqueue(writer, scans, offsets, received)
+                .await?
+                .await
+                .map_err(|_| StoreError::WriterGone)?
+                .map_err(IngestError::from)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Validates, stores and answers one batch.
@@ -305,10 +332,14 @@ impl Pending {
             mut results,
             queued,
             answer,
+            span,
         } = self;
         let outcomes = match answer {
             None => Vec::new(),
-            Some(answer) => answer.await.map_err(|_| StoreError::WriterGone)??,
+            Some(answer) => answer
+                .instrument(span)
+                .await
+                .map_err(|_| StoreError::WriterGone)??,
         };
         for (position, outcome) in queued.into_iter().zip(outcomes) {
             let result = &mut results[position];

@@ -61,6 +61,8 @@ struct Request {
     offsets: Vec<SourceOffset>,
     received: Instant,
     reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+    /// The caller's span (its batch's): the group commit and the sync of it are its children.
+    span: tracing::Span,
 }
 
 /// What the writer thread is asked to do, in queue order.
@@ -168,6 +170,7 @@ impl WriterHandle {
                 offsets,
                 received,
                 reply,
+                span: tracing::Span::current(),
             }))
             .await
             .map_err(|_| StoreError::WriterGone)?;
@@ -274,7 +277,14 @@ impl Writer {
             }
             metrics::histogram!(m::STORE_GROUP_BATCHES).record(group.len() as f64);
             let started = Instant::now();
+            let spans: Vec<tracing::Span> = group
+                .iter()
+                .map(
+                    |r| tracing::info_span!(parent: &r.span, "group_commit", batches = group.len()),
+                )
+                .collect();
             let result = self.commit(&group);
+            drop(spans);
             metrics::histogram!(m::STORE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
             if result.is_err() {
                 // The group was applied to the cached states before its write failed.

@@ -108,7 +108,13 @@ impl Syncer {
             let mut groups = vec![first];
             groups.extend(written.try_iter());
             let started = Instant::now();
+            let spans: Vec<tracing::Span> = groups
+                .iter()
+                .flat_map(|written| &written.group)
+                .map(|request| tracing::info_span!(parent: &request.span, "wal_sync"))
+                .collect();
             let synced = self.store.sync_wal();
+            drop(spans);
             metrics::histogram!(m::STORE_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
             self.signals.record_write(synced.as_ref().err());
             match synced {
