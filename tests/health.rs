@@ -79,3 +79,44 @@ async fn systemd_hears_ready_then_watchdog_pets_then_stopping() {
         "{stopping:?}"
     );
 }
+
+/// The gRPC server's accept loop dies (a fail point stands in for a panic): the daemon stops on
+/// its own, with a non-zero status a service manager restarts it for.
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature: cargo test --features scand/failpoints"
+)]
+async fn a_dead_grpc_server_stops_the_daemon_with_a_failure_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = Daemon::start_with_env(
+        &dir.path().join("data"),
+        "",
+        &[("FAILPOINTS", "grpc-accept-loop-ends=return")],
+    );
+    assert_eq!(
+        http_get(daemon.admin, "/healthz").map(|(code, _)| code),
+        Some(200)
+    );
+    // The first connection meets the dead loop.
+    let _ = tonic::transport::Channel::from_shared(daemon.url())
+        .expect("url")
+        .connect()
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scand went on without its gRPC server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a fatal stop is a failure: {status}"
+    );
+}

@@ -75,6 +75,8 @@ pub fn incoming(
                 () = shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,
             };
+            // A test's stand-in for the accept loop's death (an unexpected panic or exit).
+            fail::fail_point!("grpc-accept-loop-ends", |_| ());
             let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
