@@ -2,7 +2,7 @@
 //!
 //! Start: metrics → admin HTTP (not ready) → RocksDB → writer thread → gRPC services → ready
 //! (and `READY=1` to systemd).
-//! Stop (SIGTERM/SIGINT, or a fatal error: the gRPC server or the store writer gone):
+//! Stop (SIGTERM/SIGINT, or a fatal error: the gRPC server, the store writer or its syncer gone):
 //! `STOPPING=1`, not ready → stop accepting, end feed streams, stop reading scan streams →
 //! answer every batch already queued once it is durable → writer drains and stops → RocksDB
 //! closes. The whole stop takes at most `grpc.shutdown_grace`; a fatal error exits non-zero.
@@ -399,8 +399,8 @@ async fn check_pipeline(
             _ = ticks.tick() => {}
         }
         match tokio::time::timeout(PIPELINE_SILENCE_LIMIT, writer.probe()).await {
-            Ok(Err(StoreError::WriterGone)) => {
-                liveness.dead("the store writer stopped");
+            Ok(Err(gone @ (StoreError::WriterGone | StoreError::SyncerGone))) => {
+                liveness.dead(gone.to_string());
                 fatal.cancel();
                 return;
             }

@@ -120,3 +120,37 @@ async fn a_dead_grpc_server_stops_the_daemon_with_a_failure_status() {
         "a fatal stop is a failure: {status}"
     );
 }
+
+/// The WAL syncer dies (a fail point stands in for a panic): nothing is acknowledged any more,
+/// the pipeline check notices, and the daemon stops with a failure status.
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature: cargo test --features scand/failpoints"
+)]
+async fn a_dead_wal_syncer_stops_the_daemon_with_a_failure_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = Daemon::start_with_env(
+        &dir.path().join("data"),
+        "",
+        &[("FAILPOINTS", "wal-syncer-stops=return")],
+    );
+    let mut ingest = daemon.ingest().await;
+    let unacked = ingest
+        .submit_scans(common::batch("lost", common::journey("SYNCER0001", "s")))
+        .await
+        .expect_err("nothing is acknowledged without its sync");
+    assert_eq!(unacked.code(), tonic::Code::Unavailable, "{unacked:?}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scand went on without its syncer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+}

@@ -41,6 +41,8 @@ pub enum StoreError {
     Schema { found: u32, expected: u32 },
     #[error("the store writer has stopped")]
     WriterGone,
+    #[error("the store's WAL syncer has stopped; nothing more can be acknowledged")]
+    SyncerGone,
     #[error("could not start the store writer: {0}")]
     WriterThread(#[from] std::io::Error),
     #[error("store write failed, nothing acknowledged: {0}")]

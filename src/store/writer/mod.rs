@@ -246,7 +246,12 @@ impl Writer {
                     continue;
                 }
                 Job::Probe { reply } => {
-                    let result = self.probe();
+                    // A writer whose syncer died answers no batch again: say so to the check.
+                    let result = if self.syncer.is_finished() {
+                        Err(StoreError::SyncerGone)
+                    } else {
+                        self.probe()
+                    };
                     self.signals.record_write(result.as_ref().err());
                     let _ = reply.send(result);
                     continue;

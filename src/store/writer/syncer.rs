@@ -105,6 +105,8 @@ pub(super) struct Syncer {
 impl Syncer {
     pub(super) fn run(self, written: std::sync::mpsc::Receiver<Written>) {
         while let Ok(first) = written.recv() {
+            // A test's stand-in for the syncer's death (a panic): it stops with groups unsynced.
+            fail::fail_point!("wal-syncer-stops", |_| ());
             let mut groups = vec![first];
             groups.extend(written.try_iter());
             let started = Instant::now();
