@@ -103,17 +103,9 @@ async fn a_dead_grpc_server_stops_the_daemon_with_a_failure_status() {
         .expect("url")
         .connect()
         .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = daemon.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "scand went on without its gRPC server"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = daemon
+        .exit_status(Duration::from_secs(30), "with its gRPC server gone")
+        .await;
     assert_eq!(
         status.code(),
         Some(1),
@@ -141,16 +133,8 @@ async fn a_dead_wal_syncer_stops_the_daemon_with_a_failure_status() {
         .await
         .expect_err("nothing is acknowledged without its sync");
     assert_eq!(unacked.code(), tonic::Code::Unavailable, "{unacked:?}");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(status) = daemon.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "scand went on without its syncer"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = daemon
+        .exit_status(Duration::from_secs(40), "with its syncer gone")
+        .await;
     assert_eq!(status.code(), Some(1), "{status}");
 }

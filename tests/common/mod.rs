@@ -192,15 +192,18 @@ impl Daemon {
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("send SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.exit_status(Duration::from_secs(30), "after SIGTERM")
+            .await
+    }
+
+    /// Waits for the process to exit by itself within `within` (yielding meanwhile).
+    pub async fn exit_status(&mut self, within: Duration, when: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "scand did not exit after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "scand did not exit {when}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
