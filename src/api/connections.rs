@@ -1,6 +1,7 @@
 //! Accepting gRPC connections, at most `grpc.max_connections` at once. Each connection holds
-//! a permit for its lifetime; while none is free the listener is not polled, so further
-//! clients wait in the kernel's backlog instead of costing scand memory.
+//! a permit for its lifetime (its TLS handshake included); while none is free the listener is
+//! not polled, so further clients wait in the kernel's backlog instead of costing scand memory.
+//! With TLS (`tls`), the handshake is done here, with the configuration in force at accept.
 
 use std::io;
 use std::pin::Pin;
