@@ -52,24 +52,29 @@ async fn receiver() -> (Receiver, String) {
     (receiver, format!("http://127.0.0.1:{port}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_is_one_span_with_its_group_commit_and_sync_as_children() {
+/// A daemon exporting to a fresh receiver (exports every 100 ms), with `env` besides, after
+/// one batch it acknowledged.
+async fn one_batch_exported_with(env: &[(&str, &str)]) -> (Receiver, Daemon, tempfile::TempDir) {
     let (receiver, endpoint) = receiver().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let daemon = Daemon::start_with_env(
-        &dir.path().join("data"),
-        "",
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("OTEL_SERVICE_NAME", "scand-under-test"),
-        ],
-    );
+    let mut all = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    all.extend_from_slice(env);
+    let daemon = Daemon::start_with_env(&dir.path().join("data"), "", &all);
     let mut ingest = daemon.ingest().await;
     ingest
         .submit_scans(batch("traced-1", journey("TRACED0001", "t")))
         .await
         .expect("ack");
+    (receiver, daemon, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_one_span_with_its_group_commit_and_sync_as_children() {
+    let (receiver, _daemon, _dir) =
+        one_batch_exported_with(&[("OTEL_SERVICE_NAME", "scand-under-test")]).await;
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let (batch_span, children) = loop {
@@ -104,22 +109,7 @@ async fn a_batch_is_one_span_with_its_group_commit_and_sync_as_children() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_switched_off_exports_nothing() {
-    let (receiver, endpoint) = receiver().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let daemon = Daemon::start_with_env(
-        &dir.path().join("data"),
-        "",
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("OTEL_SDK_DISABLED", "true"),
-        ],
-    );
-    let mut ingest = daemon.ingest().await;
-    ingest
-        .submit_scans(batch("untraced-1", journey("UNTRACED01", "u")))
-        .await
-        .expect("ack");
+    let (receiver, _daemon, _dir) = one_batch_exported_with(&[("OTEL_SDK_DISABLED", "true")]).await;
     // Ten times the export interval the first test sees its spans within.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(receiver.spans.lock().expect("lock").is_empty());
