@@ -149,11 +149,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         std::time::SystemTime::now,
         shutdown.clone(),
     ));
-    let prober = tokio::spawn(writer::run_write_prober(
-        writer.clone(),
-        Duration::from_secs(1),
-        shutdown.clone(),
-    ));
     // A fatal error of a task that only a restart mends stops the daemon, which exits non-zero.
     let fatal = CancellationToken::new();
     let pipeline_check = tokio::spawn(check_pipeline(
@@ -351,7 +346,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     for task in kafka_tasks
         .into_iter()
-        .chain([sweeper, store_metrics, prober, store_health, pipeline_check])
+        .chain([sweeper, store_metrics, store_health, pipeline_check])
         .chain(tls_watch)
     {
         if tokio::time::timeout_at(deadline, task).await.is_err() {
@@ -379,9 +374,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 /// above a group's write and sync under load, so only a stuck writer or disk trips it.
 const PIPELINE_SILENCE_LIMIT: Duration = Duration::from_secs(60);
 
-/// Sends the pipeline a probe (a synced write through the store writer) every few seconds:
-/// each answer, even a refused write (a full disk is the store's failure, not a stuck process),
-/// keeps `/healthz` alive and, under systemd with `WatchdogSec=`, pets the watchdog. A writer
+/// While the store refuses writes, how often the pipeline check probes it, so that recovery is
+/// noticed (and readiness restored) without waiting for the next scan.
+const RECOVERY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Sends the pipeline a probe (a synced write through the store writer) every few seconds, and
+/// every second while the store refuses writes: each answer, even a refused write (a full disk
+/// is the store's failure, not a stuck process), keeps `/healthz` alive and, under systemd with
+/// `WatchdogSec=`, pets the watchdog; an answered write restores readiness. A writer or syncer
 /// that stopped is fatal.
 async fn check_pipeline(
     writer: writer::WriterHandle,
@@ -392,11 +392,23 @@ async fn check_pipeline(
     let every = sd_notify::watchdog_enabled()
         .map_or(Duration::from_secs(10), |watchdog| watchdog / 2)
         .min(Duration::from_secs(10));
-    let mut ticks = tokio::time::interval(every);
+    let mut failures = writer.failures();
     loop {
+        let wait = if failures.borrow_and_update().is_some() {
+            RECOVERY_PROBE_INTERVAL
+        } else {
+            every
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
+            () = tokio::time::sleep(wait) => {}
+            // The store started or stopped refusing writes: wait at the other pace.
+            changed = failures.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
         }
         match tokio::time::timeout(PIPELINE_SILENCE_LIMIT, writer.probe()).await {
             Ok(Err(gone @ (StoreError::WriterGone | StoreError::SyncerGone))) => {

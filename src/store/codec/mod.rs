@@ -287,10 +287,7 @@ pub fn encode_shipment_delta<'a>(
 /// The sequences of a shipment's status changes its record lists (the index a change feed
 /// filtered to one shipment reads), without decoding the rest of the record.
 pub fn change_sequences(key: &[u8], record: &[u8]) -> Result<Vec<u64>, StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        what: "not a shipment record".to_owned(),
-    };
+    let corrupt = || not_a_record(key);
     let mut sequences = Vec::new();
     for field in wire::fields(record, wire::RECURSION_LIMIT) {
         let field = field.ok_or_else(corrupt)?;
@@ -307,15 +304,19 @@ pub fn change_sequences(key: &[u8], record: &[u8]) -> Result<Vec<u64>, StoreErro
 pub fn without_change_sequences(key: &[u8], record: &[u8]) -> Result<Vec<u8>, StoreError> {
     let mut kept = Vec::with_capacity(record.len());
     for field in wire::fields(record, wire::RECURSION_LIMIT) {
-        let field = field.ok_or_else(|| StoreError::Corrupt {
-            key: String::from_utf8_lossy(key).into_owned(),
-            what: "not a shipment record".to_owned(),
-        })?;
+        let field = field.ok_or_else(|| not_a_record(key))?;
         if field.tag != shipment::CHANGE_SEQUENCES {
             kept.extend_from_slice(field.whole);
         }
     }
     Ok(kept)
+}
+
+fn not_a_record(key: &[u8]) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        what: "not a shipment record".to_owned(),
+    }
 }
 
 /// Decodes a record or delta. Copied once into a shared buffer, which the entries' stored

@@ -178,29 +178,6 @@ impl WriterHandle {
     }
 }
 
-/// While the store refuses writes, probes it every `interval` so that recovery is noticed
-/// (and readiness restored) without waiting for the next scan.
-pub async fn run_write_prober(
-    writer: WriterHandle,
-    interval: std::time::Duration,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut failures = writer.failures();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            failing = failures.wait_for(Option::is_some) => if failing.is_err() { return },
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        if let Err(StoreError::WriterGone) = writer.probe().await {
-            return;
-        }
-    }
-}
-
 struct Writer {
     /// Written groups go to the `scand-syncer` thread, which makes them durable and answers.
     to_syncer: std::sync::mpsc::SyncSender<Written>,
