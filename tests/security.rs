@@ -39,7 +39,20 @@ fn leaf(
     name: &str,
     usage: ExtendedKeyUsagePurpose,
 ) -> (String, String) {
-    let mut params = CertificateParams::new(vec![name.to_owned()]).expect("leaf params");
+    let params = CertificateParams::new(vec![name.to_owned()]).expect("leaf params");
+    signed(issuer, params, usage)
+}
+
+/// `params` for `usage`, named by their first subject name, issued by `issuer`: PEM cert, key.
+fn signed(
+    issuer: &Issuer<'_, &KeyPair>,
+    mut params: CertificateParams,
+    usage: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let name = match params.subject_alt_names.first() {
+        Some(rcgen::SanType::DnsName(name)) => name.to_string(),
+        _ => "leaf".to_owned(),
+    };
     params.distinguished_name.push(DnType::CommonName, name);
     params.extended_key_usages = vec![usage];
     let key = KeyPair::generate().expect("leaf key");
@@ -490,12 +503,8 @@ fn server_certificate(
     let mut params =
         CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
             .expect("params");
-    params.distinguished_name.push(DnType::CommonName, names[0]);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_after = rcgen::date_time_ymd(expires.0, expires.1, expires.2);
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, issuer).expect("signed");
-    (cert.pem(), key.serialize_pem())
+    signed(issuer, params, ExtendedKeyUsagePurpose::ServerAuth)
 }
 
 /// Installs a certificate and its key as an operator's tooling would: each file replaced whole.
