@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prost::Message;
+use scand::config::RetentionConfig;
 use scand::domain::TrackingNumber;
 use scand::engine::{stall::StallPolicy, Engine};
 use scand::ingest::carrier::CarrierRegistry;
@@ -121,7 +122,7 @@ fn filled_store(n: usize) -> (tempfile::TempDir, Store) {
     let (handle, _, thread) = writer::spawn(
         store.clone(),
         Engine::new(Duration::from_secs(60)),
-        StallPolicy::default(),
+        (StallPolicy::default(), RetentionConfig::default().policy()),
         &config,
         None,
     )

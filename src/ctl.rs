@@ -69,6 +69,9 @@ pub enum CtlCommand {
     /// Show a shipment: status, carrier, flags and its timeline in order.
     Get {
         tracking_number: String,
+        /// Which journey of the number (1 = its first; default: the latest).
+        #[arg(long)]
+        journey: Option<u32>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -95,6 +98,14 @@ pub enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a consistent backup while ingest goes on, into DESTINATION on the daemon's host
+    /// (absent or an empty directory). Restore it with `scand restore`.
+    Backup {
+        destination: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +114,10 @@ pub enum CtlError {
     Target { target: String, reason: String },
     #[error("cannot reach scand at {target}: {reason} (is the daemon running? set --target or SCAND_TARGET)")]
     Unreachable { target: String, reason: String },
-    #[error("no scans recorded for tracking number {0}")]
+    #[error("{0}")]
     NotFound(String),
+    #[error("scand at {target} no longer keeps the changes asked for: {message}")]
+    OutOfRange { target: String, message: String },
     #[error("scand at {target} answered {code:?}: {message}")]
     Rpc {
         target: String,
@@ -127,26 +140,34 @@ pub enum CtlError {
 pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
     let channel = connect(&args.target, args.connect_timeout, &args.tls).await?;
     let bearer = bearer(&args)?;
-    let rpc_error = |status: tonic::Status| CtlError::Rpc {
-        target: args.target.clone(),
-        code: status.code(),
-        message: status.message().to_owned(),
+    let rpc_error = |status: tonic::Status| match status.code() {
+        tonic::Code::OutOfRange => CtlError::OutOfRange {
+            target: args.target.clone(),
+            message: status.message().to_owned(),
+        },
+        code => CtlError::Rpc {
+            target: args.target.clone(),
+            code,
+            message: status.message().to_owned(),
+        },
     };
     let mut out = std::io::stdout().lock();
     let result = match args.command {
         CtlCommand::Get {
             tracking_number,
+            journey,
             json,
         } => {
             let reply = TrackingClient::with_interceptor(channel, bearer.clone())
                 .get_shipment(pb::GetShipmentRequest {
                     tracking_number: tracking_number.clone(),
+                    journey: journey.unwrap_or(0),
                 })
                 .await;
             let shipment = match reply {
                 Ok(reply) => reply.into_inner(),
                 Err(status) if status.code() == tonic::Code::NotFound => {
-                    return Err(CtlError::NotFound(tracking_number))
+                    return Err(CtlError::NotFound(status.message().to_owned()))
                 }
                 Err(status) => return Err(rpc_error(status)),
             };
@@ -210,6 +231,18 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
                 writeln!(out, "{}", json::to_json(&stats))
             } else {
                 write_stats(&mut out, &stats)
+            }
+        }
+        CtlCommand::Backup { destination, json } => {
+            let backup = OperationsClient::with_interceptor(channel, bearer.clone())
+                .backup(pb::BackupRequest { destination })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if json {
+                writeln!(out, "{}", json::to_json(&backup))
+            } else {
+                write_backup(&mut out, &backup)
             }
         }
     };
@@ -352,6 +385,13 @@ fn write_shipment(out: &mut impl Write, s: &pb::Shipment) -> std::io::Result<()>
         (carrier, issue) => format!("{carrier}? ({issue})"),
     };
     writeln!(out, "Tracking number  {}", s.tracking_number)?;
+    let kept: Vec<String> = s.journeys.iter().map(|j| j.journey.to_string()).collect();
+    writeln!(
+        out,
+        "Journey          {} (kept: {})",
+        s.journey,
+        kept.join(", ")
+    )?;
     writeln!(
         out,
         "Status           {}",
@@ -394,6 +434,15 @@ fn write_shipment(out: &mut impl Write, s: &pb::Shipment) -> std::io::Result<()>
     Ok(())
 }
 
+/// A tracking number, with its journey when the number is on a later one.
+fn journey_text(tracking_number: &str, journey: u32) -> String {
+    if journey > 1 {
+        format!("{tracking_number} (journey {journey})")
+    } else {
+        tracking_number.to_owned()
+    }
+}
+
 fn change_line(c: &pb::StatusChange) -> String {
     let previous = if c.previous_status == 0 {
         "(new)".to_owned()
@@ -408,7 +457,7 @@ fn change_line(c: &pb::StatusChange) -> String {
         "#{}  {}  {}  v{}  {} -> {}",
         c.sequence,
         time_text(c.event_time),
-        c.tracking_number,
+        journey_text(&c.tracking_number, c.journey),
         c.version,
         previous,
         status_text(c.status, c.sub_status, c.stalled_status),
@@ -423,6 +472,24 @@ fn change_line(c: &pb::StatusChange) -> String {
         line.push_str("  [correction]");
     }
     line
+}
+
+fn write_backup(out: &mut impl Write, b: &pb::BackupReply) -> std::io::Result<()> {
+    writeln!(out, "backup       {}", b.destination)?;
+    writeln!(
+        out,
+        "sequence     {} (a restored instance continues after it)",
+        b.last_sequence
+    )?;
+    writeln!(out, "bytes        {}", b.bytes)?;
+    for offset in &b.source_offsets {
+        writeln!(
+            out,
+            "offset       {}[{}] next {}",
+            offset.topic, offset.partition, offset.next_offset
+        )?;
+    }
+    Ok(())
 }
 
 fn write_stats(out: &mut impl Write, s: &pb::Stats) -> std::io::Result<()> {

@@ -18,6 +18,7 @@ use tonic::transport::Server;
 use crate::api::operations::OperationsService;
 use crate::api::{connections, tls, tracking::TrackingService};
 use crate::config::Config;
+use crate::domain::clock::Clock;
 use crate::domain::Status;
 use crate::engine::{DuplicateKind, Engine};
 use crate::ingest::auth::{DeviceTokens, Scope};
@@ -133,8 +134,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let (writer, committed, writer_thread) = writer::spawn(
         store.clone(),
-        Engine::new(config.dedup.window),
-        config.stall.thresholds.policy(),
+        Engine::new(config.dedup.window).new_journey_after(config.lifecycle.new_journey_after),
+        (config.stall.thresholds.policy(), config.retention.policy()),
         &config.store,
         changelog,
     )
@@ -143,10 +144,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         source,
     })?;
 
-    let sweeper = tokio::spawn(writer::run_stall_sweeper(
+    let clock = Clock::default();
+    let sinks: Vec<&'static str> = if kafka.sink.enabled {
+        vec![crate::publish::kafka::SINK]
+    } else {
+        Vec::new()
+    };
+    let sweeper = tokio::spawn(writer::run_sweeper(
         writer.clone(),
         config.stall.sweep_interval,
-        std::time::SystemTime::now,
+        writer::ChangeLogRetention {
+            keep: config.retention.change_log,
+            sinks: sinks.clone(),
+        },
+        clock.clone(),
         shutdown.clone(),
     ));
     // A fatal error of a task that only a restart mends stops the daemon, which exits non-zero.
@@ -162,7 +173,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         readiness.clone(),
         shutdown.clone(),
     ));
-    let validator = Validator::new(&config.ingest)?;
+    let validator = Validator::new(&config.ingest)?.with_clock(clock);
     if kafka.source.enabled {
         let stores_here = Ingestor::new(
             validator.clone(),
@@ -220,11 +231,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .max_decoding_message_size(max_message),
         DeviceTokens::require(tokens.clone(), Scope::Read),
     );
-    let sinks = if kafka.sink.enabled {
-        vec![crate::publish::kafka::SINK]
-    } else {
-        Vec::new()
-    };
     let operations_service = InterceptedService::new(
         pb::operations_server::OperationsServer::new(OperationsService::new(store.clone(), sinks)),
         DeviceTokens::require(tokens, Scope::Admin),

@@ -37,8 +37,18 @@ enum Command {
         #[arg(long, short, env = "SCAND_CONFIG", default_value = "config/scand.toml")]
         config: PathBuf,
     },
-    /// Operator commands against a running daemon: get a shipment, tail changes, stats.
+    /// Operator commands against a running daemon: get a shipment, tail changes, stats, backup.
     Ctl(Box<scand::ctl::CtlArgs>),
+    /// Make a data directory from a backup (`scand ctl backup`), with scand stopped: start scand
+    /// on DATA afterwards and it continues where the backup was taken.
+    Restore {
+        /// The backup directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create (absent or empty): the `store.path` scand runs on.
+        #[arg(long)]
+        data: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +57,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::CheckConfig { config } => check_config(&config),
         Command::Ctl(args) => ctl(*args),
+        Command::Restore { from, data } => restore(&from, &data),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,6 +72,21 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     Config::load(Some(path))
         .with_context(|| format!("{} is not a valid scand config", path.display()))?;
     println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn restore(from: &std::path::Path, data: &std::path::Path) -> anyhow::Result<()> {
+    let info = scand::store::backup::restore(from, data)
+        .with_context(|| format!("restoring {} into {}", from.display(), data.display()))?;
+    println!(
+        "{}: restored from {}; the change log continues after sequence {}",
+        data.display(),
+        from.display(),
+        info.last_sequence.0
+    );
+    for (topic, partition, next) in &info.source_offsets {
+        println!("  {topic}[{partition}] resumes at offset {next}");
+    }
     Ok(())
 }
 

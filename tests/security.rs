@@ -410,6 +410,7 @@ async fn scoped_tokens_guard_the_read_and_admin_side_too() {
     let get = |token: Option<&str>| {
         let request = pb::GetShipmentRequest {
             tracking_number: "SCOPEPARCEL1".into(),
+            journey: 0,
         };
         match token {
             Some(token) => with_token(request, token),
@@ -538,6 +539,7 @@ async fn answers(client: &mut pb::tracking_client::TrackingClient<Channel>) -> b
     let reply = client
         .get_shipment(pb::GetShipmentRequest {
             tracking_number: "ROTATE00001".into(),
+            journey: 0,
         })
         .await;
     matches!(reply, Err(status) if status.code() == tonic::Code::NotFound)

@@ -1,5 +1,6 @@
 //! The `Operations` service: a short summary of what this instance holds, for `scand ctl stats`
-//! and for scripts. Read-only; every figure comes from the store, so it survives restarts.
+//! and for scripts, and online backups (`scand ctl backup`). Every figure comes from the store,
+//! so it survives restarts.
 
 use std::time::Instant;
 
@@ -73,5 +74,46 @@ impl Operations for OperationsService {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         stats.uptime_seconds = self.started.elapsed().as_secs();
         Ok(Response::new(stats))
+    }
+
+    async fn backup(
+        &self,
+        request: Request<pb::BackupRequest>,
+    ) -> Result<Response<pb::BackupReply>, Status> {
+        let destination = request.into_inner().destination;
+        if destination.is_empty() {
+            return Err(Status::invalid_argument("destination is empty"));
+        }
+        let store = self.store.clone();
+        let path = std::path::PathBuf::from(&destination);
+        let started = Instant::now();
+        let info = tokio::task::spawn_blocking(move || store.backup(&path))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| match e {
+                StoreError::Backup(_) => Status::failed_precondition(e.to_string()),
+                e => Status::unavailable(e.to_string()),
+            })?;
+        tracing::info!(
+            destination,
+            last_sequence = info.last_sequence.0,
+            bytes = info.bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "backup taken"
+        );
+        Ok(Response::new(pb::BackupReply {
+            destination,
+            last_sequence: info.last_sequence.0,
+            source_offsets: info
+                .source_offsets
+                .into_iter()
+                .map(|(topic, partition, next_offset)| pb::SourceOffset {
+                    topic,
+                    partition,
+                    next_offset,
+                })
+                .collect(),
+            bytes: info.bytes,
+        }))
     }
 }

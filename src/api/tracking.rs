@@ -30,15 +30,22 @@ impl Tracking for TrackingService {
         &self,
         request: Request<pb::GetShipmentRequest>,
     ) -> Result<Response<pb::Shipment>, Status> {
-        let number = parse_tracking_number(&request.into_inner().tracking_number)?;
+        let request = request.into_inner();
+        let number = parse_tracking_number(&request.tracking_number)?;
+        let journey = (request.journey != 0).then_some(request.journey);
         let store = self.store.clone();
         let lookup = number.clone();
-        let shipment = tokio::task::spawn_blocking(move || store.shipment(&lookup))
+        let shipment = tokio::task::spawn_blocking(move || store.shipment(&lookup, journey))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::unavailable(e.to_string()))?;
         shipment.map(Response::new).ok_or_else(|| {
-            Status::not_found(format!("no scans recorded for tracking number {number}"))
+            Status::not_found(match journey {
+                None => format!("no scans recorded for tracking number {number}"),
+                Some(journey) => {
+                    format!("tracking number {number} has no journey {journey} (never seen, or removed by retention)")
+                }
+            })
         })
     }
 

@@ -46,6 +46,8 @@ pub struct Config {
     pub dedup: DedupConfig,
     pub feed: FeedConfig,
     pub stall: StallConfig,
+    pub lifecycle: LifecycleConfig,
+    pub retention: RetentionConfig,
     pub kafka: KafkaConfig,
     pub log: LogConfig,
 }
@@ -116,6 +118,58 @@ impl StallThresholds {
             (Status::AvailableForPickup, self.available_for_pickup),
             (Status::Exception, self.exception),
         ])
+    }
+}
+
+/// Journeys: when a tracking number's next scan starts a new shipment (see `engine::journey`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// After a terminal scan, a scan this much later starts a new journey whatever its type
+    /// (a LABEL_CREATED or PICKED_UP after it always does).
+    #[serde(with = "humantime_serde")]
+    pub new_journey_after: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            new_journey_after: crate::engine::Engine::NEW_JOURNEY_AFTER,
+        }
+    }
+}
+
+/// How long scand keeps what it stored (see `engine::retention`), in event time against the
+/// server clock; swept every `stall.sweep_interval`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// A journey closed (delivered, returned) this long ago is removed with its scans.
+    #[serde(with = "humantime_serde")]
+    pub closed_after: Duration,
+    /// A journey without a scan for this long is removed with its scans.
+    #[serde(with = "humantime_serde")]
+    pub idle_after: Duration,
+    /// Status changes committed this long ago leave the change log once every sink delivered
+    /// them; a feed resuming before what is kept gets OUT_OF_RANGE.
+    #[serde(with = "humantime_serde")]
+    pub change_log: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            closed_after: Duration::from_secs(90 * DAY),
+            idle_after: Duration::from_secs(180 * DAY),
+            change_log: Duration::from_secs(14 * DAY),
+        }
+    }
+}
+
+impl RetentionConfig {
+    pub fn policy(&self) -> crate::engine::retention::RetentionPolicy {
+        crate::engine::retention::RetentionPolicy::new(self.closed_after, self.idle_after)
     }
 }
 
@@ -230,6 +284,32 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "stall.sweep_interval",
                 reason: "must be longer than 0s".to_owned(),
+            });
+        }
+        for (key, value) in [
+            (
+                "lifecycle.new_journey_after",
+                self.lifecycle.new_journey_after,
+            ),
+            ("retention.closed_after", self.retention.closed_after),
+            ("retention.idle_after", self.retention.idle_after),
+            ("retention.change_log", self.retention.change_log),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be longer than 0s".to_owned(),
+                });
+            }
+        }
+        if self.retention.change_log <= self.feed.stalled_subscriber_timeout {
+            return Err(ConfigError::Invalid {
+                key: "retention.change_log",
+                reason: format!(
+                    "must be longer than feed.stalled_subscriber_timeout ({}): a subscriber cut \
+                     off for being slow must find its changes still kept when it resumes",
+                    humantime::format_duration(self.feed.stalled_subscriber_timeout)
+                ),
             });
         }
         if self.dedup.window.is_zero() {

@@ -4,6 +4,7 @@
 //! Nothing here knows of RocksDB, tokio or a service; `wire` converts to and from the `scand.v1`
 //! wire types, and `scan` is a scan once validated, carrying its wire form.
 
+pub mod clock;
 pub mod scan;
 pub mod wire;
 

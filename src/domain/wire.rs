@@ -1,7 +1,7 @@
 //! The domain's wire form: its enums as the `scand.v1` enums (same numbering, tested), and a
 //! status point as the wire's (status, sub_status, stalled_status) fields.
 
-use super::{ScanType, Status, StatusPoint};
+use super::{EventTime, ScanType, Status, StatusPoint};
 use crate::proto::pb;
 
 impl From<Status> for pb::Status {
@@ -13,6 +13,13 @@ impl From<Status> for pb::Status {
 impl From<ScanType> for pb::ScanType {
     fn from(value: ScanType) -> Self {
         pb::ScanType::try_from(value.as_i32()).unwrap_or(pb::ScanType::Unspecified)
+    }
+}
+
+pub fn timestamp(t: EventTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.0.div_euclid(1_000_000),
+        nanos: (t.0.rem_euclid(1_000_000) * 1_000) as i32,
     }
 }
 

@@ -6,8 +6,11 @@
 //! - A shipment's final timeline and status depend only on the set of distinct physical reads
 //!   it received, not on arrival order, duplicates or how scans were split into batches.
 //! - Applying the same batch twice changes nothing the second time.
-//! - Each change of (status, sub-status) bumps the shipment's version by exactly one.
+//! - Each change of a journey's (status, sub-status) bumps that journey's version by exactly
+//!   one (see [`journey`] for how a number's scans fall into journeys).
 
+pub mod journey;
+pub mod retention;
 pub mod stall;
 pub mod status;
 
@@ -16,6 +19,7 @@ use std::collections::HashMap;
 use crate::domain::{
     EventTime, NumberCheck, Origin, ScanId, ScanType, StatusPoint, TrackingNumber, Version,
 };
+use journey::{Expired, Journey, Lifecycle};
 use status::Derived;
 
 /// One scan the engine should place, already validated.
@@ -44,7 +48,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn order_key(&self) -> (EventTime, &ScanId) {
+    pub(crate) fn order_key(&self) -> (EventTime, &ScanId) {
         (self.event_time, &self.scan_id)
     }
 }
@@ -54,13 +58,27 @@ impl Entry {
 pub type States = HashMap<TrackingNumber, ShipmentState, Hasher>;
 pub type Hasher = foldhash::fast::RandomState;
 
-/// A shipment as the engine sees it.
+/// A tracking number as the engine sees it: its timeline, holding every retained journey's
+/// scans, and its journeys. The latest journey's status, version and flags are fields of the
+/// state itself (most numbers have one journey); earlier ones are in `earlier`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShipmentState {
     /// Ordered by (event_time, scan_id).
     pub timeline: Vec<Entry>,
+    /// The latest journey's status.
     pub derived: Derived,
+    /// The latest journey's version.
     pub version: Version,
+    /// The latest journey's number; 0 before the number's first scan (see [`Self::journey`]).
+    pub journey: u32,
+    /// Event time of the scan that made the latest journey terminal.
+    pub closed: Option<EventTime>,
+    /// Retained journeys before the latest, oldest first.
+    pub earlier: Vec<Journey>,
+    /// What retention removed of this number.
+    pub expired: Option<Expired>,
+    /// Last versions of journey numbers a late scan merged into the journey before.
+    pub vanished: Vec<(u32, Version)>,
     /// No scan for longer than its status's threshold (see [`stall`]); published as STALLED.
     pub stalled: bool,
     /// The deadline indexed for this shipment, so the index entry can be replaced exactly.
@@ -76,9 +94,10 @@ pub struct ShipmentState {
 /// What ops want to see on a shipment besides its status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Flags {
-    /// Status changes that went backwards in the lifecycle.
+    /// The latest journey's status changes that went backwards in the lifecycle.
     pub regressions: u32,
-    /// Stored scans whose event time was far from the time they were received.
+    /// The latest journey's stored scans whose event time was far from the time they were
+    /// received.
     pub clock_skewed_scans: u32,
     /// Carrier check of the tracking number, from the first scan (see `ingest::carrier`).
     pub tracking_number: NumberCheck,
@@ -115,12 +134,15 @@ impl DuplicateKind {
 pub enum Outcome {
     Accepted,
     Duplicate(DuplicateKind),
+    /// It belongs to a journey retention removed (see [`journey::Expired`]); nothing stored.
+    JourneyExpired,
 }
 
 /// A status change, before the writer gives it a sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub tracking_number: TrackingNumber,
+    pub journey: u32,
     pub version: Version,
     pub previous: Option<StatusPoint>,
     pub current: StatusPoint,
@@ -149,6 +171,10 @@ pub struct Effects {
     pub woken: u32,
 }
 
+fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// Stable 64-bit FNV-1a: fingerprints are stored, so the hash must never change between builds.
 pub fn facility_hash(facility_id: &str) -> u64 {
     facility_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -167,6 +193,7 @@ struct Placed {
 pub struct Engine {
     /// Width of the fingerprint's event-time bucket, in microseconds.
     fingerprint_window_micros: i64,
+    lifecycle: Lifecycle,
 }
 
 impl Engine {
@@ -175,10 +202,27 @@ impl Engine {
     /// a shipment seen once keeps a small timeline in the cache.
     const JOURNEY_ENTRIES: usize = 16;
 
+    /// The default time after a terminal scan past which any scan starts a new journey.
+    pub const NEW_JOURNEY_AFTER: std::time::Duration =
+        std::time::Duration::from_secs(30 * 24 * 3600);
+
     pub fn new(fingerprint_window: std::time::Duration) -> Self {
-        let micros = i64::try_from(fingerprint_window.as_micros()).unwrap_or(i64::MAX);
         Self {
-            fingerprint_window_micros: micros.max(1),
+            fingerprint_window_micros: micros(fingerprint_window).max(1),
+            lifecycle: Lifecycle {
+                new_journey_after_micros: micros(Self::NEW_JOURNEY_AFTER),
+            },
+        }
+    }
+
+    /// With journeys starting after `after` without a scan since a terminal one (see
+    /// [`journey`]).
+    pub fn new_journey_after(self, after: std::time::Duration) -> Self {
+        Self {
+            lifecycle: Lifecycle {
+                new_journey_after_micros: micros(after),
+            },
+            ..self
         }
     }
 
@@ -275,6 +319,9 @@ impl Engine {
             scan_type: scan.scan_type,
             facility: scan.facility,
         };
+        if self.lifecycle.refused_as_expired(state, &entry) {
+            return (index, Outcome::JourneyExpired);
+        }
         let tracking_number = scan.tracking_number;
         let placed = Placed {
             index,
@@ -303,16 +350,12 @@ impl Engine {
         (index, Outcome::Accepted)
     }
 
-    /// Places `entry` and derives the new status; `replaced` = an entry was just removed, so
-    /// the status must be refolded even when appending.
-    #[allow(clippy::too_many_arguments)]
+    /// Places `entry` and derives the new statuses; `replaced` = an entry was just removed,
+    /// so the journeys must be refolded even when appending.
     fn insert(
         &self,
         tracking_number: TrackingNumber,
-        Placed {
-            index,
-            clock_skewed,
-        }: Placed,
+        placed: Placed,
         entry: Entry,
         replaced: bool,
         state: &mut ShipmentState,
@@ -322,7 +365,10 @@ impl Engine {
             .timeline
             .partition_point(|e| e.order_key() < entry.order_key());
         let appended = pos == state.timeline.len();
-        let scan_type = entry.scan_type;
+        let opens_journey = state.timeline.last().is_some()
+            && state
+                .closed
+                .is_some_and(|closed| self.lifecycle.starts_journey(closed, &entry));
         let timeline = &mut state.timeline;
         if !timeline.is_empty()
             && timeline.len() == timeline.capacity()
@@ -331,24 +377,51 @@ impl Engine {
             timeline.reserve_exact(Self::JOURNEY_ENTRIES - timeline.len());
         }
         timeline.insert(pos, entry);
-        effects.stored.push(index);
-        if clock_skewed {
+        effects.stored.push(placed.index);
+        if appended && !replaced {
+            if opens_journey {
+                let latest = state.latest_journey();
+                let next = state.open_journey(latest.number + 1);
+                state.earlier.push(Journey {
+                    entries: latest.entries - 1,
+                    ..latest
+                });
+                state.set_latest_journey(next);
+            } else if state.timeline.len() == 1 {
+                // The number's first retained scan: its journey follows any expired ones.
+                state.journey = state.journey();
+            }
+            self.step_latest(tracking_number, placed, state, effects);
+        } else {
+            self.refold(tracking_number, placed, pos, appended, state, effects);
+        }
+    }
+
+    /// Folds the scan just appended to the timeline into the latest journey.
+    fn step_latest(
+        &self,
+        tracking_number: TrackingNumber,
+        placed: Placed,
+        state: &mut ShipmentState,
+        effects: &mut Effects,
+    ) {
+        let Some(entry) = state.timeline.last() else {
+            return;
+        };
+        if placed.clock_skewed {
             state.flags.clock_skewed_scans += 1;
         }
-
-        let derived = if appended && !replaced {
-            state.derived.step(scan_type)
-        } else {
-            Derived::of(state.timeline.iter().map(|e| e.scan_type))
-        };
+        let mut closed = state.closed;
+        let derived = Lifecycle::step(state.derived, &mut closed, entry);
         effects.after_terminal += derived
             .scans_after_terminal
             .saturating_sub(state.derived.scans_after_terminal);
         let previous = state.point();
         state.derived = derived;
+        state.closed = closed;
         // Only a scan after the latest one wakes a stalled shipment: a late upload of older
         // reads says nothing about where the parcel is now.
-        if appended && state.stalled {
+        if state.stalled {
             state.stalled = false;
             effects.woken += 1;
         }
@@ -365,13 +438,93 @@ impl Engine {
         }
         effects.changes.push(Change {
             tracking_number,
+            journey: state.journey,
             version: state.version,
             previous,
             current,
-            cause: Some(index),
+            cause: Some(placed.index),
             regression,
-            correction: !appended,
+            correction: false,
         });
+    }
+
+    /// Refolds every journey of the timeline after a scan was placed before the latest one or
+    /// replaced one (at `pos`), publishing each journey whose status moved.
+    fn refold(
+        &self,
+        tracking_number: TrackingNumber,
+        placed: Placed,
+        pos: usize,
+        appended: bool,
+        state: &mut ShipmentState,
+        effects: &mut Effects,
+    ) {
+        let segments = self.lifecycle.segments(&state.timeline);
+        let mut journeys = std::mem::take(&mut state.earlier);
+        journeys.push(state.latest_journey());
+        let mut previous: Vec<Option<StatusPoint>> =
+            journeys.iter().map(|j| j.derived.point).collect();
+        if let Some(latest) = previous.last_mut() {
+            *latest = state.point();
+        }
+        if state.stalled && (appended || segments.len() != journeys.len()) {
+            state.stalled = false;
+            effects.woken += 1;
+        }
+        while journeys.len() > segments.len() {
+            if let Some(gone) = journeys.pop() {
+                state.vanished.push((gone.number, gone.version));
+            }
+        }
+        while journeys.len() < segments.len() {
+            let number = journeys.last().map_or(1, |j| j.number + 1);
+            journeys.push(state.open_journey(number));
+        }
+        let last = journeys.len() - 1;
+        let mut start = 0;
+        for (at, (journey, segment)) in journeys.iter_mut().zip(&segments).enumerate() {
+            let range = start..start + segment.entries;
+            start = range.end;
+            journey.entries = segment.entries as u32;
+            journey.closed = segment.closed;
+            if placed.clock_skewed && range.contains(&pos) {
+                journey.clock_skewed_scans += 1;
+            }
+            effects.after_terminal += segment
+                .derived
+                .scans_after_terminal
+                .saturating_sub(journey.derived.scans_after_terminal);
+            journey.derived = segment.derived;
+            let Some(current) = segment.derived.point.map(|p| StatusPoint {
+                stalled: at == last && state.stalled,
+                ..p
+            }) else {
+                continue;
+            };
+            let before = previous.get(at).copied().flatten();
+            if before == Some(current) {
+                continue;
+            }
+            journey.version = Version(journey.version.0 + 1);
+            let regression = before.is_some_and(|p| p.status.is_regression_to(current.status));
+            if regression {
+                journey.regressions += 1;
+            }
+            effects.changes.push(Change {
+                tracking_number: tracking_number.clone(),
+                journey: journey.number,
+                version: journey.version,
+                previous: before,
+                current,
+                cause: Some(placed.index),
+                regression,
+                correction: !appended,
+            });
+        }
+        if let Some(latest) = journeys.pop() {
+            state.set_latest_journey(latest);
+        }
+        state.earlier = journeys;
     }
 }
 

@@ -72,6 +72,7 @@ impl Engine {
         state.version = Version(state.version.0 + 1);
         Some(Change {
             tracking_number,
+            journey: state.journey(),
             version: state.version,
             previous,
             current,

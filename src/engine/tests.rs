@@ -359,6 +359,166 @@ fn sub_status_change_within_in_transit_is_a_new_version() {
     );
 }
 
+// ---- journeys ------------------------------------------------------------------------------
+
+const DAY: i64 = 24 * 60;
+
+/// (journey, version, status) of each change published so far.
+fn journey_changes(h: &Harness) -> Vec<(u32, u64, Status)> {
+    h.changes
+        .iter()
+        .map(|c| (c.journey, c.version.0, c.current.status))
+        .collect()
+}
+
+#[test]
+fn a_label_after_delivery_starts_the_next_journey_with_its_own_versions() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![
+        scan(0, n, "a1", LabelCreated, 0, "shop"),
+        scan(1, n, "a2", Delivered, DAY, "door"),
+    ]);
+    let outcomes = h.apply(vec![
+        scan(0, n, "b1", LabelCreated, 90 * DAY, "shop"),
+        scan(1, n, "b2", ArrivedAtFacility, 91 * DAY, "hub"),
+    ]);
+    assert_eq!(outcomes, vec![Outcome::Accepted; 2]);
+    assert_eq!(
+        journey_changes(&h),
+        vec![
+            (1, 1, Status::LabelCreated),
+            (1, 2, Status::Delivered),
+            (2, 1, Status::LabelCreated),
+            (2, 2, Status::InTransit),
+        ]
+    );
+    assert_eq!(
+        h.changes[2].previous, None,
+        "a journey's first change has no previous"
+    );
+    let state = h.state(n);
+    assert_eq!(state.journey(), 2);
+    assert_eq!(state.derived.scans_after_terminal, 0);
+    assert_eq!(
+        state.journey_ranges(),
+        vec![(1, 0..2), (2, 2..4)],
+        "journey 1 keeps its two scans"
+    );
+    assert_eq!(state.point_of(1).map(|p| p.status), Some(Status::Delivered));
+}
+
+#[test]
+fn any_scan_long_after_the_terminal_one_starts_a_journey_and_one_soon_after_stays() {
+    let engine = engine().new_journey_after(Duration::from_secs(30 * 24 * 3600));
+    let mut h = Harness {
+        engine,
+        ..Harness::new()
+    };
+    let n = "PARCEL0001";
+    h.apply(vec![scan(0, n, "a1", Delivered, 0, "door")]);
+    h.apply(vec![scan(0, n, "a2", ArrivedAtFacility, 29 * DAY, "hub")]);
+    assert_eq!(h.state(n).journey(), 1);
+    assert_eq!(h.state(n).derived.scans_after_terminal, 1);
+    h.apply(vec![scan(0, n, "b1", ArrivedAtFacility, 31 * DAY, "hub")]);
+    assert_eq!(h.state(n).journey(), 2);
+    assert_eq!(
+        journey_changes(&h),
+        vec![(1, 1, Status::Delivered), (2, 1, Status::InTransit)]
+    );
+}
+
+#[test]
+fn a_late_scan_goes_to_the_journey_its_event_time_falls_in() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![
+        scan(0, n, "a1", LabelCreated, 0, "shop"),
+        scan(1, n, "a3", Delivered, 2 * DAY, "door"),
+        scan(2, n, "b1", LabelCreated, 90 * DAY, "shop"),
+    ]);
+    let published = h.changes.len();
+    // A truck's upload from journey 1's transit, months late.
+    h.apply(vec![scan(0, n, "a2", Sorted, DAY, "hub")]);
+    let state = h.state(n);
+    assert_eq!(state.journey_ranges(), vec![(1, 0..3), (2, 3..4)]);
+    assert_eq!(state.point_of(1).map(|p| p.status), Some(Status::Delivered));
+    assert_eq!(
+        state.point_of(2).map(|p| p.status),
+        Some(Status::LabelCreated)
+    );
+    assert_eq!(h.changes.len(), published, "neither journey's status moved");
+}
+
+#[test]
+fn a_late_terminal_scan_splits_a_journey_and_later_numbers_keep_counting_up() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.apply(vec![
+        scan(0, n, "a1", LabelCreated, 0, "shop"),
+        scan(1, n, "b1", LabelCreated, 40 * DAY, "shop"),
+        scan(2, n, "b2", Delivered, 42 * DAY, "door"),
+    ]);
+    assert_eq!(h.state(n).journey(), 1, "no terminal scan between them yet");
+    // Journey 1's delivery arrives late: the label at day 40 starts journey 2.
+    h.apply(vec![scan(0, n, "a2", Delivered, DAY, "door")]);
+    let state = h.state(n);
+    assert_eq!(state.journey_ranges(), vec![(1, 0..2), (2, 2..4)]);
+    assert_eq!(
+        journey_changes(&h),
+        vec![
+            (1, 1, Status::LabelCreated),
+            (1, 2, Status::Delivered),
+            (2, 1, Status::Delivered),
+        ]
+    );
+    assert!(h.changes[2].correction);
+}
+
+#[test]
+fn scans_of_an_expired_journey_are_refused_and_a_new_label_opens_the_next() {
+    let mut h = Harness::new();
+    let n = "PARCEL0001";
+    h.states.insert(
+        tn(n),
+        ShipmentState {
+            journey: 3,
+            expired: Some(journey::Expired {
+                journeys: 3,
+                until: EventTime(10 * DAY * MINUTE),
+            }),
+            ..ShipmentState::default()
+        },
+    );
+    let outcomes = h.apply(vec![
+        scan(0, n, "old", Delivered, 9 * DAY, "door"),
+        scan(1, n, "tail", ArrivedAtFacility, 11 * DAY, "hub"),
+        scan(2, n, "new", LabelCreated, 12 * DAY, "shop"),
+    ]);
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::JourneyExpired,
+            Outcome::JourneyExpired,
+            Outcome::Accepted
+        ]
+    );
+    assert_eq!(journey_changes(&h), vec![(4, 1, Status::LabelCreated)]);
+    let late = h.apply(vec![scan(
+        0,
+        n,
+        "tail2",
+        ArrivedAtFacility,
+        11 * DAY,
+        "hub",
+    )]);
+    assert_eq!(
+        late,
+        vec![Outcome::JourneyExpired],
+        "still before journey 4's first scan"
+    );
+}
+
 // ---- properties ----------------------------------------------------------------------------
 
 const FACILITIES: [&str; 3] = ["hub-a", "hub-b", "van-7"];
@@ -416,17 +576,31 @@ fn deliveries(reads: &[Read], extra: &[(usize, bool, i64)]) -> Vec<Incoming> {
     out
 }
 
-fn final_view(h: &Harness) -> Vec<(TrackingNumber, Vec<Entry>, Option<StatusPoint>, u32)> {
+/// A journey as the final view compares it: (number, entries, closed, status, scans after
+/// terminal).
+type JourneyView = (u32, u32, Option<EventTime>, Option<StatusPoint>, u32);
+
+fn final_view(h: &Harness) -> Vec<(TrackingNumber, Vec<Entry>, Vec<JourneyView>)> {
     let mut v: Vec<_> = h
         .states
         .iter()
         .map(|(k, s)| {
-            (
-                k.clone(),
-                s.timeline.clone(),
-                s.derived.point,
-                s.derived.scans_after_terminal,
-            )
+            let journeys = s
+                .earlier
+                .iter()
+                .cloned()
+                .chain([s.latest_journey()])
+                .map(|j| {
+                    (
+                        j.number,
+                        j.entries,
+                        j.closed,
+                        j.derived.point,
+                        j.derived.scans_after_terminal,
+                    )
+                })
+                .collect();
+            (k.clone(), s.timeline.clone(), journeys)
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -454,16 +628,28 @@ fn run(mut scans: Vec<Incoming>, cuts: &[usize]) -> Harness {
     h
 }
 
+/// Versions count per (tracking number, journey), from 1, without a gap or a repeat, and each
+/// journey's state has the last one published for it.
 fn check_versions(h: &Harness) -> Result<(), TestCaseError> {
-    let mut last: HashMap<&TrackingNumber, u64> = HashMap::new();
+    let mut last: HashMap<(&TrackingNumber, u32), u64> = HashMap::new();
     for c in &h.changes {
-        let v = last.entry(&c.tracking_number).or_insert(0);
-        prop_assert_eq!(c.version.0, *v + 1, "versions gapless per shipment");
+        let v = last.entry((&c.tracking_number, c.journey)).or_insert(0);
+        prop_assert_eq!(c.version.0, *v + 1, "versions gapless per journey");
         prop_assert!(c.previous != Some(c.current), "a change changes something");
         *v = c.version.0;
     }
     for (number, state) in &h.states {
-        prop_assert_eq!(state.version.0, last.get(number).copied().unwrap_or(0));
+        for journey in state
+            .earlier
+            .iter()
+            .cloned()
+            .chain([state.latest_journey()])
+        {
+            prop_assert_eq!(
+                journey.version.0,
+                last.get(&(number, journey.number)).copied().unwrap_or(0)
+            );
+        }
     }
     Ok(())
 }
@@ -515,5 +701,77 @@ proptest! {
         prop_assert_eq!(final_view(&h), before);
         prop_assert_eq!(h.changes.len(), changes);
         prop_assert_eq!(h.states.values().map(|s| s.version).collect::<Vec<_>>(), versions);
+    }
+
+    #[test]
+    fn two_journeys_are_found_whatever_the_arrival_order_duplicates_and_batching(
+        first in prop::collection::vec((0usize..13, 0i64..100), 0..12),
+        second in prop::collection::vec((0usize..13, 200i64..300), 1..12),
+        retries in prop::collection::vec(any::<usize>(), 0..8),
+        shuffle_seed in any::<u64>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..6),
+    ) {
+        // Journey 1 ends with a delivery at second 100; every scan of journey 2 comes more
+        // than `new_journey_after` (50 s) after it. No other scan is terminal, and facilities
+        // are unique (no fingerprint duplicates): both journeys keep every read.
+        let open: Vec<ScanType> = ScanType::ALL
+            .into_iter()
+            .filter(|t| !matches!(t, Delivered | ReturnedToSender))
+            .collect();
+        prop_assert_eq!(open.len(), 13);
+        let engine = Engine::new(Duration::from_secs(1)).new_journey_after(Duration::from_secs(50));
+        let mk = |i: usize, (t, second): (usize, i64)| Incoming {
+            index: i,
+            tracking_number: tn("SHIPMENT0001"),
+            scan_id: ScanId::parse(&format!("read-{i}")).expect("scan id"),
+            scan_type: open[t],
+            event_time: EventTime(second * 1_000_000),
+            facility: i as u64,
+            clock_skewed: false,
+        };
+        let mut ordered: Vec<Incoming> =
+            first.iter().enumerate().map(|(i, r)| mk(i, *r)).collect();
+        ordered.push(Incoming {
+            scan_type: Delivered,
+            ..mk(first.len(), (0, 100))
+        });
+        let offset = ordered.len();
+        ordered.extend(second.iter().enumerate().map(|(i, r)| mk(offset + i, *r)));
+        let mut arriving = ordered.clone();
+        for pick in &retries {
+            arriving.push(ordered[pick % ordered.len()].clone());
+        }
+        let mut x = shuffle_seed | 1;
+        for i in (1..arriving.len()).rev() {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let j = (x >> 33) as usize % (i + 1);
+            arriving.swap(i, j);
+        }
+        let run_with = |scans: Vec<Incoming>, cuts: &[usize]| {
+            let mut h = Harness { engine, ..Harness::new() };
+            let mut rest: Vec<Incoming> =
+                scans.into_iter().enumerate().map(|(i, mut s)| { s.index = i; s }).collect();
+            for cut in cuts {
+                if rest.is_empty() {
+                    break;
+                }
+                let tail = rest.split_off(cut % rest.len() + 1);
+                h.apply(rest);
+                rest = tail;
+            }
+            if !rest.is_empty() {
+                h.apply(rest);
+            }
+            h
+        };
+        let reference = run_with(ordered, &[]);
+        let h = run_with(arriving, &cuts);
+        prop_assert_eq!(final_view(&h), final_view(&reference));
+        let state = h.state("SHIPMENT0001");
+        let ranges = state.journey_ranges();
+        prop_assert_eq!(ranges.len(), 2);
+        prop_assert_eq!(ranges[0].1.len(), first.len() + 1);
+        prop_assert_eq!(ranges[1].1.len(), second.len());
+        check_versions(&h)?;
     }
 }

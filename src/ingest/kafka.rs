@@ -295,7 +295,7 @@ impl KafkaSource {
 
     async fn process(&self, records: Vec<OwnedMessage>, shutdown: &CancellationToken) {
         let received = Instant::now();
-        let now = SystemTime::now();
+        let now = self.ingestor.validator().now();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut scans = Vec::with_capacity(records.len());
         let mut dead = Vec::new();

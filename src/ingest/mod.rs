@@ -15,7 +15,7 @@ pub mod message_limit;
 pub mod validate;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -231,7 +231,7 @@ impl Ingestor {
         metrics::counter!(m::SCANS_RECEIVED_TOTAL, "source" => source).increment(scans as u64);
         metrics::histogram!(m::INGEST_BATCH_SCANS).record(scans as f64);
 
-        let now = SystemTime::now();
+        let now = self.validator.now();
         let mut results = Vec::with_capacity(scans);
         let mut valid = Vec::with_capacity(scans);
         let mut queued = Vec::with_capacity(scans);
@@ -353,6 +353,12 @@ impl Pending {
                             "duplicate_fingerprint: same tracking number, scan type and facility within the dedup window".into()
                         }
                     };
+                }
+                Outcome::JourneyExpired => {
+                    let rejection = Rejection::JourneyExpired;
+                    record_rejection(&rejection);
+                    result.outcome = pb::Outcome::Rejected as i32;
+                    result.reason = rejection.reason();
                 }
             }
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::carrier::{CarrierError, CarrierRegistry, Classification, Policy};
 use super::IngestConfig;
+use crate::domain::clock::Clock;
 use crate::domain::scan::ValidScan;
 use crate::domain::NumberCheck;
 use crate::domain::{EventTime, ScanId, ScanType, TrackingNumber, TrackingNumberError};
@@ -56,6 +57,9 @@ pub enum Rejection {
     LongitudeOutOfRange(f64),
     #[error("device_id {0:?} is not allowed for this bearer token")]
     DeviceNotAllowed(String),
+    /// Decided by the engine, not here: the scan belongs to a journey retention removed.
+    #[error("the scan belongs to a journey of this tracking number that retention removed")]
+    JourneyExpired,
     #[error("{field} is {len} {unit}; the limit is {limit}")]
     Oversized {
         field: &'static str,
@@ -69,7 +73,7 @@ impl Rejection {
     /// Stable code: the `reason` label of `scand_scans_rejected_total` and the prefix of the
     /// reason sent back to the scanner.
     /// Every code [`Rejection::code`] gives (tested), for series exported before the first.
-    pub const CODES: [&'static str; 17] = [
+    pub const CODES: [&'static str; 18] = [
         "missing_scan_id",
         "scan_id_too_long",
         "missing_tracking_number",
@@ -86,6 +90,7 @@ impl Rejection {
         "latitude_out_of_range",
         "longitude_out_of_range",
         "device_not_allowed",
+        "journey_expired",
         "oversized",
     ];
 
@@ -114,6 +119,7 @@ impl Rejection {
             Rejection::LatitudeOutOfRange(_) => "latitude_out_of_range",
             Rejection::LongitudeOutOfRange(_) => "longitude_out_of_range",
             Rejection::DeviceNotAllowed(_) => "device_not_allowed",
+            Rejection::JourneyExpired => "journey_expired",
             Rejection::Oversized { .. } => "oversized",
         }
     }
@@ -136,6 +142,7 @@ pub struct Validator {
     /// `scand_tracking_numbers_flagged_total` by reason, looked up once: counted per scan, and
     /// a labelled lookup costs more than the memoized check it counts.
     flagged: [(&'static str, metrics::Counter); 2],
+    clock: Clock,
 }
 
 /// The outcome of a tracking number's carrier check, as `check_number` returns it.
@@ -203,7 +210,18 @@ impl Validator {
                     metrics::counter!(m::TRACKING_NUMBERS_FLAGGED_TOTAL, "reason" => reason);
                 (reason, counter)
             }),
+            clock: Clock::default(),
         })
+    }
+
+    /// Reading event times against `clock` (the daemon's one clock).
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Self { clock, ..self }
+    }
+
+    /// The server clock scans are checked against.
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
     }
 
     /// The carrier check under the configured policy: `Err` only under `reject`.
@@ -407,6 +425,7 @@ mod tests {
             Rejection::LatitudeOutOfRange(91.0),
             Rejection::LongitudeOutOfRange(181.0),
             Rejection::DeviceNotAllowed("d".into()),
+            Rejection::JourneyExpired,
             Rejection::Oversized {
                 field: "device_id",
                 len: 2,

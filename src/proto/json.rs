@@ -39,6 +39,10 @@ impl Named for pb::Stats {
     const NAME: &'static str = "scand.v1.Stats";
 }
 
+impl Named for pb::BackupReply {
+    const NAME: &'static str = "scand.v1.BackupReply";
+}
+
 fn descriptor<M: Named>() -> MessageDescriptor {
     POOL.get_message_by_name(M::NAME)
         .expect("every Named message is in the descriptor set (tested)")
@@ -86,6 +90,7 @@ mod tests {
         descriptor::<pb::StatusChange>();
         descriptor::<pb::Shipment>();
         descriptor::<pb::Stats>();
+        descriptor::<pb::BackupReply>();
     }
 
     #[test]

@@ -138,13 +138,21 @@ impl Feed {
             let durable = *self.committed.borrow();
             let only = only.clone();
             // One shipment's changes through its record's index, never a scan of the log.
-            let chunk = tokio::task::spawn_blocking(move || match &only {
-                Some(number) => store.changes_of(number, cursor, durable, CHUNK),
-                None => store.changes(cursor, durable, CHUNK),
+            let chunk = tokio::task::spawn_blocking(move || {
+                let chunk = match &only {
+                    Some(number) => store.changes_of(number, cursor, durable, CHUNK),
+                    None => store.changes(cursor, durable, CHUNK),
+                }?;
+                // Read after the chunk: a trim that removed part of it moved this first.
+                Ok::<_, crate::store::StoreError>((chunk, store.first_sequence()?))
             })
             .await
             .map_err(|e| Status::internal(format!("feed reader failed: {e}")))?
             .map_err(|e| Status::unavailable(format!("change log unreadable: {e}")))?;
+            let (chunk, first) = chunk;
+            if cursor.0.saturating_add(1) < first.0 {
+                return Err(out_of_range(cursor, first));
+            }
             if tx.is_closed() {
                 return Ok(());
             }
@@ -221,4 +229,16 @@ impl Default for FeedConfig {
             stalled_subscriber_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// The status of a subscriber resuming before what the change log keeps.
+fn out_of_range(after: Sequence, first: Sequence) -> Status {
+    Status::out_of_range(format!(
+        "changes after sequence {} are no longer all kept (retention.change_log): the oldest \
+         kept is {first}, so resume with after_sequence >= {} (`scand ctl tail --from {first}`) \
+         and read the shipments' current state with GetShipment",
+        after.0,
+        first.0 - 1,
+        first = first.0,
+    ))
 }

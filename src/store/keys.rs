@@ -17,19 +17,22 @@ pub const CHANGES: &str = "change_blocks";
 pub const CHANGES_PER_BLOCK: usize = 256;
 /// Small named values (see the `META_*` keys).
 pub const META: &str = "meta";
-/// `deadline ␀ tracking_number` → empty: shipments by the time they stall, so a sweep reads
-/// only the ones due, never every shipment.
+/// `deadline ␀ tracking_number` → empty: shipments by their next deadline (when they stall or
+/// when retention expires their oldest journey), so a sweep reads only the ones due, never
+/// every shipment. Named when it held stall deadlines alone.
 pub const STALL_DEADLINES: &str = "stall_deadlines";
 
 pub const ALL_COLUMN_FAMILIES: [&str; 4] = [SHIPMENTS, CHANGES, META, STALL_DEADLINES];
 
+/// Oldest sequence `changes` keeps (absent: 1), moved by the change log's retention.
+pub const META_FIRST_SEQUENCE: &[u8] = b"first_sequence";
 /// Highest sequence written to `changes`.
 pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
 /// Layout version of this data directory.
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 /// The layout this build writes; a directory at an earlier version is brought to it by the
 /// migrations of `store::open`, one version at a time, and a later one is refused.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Scans stored (u64 BE), kept in the same writes that store and replace them.
 pub const META_STORED_SCANS: &[u8] = b"stored_scans";
 /// Shipments currently stalled (u64 BE), kept in the same writes that stall and wake them.
@@ -37,13 +40,28 @@ pub const META_STALLED_SHIPMENTS: &[u8] = b"stalled_shipments";
 /// Written (synced) to learn whether a store that refused writes takes them again.
 pub const META_WRITE_PROBE: &[u8] = b"write_probe";
 
+/// What every source offset key begins with.
+pub const SOURCE_OFFSET_PREFIX: &[u8] = b"source_offset\0";
+
 /// Next offset to consume of a source partition: `source_offset ␀ topic ␀ partition(i32 BE)`.
 pub fn source_offset_key(topic: &str, partition: i32) -> Vec<u8> {
-    let mut key = b"source_offset\0".to_vec();
+    let mut key = SOURCE_OFFSET_PREFIX.to_vec();
     key.extend_from_slice(topic.as_bytes());
     key.push(SEPARATOR);
     key.extend_from_slice(&partition.to_be_bytes());
     key
+}
+
+/// `None` for a key [`source_offset_key`] did not build.
+pub fn decode_source_offset_key(key: &[u8]) -> Option<(String, i32)> {
+    let rest = key.strip_prefix(SOURCE_OFFSET_PREFIX)?;
+    let (topic, partition) = rest.split_at(rest.len().checked_sub(5)?);
+    let (separator, partition) = partition.split_first()?;
+    (*separator == SEPARATOR).then_some(())?;
+    Some((
+        std::str::from_utf8(topic).ok()?.to_owned(),
+        i32::from_be_bytes(partition.try_into().ok()?),
+    ))
 }
 
 /// Highest sequence a sink has delivered: `sink_cursor ␀ sink`.
@@ -128,6 +146,14 @@ mod tests {
             Some(Sequence(77))
         );
         assert_eq!(decode_change_key(b"short"), None);
+    }
+
+    #[test]
+    fn source_offset_keys_round_trip() {
+        let key = source_offset_key("scans.v1", 7);
+        assert_eq!(decode_source_offset_key(&key), Some(("scans.v1".into(), 7)));
+        assert_eq!(decode_source_offset_key(b"source_offset\0x"), None);
+        assert_eq!(decode_source_offset_key(&sink_cursor_key("kafka")), None);
     }
 
     #[test]

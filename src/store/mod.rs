@@ -12,7 +12,9 @@
 //!   counters and source offsets land in one WriteBatch whose WAL sync returned before any ack.
 //! - A shipment's record holds its scans, so one point read gives a consistent shipment.
 
+pub mod backup;
 pub mod cache;
+mod change_log;
 pub mod codec;
 pub mod keys;
 pub mod writer;
@@ -52,6 +54,8 @@ pub enum StoreError {
          stored, resend it later"
     )]
     Unwritable(String),
+    #[error("backup: {0}")]
+    Backup(String),
 }
 
 /// Shared read access to the database; the writer holds the only write path.
@@ -126,6 +130,10 @@ impl Store {
             .property_int_value("rocksdb.num-running-compactions")?
             .unwrap_or(0);
         metrics::gauge!(m::ROCKSDB_RUNNING_COMPACTIONS).set(running as f64);
+        if let Ok(stat) = rustix::fs::statvfs(self.path()) {
+            metrics::gauge!(m::STORE_DISK_FREE_BYTES)
+                .set((stat.f_bavail.saturating_mul(stat.f_frsize)) as f64);
+        }
         let telemetry = &self.telemetry;
         let stall_micros = telemetry.options.get_ticker_count(Ticker::StallMicros);
         let now = std::time::Instant::now();

@@ -176,4 +176,48 @@ type Migration = fn(&DB) -> Result<(), StoreError>;
 /// `MIGRATIONS[v - 1]` takes a directory from version `v` to `v + 1`: one per version before
 /// [`keys::SCHEMA_VERSION`] (tested), so a layout change ships with the step that gets
 /// existing directories there.
-pub(super) const MIGRATIONS: [Migration; keys::SCHEMA_VERSION as usize - 1] = [];
+pub(super) const MIGRATIONS: [Migration; keys::SCHEMA_VERSION as usize - 1] =
+    [index_every_shipment];
+
+/// Version 1 to 2 (journeys and retention): the deadline index held only shipments that could
+/// stall; now every shipment has an entry, its next deadline being retention's at the latest.
+/// Each shipment without one is indexed as due at once, so the first sweep puts it at its real
+/// deadline. A whole pass over `shipments`, once.
+fn index_every_shipment(db: &DB) -> Result<(), StoreError> {
+    use prost::Message;
+    let (Some(shipments), Some(index)) = (
+        db.cf_handle(keys::SHIPMENTS),
+        db.cf_handle(keys::STALL_DEADLINES),
+    ) else {
+        return Err(StoreError::Corrupt {
+            key: "column families".into(),
+            what: "shipments or the deadline index is missing".into(),
+        });
+    };
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    let mut batch = rocksdb::WriteBatch::default();
+    for item in db.iterator_cf(shipments, rocksdb::IteratorMode::Start) {
+        let (key, value) = item?;
+        let mut record = super::codec::decode_shipment_record(&key, &value)?;
+        if record.stall_deadline.is_some() {
+            continue;
+        }
+        let number = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|n| crate::domain::TrackingNumber::parse(n).ok())
+            .ok_or_else(|| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                what: "not a tracking number".into(),
+            })?;
+        let due = crate::domain::EventTime(0);
+        record.stall_deadline = Some(due.0);
+        batch.put_cf(index, keys::stall_key(due, &number), []);
+        batch.put_cf(shipments, &key, record.encode_to_vec());
+        if batch.len() >= 2_000 {
+            db.write_opt(std::mem::take(&mut batch), &sync)?;
+        }
+    }
+    db.write_opt(batch, &sync)?;
+    Ok(())
+}

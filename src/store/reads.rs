@@ -149,18 +149,29 @@ impl Store {
         })
     }
 
-    /// A shipment with its timeline in order, read from one snapshot.
+    /// A journey of a tracking number (`None`: the latest) with its timeline in order, read
+    /// from one snapshot. `None` when the number has no scans or not that journey.
     pub fn shipment(
         &self,
         tracking_number: &TrackingNumber,
+        journey: Option<u32>,
     ) -> Result<Option<pb::Shipment>, StoreError> {
         let key = keys::shipment_key(tracking_number);
         let Some(bytes) = self.shipment_record(tracking_number)? else {
             return Ok(None);
         };
         let state = codec::decode_shipment(key, &bytes)?;
-        let timeline = scans_of(tracking_number, &bytes)?
-            .into_iter()
+        if state.timeline.is_empty() {
+            return Ok(None);
+        }
+        let ranges = state.journey_ranges();
+        let wanted = journey.unwrap_or_else(|| state.journey());
+        let Some((_, range)) = ranges.iter().find(|(number, _)| *number == wanted) else {
+            return Ok(None);
+        };
+        let mut scans = scans_of(tracking_number, &bytes)?;
+        let timeline = scans
+            .drain(range.clone())
             .map(|scan| {
                 pb::Scan::decode(scan.as_slice()).map_err(|e| StoreError::Corrupt {
                     key: tracking_number.to_string(),
@@ -168,22 +179,40 @@ impl Store {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let (status, sub_status) = crate::domain::wire::status_fields(state.point());
-        let stalled_status = crate::domain::wire::stalled_status(state.point());
-        let flags = state.flags;
+        let summaries = ranges
+            .iter()
+            .map(|(number, range)| journey_summary(&state, *number, range.clone()))
+            .collect();
+        let latest = state.latest_journey();
+        let this = if wanted == state.journey() {
+            latest
+        } else {
+            state
+                .earlier
+                .iter()
+                .find(|j| j.number == wanted)
+                .cloned()
+                .unwrap_or(latest)
+        };
+        let point = state.point_of(wanted);
+        let (status, sub_status) = crate::domain::wire::status_fields(point);
+        let stalled_status = crate::domain::wire::stalled_status(point);
+        let check = state.flags.tracking_number;
         Ok(Some(pb::Shipment {
             tracking_number: tracking_number.to_string(),
             status,
             sub_status,
-            version: state.version.0,
+            version: this.version.0,
             timeline,
-            scans_after_terminal: state.derived.scans_after_terminal,
+            scans_after_terminal: this.derived.scans_after_terminal,
             stalled_status,
-            regressions: flags.regressions,
-            clock_skewed_scans: flags.clock_skewed_scans,
-            carrier: flags.tracking_number.carrier,
-            carrier_service: flags.tracking_number.service,
-            tracking_number_issue: flags.tracking_number.issue,
+            regressions: this.regressions,
+            clock_skewed_scans: this.clock_skewed_scans,
+            carrier: check.carrier,
+            carrier_service: check.service,
+            tracking_number_issue: check.issue,
+            journey: wanted,
+            journeys: summaries,
         }))
     }
 
@@ -201,9 +230,11 @@ impl Store {
             return Ok(Vec::new());
         };
         let key = keys::shipment_key(tracking_number);
+        // What the change log's retention removed is not read (the feed says OUT_OF_RANGE).
+        let first = self.first_sequence()?.0;
         let wanted = codec::change_sequences(key, &record)?
             .into_iter()
-            .filter(|&s| s > after.0 && s <= upto.0)
+            .filter(|&s| s > after.0 && s >= first && s <= upto.0)
             .take(limit);
         let mut blocks = self.db.raw_iterator_cf(self.cf(keys::CHANGES));
         let mut block: Option<codec::ChangeBlock> = None;
@@ -290,4 +321,29 @@ fn scans_of(tracking_number: &TrackingNumber, record: &[u8]) -> Result<Vec<Vec<u
             })
         })
         .collect()
+}
+
+/// What GetShipment says of each journey of a number.
+fn journey_summary(
+    state: &crate::engine::ShipmentState,
+    number: u32,
+    range: std::ops::Range<usize>,
+) -> pb::JourneySummary {
+    let (status, sub_status) = crate::domain::wire::status_fields(state.point_of(number));
+    let version = match state.earlier.iter().find(|j| j.number == number) {
+        Some(journey) => journey.version,
+        None => state.version,
+    };
+    let entries = &state.timeline[range];
+    let time =
+        |e: Option<&crate::engine::Entry>| e.map(|e| crate::domain::wire::timestamp(e.event_time));
+    pb::JourneySummary {
+        journey: number,
+        status,
+        sub_status,
+        version: version.0,
+        scans: entries.len() as u32,
+        first_event_time: time(entries.first()),
+        last_event_time: time(entries.last()),
+    }
 }

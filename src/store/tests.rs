@@ -110,7 +110,7 @@ fn reopening_keeps_schema_and_refuses_another() {
     let err = Store::open(&config).err().expect("refused");
     assert_eq!(
         err.to_string(),
-        "data directory has schema version 99; this build reads 1"
+        "data directory has schema version 99; this build reads 2"
     );
 }
 
@@ -121,4 +121,52 @@ fn every_schema_version_before_this_one_has_its_migration() {
         keys::SCHEMA_VERSION,
         "a layout change bumps keys::SCHEMA_VERSION and adds the migration from the version before"
     );
+}
+
+#[test]
+fn a_version_one_directory_gets_every_shipment_indexed_due_at_once() {
+    use prost::Message;
+    let (_dir, config) = temp_config();
+    {
+        let store = Store::open(&config).expect("opens");
+        let delivered = codec::ShipmentRecord {
+            status: pb::Status::Delivered as i32,
+            version: 2,
+            ..Default::default()
+        };
+        let indexed = codec::ShipmentRecord {
+            stall_deadline: Some(77),
+            ..Default::default()
+        };
+        let shipments = store.cf(keys::SHIPMENTS);
+        for (key, record) in [(b"DONE000001", &delivered), (b"MOVING0001", &indexed)] {
+            store
+                .db
+                .put_cf(shipments, key, record.encode_to_vec())
+                .expect("writes");
+        }
+        store
+            .db
+            .put_cf(
+                store.cf(keys::META),
+                keys::META_SCHEMA_VERSION,
+                1u32.to_be_bytes(),
+            )
+            .expect("writes");
+    }
+    let store = Store::open(&config).expect("migrates");
+    let index: Vec<Vec<u8>> = store
+        .db
+        .iterator_cf(store.cf(keys::STALL_DEADLINES), IteratorMode::Start)
+        .map(|item| item.expect("reads").0.to_vec())
+        .collect();
+    let done = crate::domain::TrackingNumber::parse("DONE000001").expect("valid");
+    assert_eq!(
+        index,
+        vec![keys::stall_key(crate::domain::EventTime(0), &done)]
+    );
+    let record = store.shipment_record(&done).expect("reads").expect("kept");
+    let state = codec::decode_shipment(b"DONE000001", &record).expect("decodes");
+    assert_eq!(state.stall_deadline, Some(crate::domain::EventTime(0)));
+    assert_eq!(state.version.0, 2);
 }

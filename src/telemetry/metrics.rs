@@ -43,6 +43,9 @@ pub const ROCKSDB_BLOCK_CACHE_MISSES_TOTAL: &str = "scand_rocksdb_block_cache_mi
 pub const SHIPMENTS_STALLED: &str = "scand_shipments_stalled";
 pub const SHIPMENTS_STALLED_TOTAL: &str = "scand_shipments_stalled_total";
 pub const STALL_SWEEP_SECONDS: &str = "scand_stall_sweep_seconds";
+pub const RETENTION_REMOVED_TOTAL: &str = "scand_retention_removed_total";
+pub const CHANGE_LOG_FIRST_SEQUENCE: &str = "scand_change_log_first_sequence";
+pub const STORE_DISK_FREE_BYTES: &str = "scand_store_disk_free_bytes";
 pub const STALL_SWEEP_UNREADABLE_TOTAL: &str = "scand_stall_sweep_unreadable_total";
 pub const STATUS_REGRESSIONS_TOTAL: &str = "scand_status_regressions_total";
 pub const SCANS_CLOCK_SKEW_TOTAL: &str = "scand_scans_clock_skew_total";
@@ -114,6 +117,9 @@ pub fn install(known: &KnownLabels<'_>) -> Result<PrometheusHandle, MetricsError
     }
     for result in ["ok", "error"] {
         metrics::counter!(TLS_RELOADS_TOTAL, "result" => result).absolute(0);
+    }
+    for what in ["journeys", "scans", "changes"] {
+        metrics::counter!(RETENTION_REMOVED_TOTAL, "what" => what).absolute(0);
     }
     for reason in [
         "missing_token",
@@ -325,6 +331,21 @@ fn describe() {
         STALL_SWEEP_SECONDS,
         Unit::Seconds,
         "One stall sweep: read the due deadlines, write the STALLED changes."
+    );
+    describe_counter!(
+        RETENTION_REMOVED_TOTAL,
+        Unit::Count,
+        "What retention removed: expired journeys, their scans, and status changes trimmed off \
+         the change log."
+    );
+    describe_gauge!(
+        CHANGE_LOG_FIRST_SEQUENCE,
+        "Oldest sequence the change log keeps: a feed can resume after the one before it."
+    );
+    describe_gauge!(
+        STORE_DISK_FREE_BYTES,
+        Unit::Bytes,
+        "Bytes available to scand on the data directory's filesystem."
     );
     describe_counter!(
         STALL_SWEEP_UNREADABLE_TOTAL,

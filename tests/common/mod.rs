@@ -326,14 +326,24 @@ pub async fn watch(
         .into_inner()
 }
 
-/// GetShipment by tracking number.
+/// GetShipment by tracking number: its latest journey.
 pub async fn get_shipment(
     tracking: &mut TrackingClient,
     tracking_number: &str,
 ) -> Result<pb::Shipment, tonic::Status> {
+    get_journey(tracking, tracking_number, 0).await
+}
+
+/// GetShipment of one journey of a tracking number (0: the latest).
+pub async fn get_journey(
+    tracking: &mut TrackingClient,
+    tracking_number: &str,
+    journey: u32,
+) -> Result<pb::Shipment, tonic::Status> {
     tracking
         .get_shipment(pb::GetShipmentRequest {
             tracking_number: tracking_number.to_owned(),
+            journey,
         })
         .await
         .map(tonic::Response::into_inner)

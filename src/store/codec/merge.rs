@@ -24,8 +24,14 @@ fn head_wire_type(tag: u32) -> Option<u8> {
     use shipment::*;
     match tag {
         STATUS | SUB_STATUS | VERSION | SCANS_AFTER_TERMINAL | STALLED | STALL_DEADLINE
-        | REGRESSIONS | CLOCK_SKEWED_SCANS | OWNER_PARTITION => Some(VARINT),
-        CARRIER | CARRIER_SERVICE | TRACKING_NUMBER_ISSUE | OWNER_TOPIC => Some(LEN),
+        | REGRESSIONS | CLOCK_SKEWED_SCANS | OWNER_PARTITION | JOURNEY | CLOSED
+        | EXPIRED_JOURNEYS | EXPIRED_UNTIL => Some(VARINT),
+        CARRIER
+        | CARRIER_SERVICE
+        | TRACKING_NUMBER_ISSUE
+        | OWNER_TOPIC
+        | EARLIER_JOURNEYS
+        | VANISHED_JOURNEYS => Some(LEN),
         _ => None,
     }
 }

@@ -15,23 +15,19 @@ use super::StoreError;
 use crate::domain::{
     EventTime, NumberCheck, Origin, ScanId, ScanType, Status, StatusPoint, Version,
 };
+use crate::engine::journey::{Expired, Journey};
 use crate::engine::status::Derived;
 use crate::engine::{Entry, Flags, ShipmentState};
 use crate::proto::pb;
 use wire::{entry, shipment};
 
-pub use crate::proto::storage::{ChangeBlock, EntryRecord, ShipmentRecord};
+pub use crate::proto::storage::{ChangeBlock, EntryRecord, JourneyRecord, ShipmentRecord};
 
 /// The record of a state, as owned protobuf; `encode_shipment` writes the same bytes without
 /// building it.
 #[cfg(test)]
 fn shipment_record(state: &ShipmentState) -> ShipmentRecord {
-    let point = state.derived.point;
-    ShipmentRecord {
-        status: point.map_or(0, |p| p.status.as_i32()),
-        sub_status: point.and_then(|p| p.sub_status).map_or(0, ScanType::as_i32),
-        version: state.version.0,
-        scans_after_terminal: state.derived.scans_after_terminal,
+    let mut record = ShipmentRecord {
         timeline: state
             .timeline
             .iter()
@@ -43,26 +39,80 @@ fn shipment_record(state: &ShipmentState) -> ShipmentRecord {
                 event: Default::default(),
             })
             .collect(),
-        stalled: state.stalled,
-        stall_deadline: state.stall_deadline.map(|t| t.0),
-        regressions: state.flags.regressions,
-        clock_skewed_scans: state.flags.clock_skewed_scans,
-        carrier: state.flags.tracking_number.carrier.clone(),
-        carrier_service: state.flags.tracking_number.service.clone(),
-        tracking_number_issue: state.flags.tracking_number.issue.clone(),
-        owner_topic: state
-            .owner
-            .as_ref()
-            .map(|o| o.topic.clone())
-            .unwrap_or_default(),
-        owner_partition: state.owner.as_ref().map_or(0, |o| o.partition),
-        replaced_scan_ids: state
-            .replaced
-            .iter()
-            .map(|id| id.as_str().to_owned())
-            .collect(),
-        change_sequences: Vec::new(),
+        ..ShipmentRecord::default()
+    };
+    set_head(&mut record, state);
+    record
+}
+
+fn point_fields(point: Option<StatusPoint>) -> (i32, i32) {
+    (
+        point.map_or(0, |p| p.status.as_i32()),
+        point.and_then(|p| p.sub_status).map_or(0, ScanType::as_i32),
+    )
+}
+
+fn journey_record(journey: &Journey) -> JourneyRecord {
+    let (status, sub_status) = point_fields(journey.derived.point);
+    JourneyRecord {
+        number: journey.number,
+        entries: journey.entries,
+        closed: journey.closed.map(|t| t.0),
+        status,
+        sub_status,
+        version: journey.version.0,
+        scans_after_terminal: journey.derived.scans_after_terminal,
+        regressions: journey.regressions,
+        clock_skewed_scans: journey.clock_skewed_scans,
     }
+}
+
+/// Sets every field of `record` but the timeline and the change sequences from `state`: how
+/// the rare rewrites of a whole record (retention) keep their stored scans.
+pub fn set_head(record: &mut ShipmentRecord, state: &ShipmentState) {
+    let (status, sub_status) = point_fields(state.derived.point);
+    record.status = status;
+    record.sub_status = sub_status;
+    record.version = state.version.0;
+    record.scans_after_terminal = state.derived.scans_after_terminal;
+    record.stalled = state.stalled;
+    record.stall_deadline = state.stall_deadline.map(|t| t.0);
+    record.regressions = state.flags.regressions;
+    record.clock_skewed_scans = state.flags.clock_skewed_scans;
+    record
+        .carrier
+        .clone_from(&state.flags.tracking_number.carrier);
+    record
+        .carrier_service
+        .clone_from(&state.flags.tracking_number.service);
+    record
+        .tracking_number_issue
+        .clone_from(&state.flags.tracking_number.issue);
+    record.owner_topic = state
+        .owner
+        .as_ref()
+        .map(|o| o.topic.clone())
+        .unwrap_or_default();
+    record.owner_partition = state.owner.as_ref().map_or(0, |o| o.partition);
+    record.replaced_scan_ids = state
+        .replaced
+        .iter()
+        .map(|id| id.as_str().to_owned())
+        .collect();
+    record.journey = state.journey;
+    record.closed = state.closed.map(|t| t.0);
+    record.earlier_journeys = state.earlier.iter().map(journey_record).collect();
+    record.expired_journeys = state.expired.map_or(0, |e| e.journeys);
+    record.expired_until = state.expired.map(|e| e.until.0);
+    record.vanished_journeys = state
+        .vanished
+        .iter()
+        .map(|(number, version)| JourneyRecord {
+            number: *number,
+            version: version.0,
+            ..JourneyRecord::default()
+        })
+        .collect();
 }
 
 /// Encoded length of a proto3 string field (absent when empty).
@@ -191,9 +241,7 @@ pub fn encode_shipment_delta<'a>(
             })
     }
 
-    let point = state.derived.point;
-    let status = point.map_or(0, |p| p.status.as_i32());
-    let sub_status = point.and_then(|p| p.sub_status).map_or(0, ScanType::as_i32);
+    let (status, sub_status) = point_fields(state.derived.point);
     let check = &state.flags.tracking_number;
     let owner_topic = state.owner.as_ref().map_or("", |o| o.topic.as_str());
     let owner_partition = state.owner.as_ref().map_or(0, |o| o.partition);
@@ -211,6 +259,7 @@ pub fn encode_shipment_delta<'a>(
             + replaced_bytes
             + change_bytes
             + 96
+            + (state.earlier.len() + state.vanished.len()) * 48
             + check.carrier.len()
             + check.service.len(),
     );
@@ -280,6 +329,34 @@ pub fn encode_shipment_delta<'a>(
     }
     for sequence in changes {
         wire::uint64(shipment::CHANGE_SEQUENCES, &sequence, &mut buf);
+    }
+    if state.journey != 0 {
+        wire::uint32(shipment::JOURNEY, &state.journey, &mut buf);
+    }
+    if let Some(closed) = state.closed {
+        wire::sint64(shipment::CLOSED, &closed.0, &mut buf);
+    }
+    // Rare (a number reused within retention): prost's encoder is fast enough.
+    for journey in &state.earlier {
+        prost::encoding::message::encode(
+            shipment::EARLIER_JOURNEYS,
+            &journey_record(journey),
+            &mut buf,
+        );
+    }
+    if let Some(expired) = state.expired {
+        if expired.journeys != 0 {
+            wire::uint32(shipment::EXPIRED_JOURNEYS, &expired.journeys, &mut buf);
+        }
+        wire::sint64(shipment::EXPIRED_UNTIL, &expired.until.0, &mut buf);
+    }
+    for (number, version) in &state.vanished {
+        let record = JourneyRecord {
+            number: *number,
+            version: version.0,
+            ..JourneyRecord::default()
+        };
+        prost::encoding::message::encode(shipment::VANISHED_JOURNEYS, &record, &mut buf);
     }
     buf
 }
@@ -356,6 +433,7 @@ pub struct ChangeRecord<'a> {
     pub carrier: &'a str,
     pub carrier_service: &'a str,
     pub previous_stalled_status: i32,
+    pub journey: u32,
 }
 
 impl<'a> ChangeRecord<'a> {
@@ -380,6 +458,7 @@ impl<'a> ChangeRecord<'a> {
             carrier: &change.carrier,
             carrier_service: &change.carrier_service,
             previous_stalled_status: change.previous_stalled_status,
+            journey: change.journey,
         }
     }
 
@@ -421,6 +500,9 @@ impl<'a> ChangeRecord<'a> {
         put_str(15, self.carrier, buf);
         put_str(16, self.carrier_service, buf);
         enum_field(17, self.previous_stalled_status, buf);
+        if self.journey != 0 {
+            wire::uint32(18, &self.journey, buf);
+        }
     }
 }
 
@@ -479,17 +561,38 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
         what: what.to_owned(),
     };
     let record = decode_shipment_record(key, bytes)?;
-    let point = match record.status {
-        0 => None,
-        n => Some(StatusPoint {
-            status: Status::from_i32(n).ok_or_else(|| corrupt("unknown status"))?,
-            sub_status: match record.sub_status {
-                0 => None,
-                n => Some(ScanType::from_i32(n).ok_or_else(|| corrupt("unknown sub-status"))?),
-            },
-            stalled: false,
-        }),
+    let point_of = |status: i32, sub_status: i32| -> Result<Option<StatusPoint>, StoreError> {
+        Ok(match status {
+            0 => None,
+            n => Some(StatusPoint {
+                status: Status::from_i32(n).ok_or_else(|| corrupt("unknown status"))?,
+                sub_status: match sub_status {
+                    0 => None,
+                    n => Some(ScanType::from_i32(n).ok_or_else(|| corrupt("unknown sub-status"))?),
+                },
+                stalled: false,
+            }),
+        })
     };
+    let point = point_of(record.status, record.sub_status)?;
+    let earlier = record
+        .earlier_journeys
+        .iter()
+        .map(|j| {
+            Ok(Journey {
+                number: j.number,
+                entries: j.entries,
+                closed: j.closed.map(EventTime),
+                derived: Derived {
+                    point: point_of(j.status, j.sub_status)?,
+                    scans_after_terminal: j.scans_after_terminal,
+                },
+                version: Version(j.version),
+                regressions: j.regressions,
+                clock_skewed_scans: j.clock_skewed_scans,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let timeline = record
         .timeline
         .into_iter()
@@ -510,6 +613,18 @@ pub fn decode_shipment(key: &[u8], bytes: &[u8]) -> Result<ShipmentState, StoreE
             scans_after_terminal: record.scans_after_terminal,
         },
         version: Version(record.version),
+        journey: record.journey,
+        closed: record.closed.map(EventTime),
+        earlier,
+        expired: record.expired_until.map(|until| Expired {
+            journeys: record.expired_journeys,
+            until: EventTime(until),
+        }),
+        vanished: record
+            .vanished_journeys
+            .iter()
+            .map(|j| (j.number, Version(j.version)))
+            .collect(),
         stalled: record.stalled,
         stall_deadline: record.stall_deadline.map(EventTime),
         flags: Flags {

@@ -92,6 +92,29 @@ fn shipment_state_round_trips() {
             partition: 3,
         }),
         replaced: vec![ScanId::from_stored("c"), ScanId::from_stored("d")],
+        journey: 4,
+        closed: Some(EventTime(9)),
+        earlier: vec![crate::engine::journey::Journey {
+            number: 3,
+            entries: 1,
+            closed: Some(EventTime(-5)),
+            derived: Derived {
+                point: Some(StatusPoint {
+                    status: Status::ReturnedToSender,
+                    sub_status: None,
+                    stalled: false,
+                }),
+                scans_after_terminal: 1,
+            },
+            version: Version(6),
+            regressions: 2,
+            clock_skewed_scans: 0,
+        }],
+        expired: Some(crate::engine::journey::Expired {
+            journeys: 2,
+            until: EventTime(-100),
+        }),
+        vanished: vec![(5, Version(2))],
     };
     let bytes = encode_shipment(&state);
     assert_eq!(bytes, shipment_record(&state).encode_to_vec());
@@ -212,6 +235,7 @@ fn change_blocks_are_prost_encodings_of_their_changes() {
         carrier: "ups".into(),
         carrier_service: "UPS Ground".into(),
         previous_stalled_status: pb::Status::OutForDelivery as i32,
+        journey: 3,
     };
     let sparse = pb::StatusChange {
         sequence: 301,

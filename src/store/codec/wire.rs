@@ -34,6 +34,12 @@ pub mod shipment {
     pub const OWNER_PARTITION: u32 = 14;
     pub const REPLACED_SCAN_IDS: u32 = 15;
     pub const CHANGE_SEQUENCES: u32 = 16;
+    pub const JOURNEY: u32 = 17;
+    pub const CLOSED: u32 = 18;
+    pub const EARLIER_JOURNEYS: u32 = 19;
+    pub const EXPIRED_JOURNEYS: u32 = 20;
+    pub const EXPIRED_UNTIL: u32 = 21;
+    pub const VANISHED_JOURNEYS: u32 = 22;
 }
 
 /// Field numbers of `scand.storage.v1.EntryRecord`.

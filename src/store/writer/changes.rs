@@ -3,17 +3,11 @@
 //! metrics.
 
 use crate::domain::scan::ValidScan;
+pub(super) use crate::domain::wire::timestamp;
 use crate::domain::wire::{stalled_status, status_fields};
-use crate::domain::{EventTime, Sequence};
+use crate::domain::Sequence;
 use crate::engine::{Change, ShipmentState};
 use crate::store::codec::ChangeRecord;
-
-pub(super) fn timestamp(t: EventTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.0.div_euclid(1_000_000),
-        nanos: (t.0.rem_euclid(1_000_000) * 1_000) as i32,
-    }
-}
 
 /// The published form of a change. `cause` is the scan behind it (none for a stall).
 pub(super) fn change_record<'a>(
@@ -29,6 +23,7 @@ pub(super) fn change_record<'a>(
     ChangeRecord {
         sequence: sequence.0,
         tracking_number: change.tracking_number.as_str(),
+        journey: change.journey,
         version: change.version.0,
         previous_status,
         status,

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use rocksdb::{WriteBatch, WriteOptions};
 
 use super::changes::{change_record, tally};
-use super::sweep::index_stall_deadline;
+use super::sweep::index_deadline;
 use super::syncer::Applied;
 use super::{Request, Writer};
 use crate::domain::scan::ValidScan;
@@ -115,7 +115,13 @@ impl Writer {
                 for scan in added.clone() {
                     annotate(state, scan);
                 }
-                index_stall_deadline(&self.stall, stall_index, &mut batch, number, state);
+                index_deadline(
+                    (&self.stall, &self.retention),
+                    stall_index,
+                    &mut batch,
+                    number,
+                    state,
+                );
                 // A delta, not the whole record: the timeline summary is what a record holds
                 // most of, and a group adds a scan or two to it (see `codec`).
                 let replaced = replaced.iter().map(|(_, _, scan_id)| scan_id.as_str());
@@ -245,7 +251,7 @@ fn record_metrics(outcomes: &[(usize, Outcome)], changes: &[Change], after_termi
     metrics::counter!(m::SCANS_ACCEPTED_TOTAL).increment(accepted as u64);
     let duplicates = outcomes.iter().filter_map(|(_, outcome)| match outcome {
         Outcome::Duplicate(kind) => Some(kind.label()),
-        Outcome::Accepted => None,
+        Outcome::Accepted | Outcome::JourneyExpired => None,
     });
     for (kind, n) in tally(duplicates) {
         metrics::counter!(m::SCANS_DUPLICATE_TOTAL, "kind" => kind).increment(n);

@@ -39,12 +39,13 @@ use super::cache::ShipmentCache;
 use super::{keys, Store, StoreError};
 use crate::domain::scan::ValidScan;
 use crate::domain::{EventTime, Sequence};
+use crate::engine::retention::{Removed, RetentionPolicy};
 use crate::engine::stall::StallPolicy;
 use crate::engine::{Engine, Outcome};
 use crate::telemetry::metrics as m;
 pub use replicate::Snapshot;
-pub use sweep::{run_stall_sweeper, Swept};
-use syncer::{Signals, StallAnswer, Syncer, Written, SYNC_QUEUE_GROUPS};
+pub use sweep::{run_sweeper, ChangeLogRetention, Swept};
+use syncer::{Signals, SweepAnswer, Syncer, Written, SYNC_QUEUE_GROUPS};
 
 /// A consumed source position, stored in the same write as the scans it carried, so a
 /// restart resumes exactly after them.
@@ -68,12 +69,13 @@ struct Request {
 /// What the writer thread is asked to do, in queue order.
 enum Job {
     Ingest(Request),
-    /// Stall the shipments of these due deadline index keys (read by the sweeper) whose
-    /// deadline is still at or before `now`; answered with how many, once durable.
-    Stall {
+    /// Sweep the shipments of these due deadline index keys (read by the sweeper) whose
+    /// deadline is still at or before `now`; answered with how many stalled and what retention
+    /// removed, once durable.
+    Sweep {
         now: EventTime,
         due: Vec<Vec<u8>>,
-        reply: oneshot::Sender<Result<usize, StoreError>>,
+        reply: oneshot::Sender<Result<(usize, Removed), StoreError>>,
     },
     /// A tiny synced write: does the store take writes again?
     Probe {
@@ -186,6 +188,7 @@ struct Writer {
     store: Store,
     engine: Engine,
     stall: StallPolicy,
+    retention: RetentionPolicy,
     last_sequence: Sequence,
     /// Mirrors `META_STALLED_SHIPMENTS`: moves only with a successful write.
     stalled_shipments: u64,
@@ -207,16 +210,19 @@ impl Writer {
         while let Some(job) = held.take().or_else(|| rx.blocking_recv()) {
             let first = match job {
                 Job::Ingest(request) => request,
-                Job::Stall { now, due, reply } => {
-                    match self.stall_due(now, &due) {
-                        Ok((applied, count)) => self.hand_to_syncer(Written {
+                Job::Sweep { now, due, reply } => {
+                    match self.sweep_due(now, &due) {
+                        Ok((applied, stalled, removed)) => self.hand_to_syncer(Written {
                             group: Vec::new(),
                             applied,
-                            stalled: Some(StallAnswer { count, reply }),
+                            swept: Some(SweepAnswer {
+                                swept: (stalled, removed),
+                                reply,
+                            }),
                         }),
                         Err(error) => {
                             self.signals.record_write(Some(&error));
-                            tracing::error!(%error, "stall write failed; nothing stalled");
+                            tracing::error!(%error, "sweep write failed; nothing stalled or removed");
                             let _ = reply.send(Err(error));
                         }
                     }
@@ -276,7 +282,7 @@ impl Writer {
                 Ok(applied) => self.hand_to_syncer(Written {
                     group,
                     applied,
-                    stalled: None,
+                    swept: None,
                 }),
                 Err(error) => {
                     self.signals.record_write(Some(&error));
@@ -311,7 +317,7 @@ impl Writer {
             for request in orphaned.group {
                 let _ = request.reply.send(Err(stopped()));
             }
-            if let Some(StallAnswer { reply, .. }) = orphaned.stalled {
+            if let Some(SweepAnswer { reply, .. }) = orphaned.swept {
                 let _ = reply.send(Err(stopped()));
             }
         }
@@ -336,7 +342,7 @@ impl Writer {
 pub fn spawn(
     store: Store,
     engine: Engine,
-    stall: StallPolicy,
+    policies: (StallPolicy, RetentionPolicy),
     config: &super::StoreConfig,
     changelog: Option<mpsc::Sender<Snapshot>>,
 ) -> Result<
@@ -374,7 +380,8 @@ pub fn spawn(
         syncer,
         signals,
         engine,
-        stall,
+        stall: policies.0,
+        retention: policies.1,
         last_sequence: last,
         stalled_shipments,
         stored_scans,

@@ -1,10 +1,12 @@
-//! The stall sweep: a task that reads the due part of the deadline index off the writer thread
-//! and has the writer stall those shipments in small chunks, each written and synced like a
-//! group, and the index the writer keeps beside each shipment's state.
+//! The sweep: a task that reads the due part of the deadline index off the writer thread and
+//! has the writer handle those shipments in small chunks, each written and synced like a group:
+//! stall the ones no scan reached in time, remove the journeys retention expired. Also the index
+//! the writer keeps beside each shipment's state: its next deadline, the earlier of when it
+//! stalls and when its oldest journey expires.
 //!
 //! Invariant: the index holds at most one entry per shipment, never later than its real
 //! deadline, so a due shipment is never missed; an entry is checked against the stored state
-//! before anything is stalled, so a scan written after the sweep read the entry wins.
+//! before anything is stalled or removed, so a scan written after the sweep read the entry wins.
 
 use std::time::{Instant, SystemTime};
 
@@ -14,7 +16,9 @@ use tokio::sync::oneshot;
 use super::changes::{change_record, tally, timestamp};
 use super::syncer::Applied;
 use super::{Job, Writer, WriterHandle};
+use crate::domain::clock::Clock;
 use crate::domain::{EventTime, Sequence, Status, TrackingNumber};
+use crate::engine::retention::{Removed, RetentionPolicy};
 use crate::engine::stall::StallPolicy;
 use crate::engine::ShipmentState;
 use crate::store::codec::{self, ChangeRecord};
@@ -33,9 +37,11 @@ pub(super) const SWEEP_READ: usize = 8_192;
 const SWEEP_CHUNK: usize = 256;
 
 /// What one sweep did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
     pub stalled: usize,
+    /// What retention removed.
+    pub removed: Removed,
     /// More shipments are due than one sweep handles: sweep again now.
     pub more_due: bool,
 }
@@ -52,32 +58,36 @@ impl WriterHandle {
             .map_err(|e| {
                 StoreError::WriteFailed(format!("the sweep's index read failed: {e}"))
             })??;
-        let mut stalled = 0;
+        let mut swept = Swept {
+            more_due: due.len() == SWEEP_READ,
+            ..Swept::default()
+        };
         for chunk in due.chunks(SWEEP_CHUNK) {
             let (reply, answer) = oneshot::channel();
             self.tx
-                .send(Job::Stall {
+                .send(Job::Sweep {
                     now,
                     due: chunk.to_vec(),
                     reply,
                 })
                 .await
                 .map_err(|_| StoreError::WriterGone)?;
-            stalled += answer.await.map_err(|_| StoreError::WriterGone)??;
+            let (stalled, removed) = answer.await.map_err(|_| StoreError::WriterGone)??;
+            swept.stalled += stalled;
+            swept.removed.journeys += removed.journeys;
+            swept.removed.scans += removed.scans;
         }
-        Ok(Swept {
-            stalled,
-            more_due: due.len() == SWEEP_READ,
-        })
+        Ok(swept)
     }
 }
 
-/// Sweeps the stall deadline index every `interval` (and again at once while more are due)
-/// until `shutdown`. `clock` is the server clock; tests pass their own.
-pub async fn run_stall_sweeper(
+/// Sweeps the deadline index every `interval` (and again at once while more are due), and trims
+/// the change log (see [`crate::store::Store::trim_change_log`]), until `shutdown`.
+pub async fn run_sweeper(
     writer: WriterHandle,
     interval: std::time::Duration,
-    clock: fn() -> SystemTime,
+    change_log: ChangeLogRetention,
+    clock: Clock,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(interval);
@@ -87,14 +97,26 @@ pub async fn run_stall_sweeper(
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
+        trim_change_log(&writer.store, &change_log, &clock).await;
         loop {
             let started = Instant::now();
-            let swept = writer.sweep(EventTime::from_system_time(clock())).await;
+            let swept = writer.sweep(clock.event_time()).await;
             metrics::histogram!(m::STALL_SWEEP_SECONDS).record(started.elapsed().as_secs_f64());
             match swept {
-                Ok(Swept { stalled, more_due }) => {
+                Ok(Swept {
+                    stalled,
+                    removed,
+                    more_due,
+                }) => {
                     if stalled > 0 {
                         tracing::info!(stalled, "shipments stalled");
+                    }
+                    if removed.journeys > 0 {
+                        tracing::info!(
+                            journeys = removed.journeys,
+                            scans = removed.scans,
+                            "retention removed expired journeys"
+                        );
                     }
                     if !more_due || shutdown.is_cancelled() {
                         break;
@@ -110,24 +132,66 @@ pub async fn run_stall_sweeper(
     }
 }
 
+/// How long the change log keeps a change, and which sinks must have delivered it first.
+#[derive(Clone, Debug)]
+pub struct ChangeLogRetention {
+    pub keep: std::time::Duration,
+    pub sinks: Vec<&'static str>,
+}
+
+async fn trim_change_log(
+    store: &crate::store::Store,
+    retention: &ChangeLogRetention,
+    clock: &Clock,
+) {
+    let store = store.clone();
+    let retention = retention.clone();
+    let older_than = clock.now() - retention.keep;
+    let trimmed =
+        tokio::task::spawn_blocking(move || store.trim_change_log(older_than, &retention.sinks))
+            .await;
+    match trimmed {
+        Ok(Ok(0)) => {}
+        Ok(Ok(changes)) => tracing::info!(changes, "change log trimmed"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "change log not trimmed; retrying at the next interval")
+        }
+        Err(error) => tracing::warn!(%error, "change log trim did not finish"),
+    }
+}
+
+/// The shipment's next deadline: when it stalls or when its oldest journey expires.
+pub(super) fn deadline(
+    stall: &StallPolicy,
+    retention: &RetentionPolicy,
+    state: &ShipmentState,
+) -> Option<EventTime> {
+    match (stall.deadline(state), retention.expiry(state)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Keeps the deadline index a lower bound of the shipment's deadline, one entry per
-/// shipment at most, in the same write as its state. A scan usually moves the deadline
+/// shipment at most, in the same write as its state. A scan usually moves the stall deadline
 /// later: then nothing is written, and the sweep, finding the entry due, re-indexes the
 /// shipment at its real deadline. An earlier deadline (a status with a shorter threshold)
-/// replaces the entry, and a shipment that can no longer stall (delivered, returned)
-/// removes it: entries the sweep would only read to drop cost it a shipment read each,
-/// which at millions of stored shipments kept a core busy.
-pub(super) fn index_stall_deadline(
-    stall: &StallPolicy,
+/// replaces the entry, and so does the retention deadline of a shipment that can no longer
+/// stall (delivered, returned): stale stall entries of every delivered shipment would cost
+/// the sweep a shipment read each, which at millions of stored shipments kept a core busy.
+pub(super) fn index_deadline(
+    policies: (&StallPolicy, &RetentionPolicy),
     index: &ColumnFamily,
     batch: &mut WriteBatch,
     number: &TrackingNumber,
     state: &mut ShipmentState,
 ) {
-    let deadline = stall.deadline(state);
+    let can_stall = policies.0.deadline(state).is_some();
+    let deadline = deadline(policies.0, policies.1, state);
     match (state.stall_deadline, deadline) {
         (None, None) => return,
-        (Some(indexed), Some(deadline)) if indexed <= deadline => return,
+        (Some(indexed), Some(deadline)) if indexed == deadline => return,
+        (Some(indexed), Some(deadline)) if indexed < deadline && can_stall => return,
         _ => {}
     }
     if let Some(indexed) = state.stall_deadline {
@@ -140,15 +204,16 @@ pub(super) fn index_stall_deadline(
 }
 
 impl Writer {
-    /// Stalls the shipments of `due` (deadline index keys the sweeper read as due at `now`):
-    /// checks each entry against its stored state (a stale entry is dropped, one whose
-    /// shipment had later scans is moved to its real deadline), and writes the STALLED
-    /// changes, the states and the index edits as one write, synced by the syncer like a group.
-    pub(super) fn stall_due(
+    /// Handles the shipments of `due` (deadline index keys the sweeper read as due at `now`):
+    /// checks each entry against its stored state (a stale entry is dropped), removes what
+    /// retention expired, stalls what no scan reached in time, re-indexes each at its next
+    /// deadline, and writes the STALLED changes, the states and the index edits as one write,
+    /// synced by the syncer like a group.
+    pub(super) fn sweep_due(
         &mut self,
         now: EventTime,
         due: &[Vec<u8>],
-    ) -> Result<(Applied, usize), StoreError> {
+    ) -> Result<(Applied, usize, Removed), StoreError> {
         let db = &self.store.db;
         let index = self.store.cf(keys::STALL_DEADLINES);
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
@@ -159,7 +224,7 @@ impl Writer {
                 Some(entry) => entries.push((key, entry)),
                 None => {
                     batch.delete_cf(index, key);
-                    tracing::warn!(key = ?key, "unreadable stall index key dropped");
+                    tracing::warn!(key = ?key, "unreadable deadline index key dropped");
                 }
             }
         }
@@ -174,6 +239,8 @@ impl Writer {
         let mut sequence = self.last_sequence;
         let mut stalled = Vec::new();
         let mut changes = Vec::new();
+        let mut removed = Removed::default();
+        let mut stalled_shipments = self.stalled_shipments;
         for ((key, (deadline, number)), value) in entries.into_iter().zip(values) {
             // The sweep reads and writes records itself; a cached copy would go stale.
             self.cache.forget(&number);
@@ -181,12 +248,13 @@ impl Writer {
                 batch.delete_cf(index, key);
                 continue;
             };
-            let mut state = match codec::decode_shipment(keys::shipment_key(&number), &bytes) {
+            let shipment_key = keys::shipment_key(&number);
+            let mut state = match codec::decode_shipment(shipment_key, &bytes) {
                 Ok(state) => state,
                 Err(error) => {
                     // Its entry stays, so it is tried again, and the rest of the chunk goes
                     // on: failing the chunk would fail every sweep on the same entries.
-                    tracing::error!(%error, %number, "shipment record unreadable; not stalled");
+                    tracing::error!(%error, %number, "shipment record unreadable; not swept");
                     metrics::counter!(m::STALL_SWEEP_UNREADABLE_TOTAL).increment(1);
                     continue;
                 }
@@ -195,32 +263,44 @@ impl Writer {
             if state.stall_deadline != Some(deadline) {
                 continue;
             }
-            let Some(change) = self
+            let was_stalled = state.stalled;
+            let expired = self.retention.expire(&mut state, now);
+            if was_stalled && !state.stalled {
+                stalled_shipments = stalled_shipments.saturating_sub(1);
+            }
+            removed.journeys += expired.journeys;
+            removed.scans += expired.scans;
+            if expired.forget {
+                batch.delete_cf(shipments_cf, shipment_key);
+                continue;
+            }
+            let mut change_sequences = 0..0;
+            if let Some(change) = self
                 .engine
                 .stall(&self.stall, number.clone(), &mut state, now)
-            else {
-                // Not due after all: later scans moved its deadline (index it there), or it
-                // can no longer stall (forget the entry).
-                state.stall_deadline = self.stall.deadline(&state);
-                if let Some(later) = state.stall_deadline {
-                    batch.put_cf(index, keys::stall_key(later, &number), []);
-                }
+            {
+                sequence = Sequence(sequence.0 + 1);
+                change_sequences = sequence.0..sequence.0 + 1;
+                changes.push((sequence, change, deadline));
+            }
+            state.stall_deadline = self::deadline(&self.stall, &self.retention, &state);
+            if let Some(next) = state.stall_deadline {
+                batch.put_cf(index, keys::stall_key(next, &number), []);
+            }
+            if expired.journeys > 0 {
+                let record =
+                    trimmed_record(shipment_key, &bytes, &state, expired, change_sequences)?;
+                batch.put_cf(shipments_cf, shipment_key, record);
+            } else {
                 batch.merge_cf(
                     shipments_cf,
-                    keys::shipment_key(&number),
-                    codec::encode_shipment_head(&state, 0..0),
+                    shipment_key,
+                    codec::encode_shipment_head(&state, change_sequences),
                 );
-                continue;
-            };
-            state.stall_deadline = None;
-            sequence = Sequence(sequence.0 + 1);
-            batch.merge_cf(
-                shipments_cf,
-                keys::shipment_key(&number),
-                codec::encode_shipment_head(&state, sequence.0..sequence.0 + 1),
-            );
-            changes.push((sequence, change, deadline));
-            stalled.push((number, state));
+            }
+            if changes.len() > stalled.len() {
+                stalled.push((number, state));
+            }
         }
         let stalled_in = changes.iter().map(|(_, c, _)| c.current.status.label());
         for (status, n) in tally(stalled_in) {
@@ -240,20 +320,33 @@ impl Writer {
             })
             .collect();
         crate::store::put_change_blocks(&mut batch, self.store.cf(keys::CHANGES), &records);
-        let stalled_shipments = self.stalled_shipments + stalled.len() as u64;
-        if !stalled.is_empty() {
-            let meta = self.store.cf(keys::META);
+        stalled_shipments += stalled.len() as u64;
+        let meta = self.store.cf(keys::META);
+        if sequence != self.last_sequence {
             batch.put_cf(meta, keys::META_LAST_SEQUENCE, keys::change_key(sequence));
+        }
+        if stalled_shipments != self.stalled_shipments {
             batch.put_cf(
                 meta,
                 keys::META_STALLED_SHIPMENTS,
                 stalled_shipments.to_be_bytes(),
             );
         }
+        let stored_scans = self.stored_scans.saturating_sub(removed.scans as u64);
+        if removed.scans > 0 {
+            batch.put_cf(meta, keys::META_STORED_SCANS, stored_scans.to_be_bytes());
+        }
         db.write_opt(batch, &WriteOptions::default())?;
 
         self.last_sequence = sequence;
         self.stalled_shipments = stalled_shipments;
+        self.stored_scans = stored_scans;
+        if removed.journeys > 0 {
+            metrics::counter!(m::RETENTION_REMOVED_TOTAL, "what" => "journeys")
+                .increment(u64::from(removed.journeys));
+            metrics::counter!(m::RETENTION_REMOVED_TOTAL, "what" => "scans")
+                .increment(removed.scans as u64);
+        }
         let snapshots = match self.changelog {
             Some(_) => self.owned_snapshots(&stalled).unwrap_or_else(|error| {
                 tracing::error!(%error, "changelog snapshots of a stall not built");
@@ -267,6 +360,25 @@ impl Writer {
             sequence,
             snapshots,
         };
-        Ok((applied, stalled.len()))
+        Ok((applied, stalled.len(), removed))
     }
+}
+
+/// A record without the scans of the journeys retention removed (the first `removed.scans` of
+/// its timeline), with the state's head and `changes` added to its change sequences: written
+/// whole, the one write of a record that removes scans.
+fn trimmed_record(
+    key: &[u8],
+    bytes: &[u8],
+    state: &ShipmentState,
+    removed: Removed,
+    changes: std::ops::Range<u64>,
+) -> Result<Vec<u8>, StoreError> {
+    let mut record = codec::decode_shipment_record(key, bytes)?;
+    record
+        .timeline
+        .drain(..removed.scans.min(record.timeline.len()));
+    record.change_sequences.extend(changes);
+    codec::set_head(&mut record, state);
+    Ok(prost::Message::encode_to_vec(&record))
 }

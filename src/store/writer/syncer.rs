@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Request, Snapshot};
 use crate::domain::Sequence;
+use crate::engine::retention::Removed;
 use crate::engine::Outcome;
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics as m;
@@ -79,18 +80,18 @@ pub(super) struct Applied {
     pub(super) snapshots: Vec<Snapshot>,
 }
 
-/// A group written to RocksDB, waiting for the WAL sync that makes it durable. A stall
+/// A group written to RocksDB, waiting for the WAL sync that makes it durable. A sweep
 /// write comes this way too, with no requests but its sweeper's answer.
 pub(super) struct Written {
     pub(super) group: Vec<Request>,
     pub(super) applied: Applied,
-    pub(super) stalled: Option<StallAnswer>,
+    pub(super) swept: Option<SweepAnswer>,
 }
 
-/// How many shipments a stall write stalled, and who waits to hear it.
-pub(super) struct StallAnswer {
-    pub(super) count: usize,
-    pub(super) reply: oneshot::Sender<Result<usize, StoreError>>,
+/// What a sweep write did (shipments stalled, what retention removed), and who waits to hear it.
+pub(super) struct SweepAnswer {
+    pub(super) swept: (usize, Removed),
+    pub(super) reply: oneshot::Sender<Result<(usize, Removed), StoreError>>,
 }
 
 /// Syncs the WAL for every group written since its last sync (one fsync covers them all),
@@ -129,7 +130,7 @@ impl Syncer {
                                 sequence,
                                 snapshots,
                             },
-                        stalled,
+                        swept,
                     } in groups
                     {
                         self.signals.advance(sequence);
@@ -139,8 +140,8 @@ impl Syncer {
                             // A caller that went away still had its batch stored.
                             let _ = request.reply.send(Ok(outcomes));
                         }
-                        if let Some(StallAnswer { count, reply }) = stalled {
-                            let _ = reply.send(Ok(count));
+                        if let Some(SweepAnswer { swept, reply }) = swept {
+                            let _ = reply.send(Ok(swept));
                         }
                         self.send_snapshots(snapshots);
                     }
@@ -154,7 +155,7 @@ impl Syncer {
                                 .reply
                                 .send(Err(StoreError::Unwritable(message.clone())));
                         }
-                        if let Some(StallAnswer { reply, .. }) = written.stalled {
+                        if let Some(SweepAnswer { reply, .. }) = written.swept {
                             let _ = reply.send(Err(StoreError::Unwritable(message.clone())));
                         }
                     }

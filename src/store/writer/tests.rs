@@ -10,7 +10,7 @@ use super::sweep::SWEEP_READ;
 use super::*;
 use crate::domain::Status;
 use crate::domain::{ScanId, ScanType, TrackingNumber};
-use crate::engine::States;
+use crate::engine::{ShipmentState, States};
 use crate::proto::pb;
 use crate::store::{codec, keys};
 
@@ -31,6 +31,14 @@ fn policy() -> StallPolicy {
         (Status::InTransit, Duration::from_secs(48 * 3600)),
         (Status::OutForDelivery, Duration::from_secs(12 * 3600)),
     ])
+}
+
+/// Journeys closed 1000 hours ago, or idle for 2000, expire.
+fn retention() -> RetentionPolicy {
+    RetentionPolicy::new(
+        Duration::from_secs(1000 * 3600),
+        Duration::from_secs(2000 * 3600),
+    )
 }
 
 fn scan(number: &str, id: &str, scan_type: ScanType, hours: i64) -> ValidScan {
@@ -68,7 +76,7 @@ async fn ingest(writer: &WriterHandle, scans: Vec<ValidScan>) {
 
 fn shipment(store: &Store, number: &str) -> pb::Shipment {
     store
-        .shipment(&TrackingNumber::parse(number).expect("valid"))
+        .shipment(&TrackingNumber::parse(number).expect("valid"), None)
         .expect("read")
         .expect("exists")
 }
@@ -86,7 +94,7 @@ fn spawn_writer(store: &Store) -> (WriterHandle, std::thread::JoinHandle<()>) {
     let (writer, _, thread) = spawn(
         store.clone(),
         Engine::new(Duration::from_secs(60)),
-        policy(),
+        (policy(), retention()),
         &crate::store::StoreConfig {
             queue_batches: 4,
             group_commit_batches: 4,
@@ -147,7 +155,7 @@ async fn shipment_deltas_merge_into_the_record_of_the_engines_state() {
     let (writer, _, thread) = spawn(
         store.clone(),
         Engine::new(Duration::from_secs(60)),
-        StallPolicy::new([]),
+        (StallPolicy::new([]), retention()),
         &crate::store::StoreConfig::default(),
         None,
     )
@@ -186,8 +194,12 @@ async fn shipment_deltas_merge_into_the_record_of_the_engines_state() {
                         .map(|scan| scan.scan_id)
                         .collect()
                 };
+                // The deadline index entry is the writer's, not the engine's.
                 let merged = (
-                    codec::decode_shipment(key, &merged).expect("decodes"),
+                    ShipmentState {
+                        stall_deadline: None,
+                        ..codec::decode_shipment(key, &merged).expect("decodes")
+                    },
                     scan_ids(store.timeline_values(number).expect("scans")),
                 );
                 let ids = state.timeline.iter().map(|e| e.scan_id.to_string());
@@ -245,7 +257,7 @@ fn deadline_index(store: &Store) -> Vec<(i64, String)> {
 }
 
 #[tokio::test]
-async fn the_deadline_index_holds_one_entry_per_shipment_that_can_stall() {
+async fn the_deadline_index_holds_one_entry_per_shipment() {
     let (_dir, store) = crate::store::tests::temp_store();
     let (writer, thread) = spawn_writer(&store);
     ingest(
@@ -276,9 +288,13 @@ async fn the_deadline_index_holds_one_entry_per_shipment_that_can_stall() {
     .await;
     assert_eq!(
         deadline_index(&store),
-        vec![(13, "COURIER001".to_owned()), (48, "MOVING0001".to_owned())],
-        "an earlier deadline replaces the entry, a delivered shipment has none, a later one \
-         leaves the entry as a lower bound for the sweep"
+        vec![
+            (13, "COURIER001".to_owned()),
+            (48, "MOVING0001".to_owned()),
+            (1002, "DONE000001".to_owned()),
+        ],
+        "an earlier deadline replaces the entry, a delivered shipment's is when its journey \
+         expires, a later one leaves the entry as a lower bound for the sweep"
     );
     drop(writer);
     thread.join().expect("writer stops");
@@ -316,7 +332,11 @@ async fn a_due_shipment_whose_record_is_unreadable_is_kept_and_the_rest_stall() 
     for expected_stalls in [1, 0] {
         let swept = writer.sweep(EventTime(48 * HOUR)).await.expect("sweeps");
         assert_eq!((swept.stalled, swept.more_due), (expected_stalls, false));
-        assert_eq!(deadline_index(&store), vec![(48, "BROKEN0001".into())]);
+        assert_eq!(
+            deadline_index(&store),
+            vec![(48, "BROKEN0001".into()), (2000, "SOUND00001".into())],
+            "the stalled one is indexed again for when retention expires it"
+        );
     }
     assert_eq!(
         shipment(&store, "SOUND00001").status,
@@ -345,10 +365,10 @@ async fn due_entries_a_scan_superseded_after_the_sweep_read_them_are_not_stalled
     let (reply, answer) = oneshot::channel();
     writer
         .tx
-        .send(Job::Stall { now, due, reply })
+        .send(Job::Sweep { now, due, reply })
         .await
         .expect("queued");
-    assert_eq!(answer.await.expect("answered").expect("durable"), 1);
+    assert_eq!(answer.await.expect("answered").expect("durable").0, 1);
     assert_eq!(
         shipment(&store, "RACE000001").status,
         pb::Status::Delivered as i32
@@ -357,7 +377,11 @@ async fn due_entries_a_scan_superseded_after_the_sweep_read_them_are_not_stalled
         shipment(&store, "RACE000002").status,
         pb::Status::Stalled as i32
     );
-    assert_eq!(deadline_index(&store), vec![]);
+    assert_eq!(
+        deadline_index(&store),
+        vec![(1001, "RACE000001".into()), (2000, "RACE000002".into())],
+        "each at when retention expires it"
+    );
     assert_eq!(store.stalled_shipments().expect("count"), 1);
     drop(writer);
     thread.join().expect("writer stops");
@@ -477,11 +501,7 @@ async fn shipments_stall_at_their_deadline_once_and_a_later_scan_moves_them_on()
         1,
         "MOVING0001 at its real deadline"
     );
-    assert_eq!(
-        sweep(2000).await.stalled,
-        0,
-        "stalled once, delivered never"
-    );
+    assert_eq!(sweep(999).await.stalled, 0, "stalled once, delivered never");
     assert_eq!(store.stalled_shipments().expect("count"), 3);
 
     let transit = shipment(&store, "TRANSIT001");
@@ -683,7 +703,7 @@ async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
         whole_scans("PARCEL0001", &["a", "b"])
     );
     let timeline = store
-        .shipment(&n("PARCEL0002"))
+        .shipment(&n("PARCEL0002"), None)
         .expect("read")
         .expect("restored")
         .timeline;
@@ -739,6 +759,83 @@ async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
     assert_eq!(ids, ["c", "d"]);
     assert_eq!(restored_then_scanned.version, 1);
     assert_eq!(store.stored_scans().expect("reads"), 3);
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+/// Retention at the writer: a journey closed long enough ago leaves the record with its stored
+/// scans and dedup state, the number remembers it (a replay of its scans is refused, the next
+/// journey is numbered after it), and the record goes once nothing is left to remember.
+#[tokio::test]
+async fn the_sweep_removes_expired_journeys_and_then_forgets_the_number() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let (writer, thread) = spawn_writer(&store);
+    let number = TrackingNumber::parse("REUSED0001").expect("valid");
+    ingest(
+        &writer,
+        vec![
+            scan("REUSED0001", "a1", ScanType::Sorted, 0),
+            scan("REUSED0001", "a2", ScanType::Delivered, 1),
+            scan("REUSED0001", "b1", ScanType::LabelCreated, 500),
+            scan("REUSED0001", "b2", ScanType::Delivered, 501),
+        ],
+    )
+    .await;
+    assert_eq!(store.stored_scans().expect("count"), 4);
+    assert_eq!(
+        writer
+            .sweep(EventTime(1000 * HOUR))
+            .await
+            .expect("sweeps")
+            .removed
+            .journeys,
+        0
+    );
+    let swept = writer.sweep(EventTime(1001 * HOUR)).await.expect("sweeps");
+    assert_eq!((swept.removed.journeys, swept.removed.scans), (1, 2));
+    assert_eq!(store.stored_scans().expect("count"), 2);
+    let kept = shipment(&store, "REUSED0001");
+    assert_eq!(kept.journey, 2);
+    assert_eq!(
+        kept.journeys
+            .iter()
+            .map(|j| (j.journey, j.scans))
+            .collect::<Vec<_>>(),
+        vec![(2, 2)]
+    );
+    assert_eq!(store.shipment(&number, Some(1)).expect("reads"), None);
+    assert_eq!(deadline_index(&store), vec![(1501, "REUSED0001".into())]);
+
+    // A replay of journey 1 is refused; a new label opens journey 3.
+    let answer = writer
+        .enqueue(
+            vec![
+                scan("REUSED0001", "a1", ScanType::Sorted, 0),
+                scan("REUSED0001", "c1", ScanType::LabelCreated, 1200),
+            ],
+            Vec::new(),
+            Instant::now(),
+        )
+        .await
+        .expect("queued");
+    assert_eq!(
+        answer.await.expect("answered").expect("durable"),
+        vec![Outcome::JourneyExpired, Outcome::Accepted]
+    );
+    assert_eq!(shipment(&store, "REUSED0001").journey, 3);
+
+    let swept = writer
+        .sweep(EventTime(100_000 * HOUR))
+        .await
+        .expect("sweeps");
+    assert_eq!((swept.removed.journeys, swept.removed.scans), (2, 3));
+    assert_eq!(
+        store.shipment_record(&number).expect("reads"),
+        None,
+        "forgotten"
+    );
+    assert_eq!(deadline_index(&store), vec![]);
+    assert_eq!(store.stored_scans().expect("count"), 0);
     drop(writer);
     thread.join().expect("writer stops");
 }

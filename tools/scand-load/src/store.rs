@@ -44,8 +44,8 @@ pub async fn run(
     let store = Store::open(&config.store).map_err(|e| e.to_string())?;
     let (handle, _, thread) = writer::spawn(
         store,
-        Engine::new(config.dedup.window),
-        config.stall.thresholds.policy(),
+        Engine::new(config.dedup.window).new_journey_after(config.lifecycle.new_journey_after),
+        (config.stall.thresholds.policy(), config.retention.policy()),
         &config.store,
         None,
     )
