@@ -27,9 +27,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::validate::Validator;
+use super::validate::{Rejection, Validator};
 use super::Ingestor;
 use crate::domain::{scan::ValidScan, Origin};
+use crate::engine::Outcome;
 use crate::kafka::{self as client, Cluster, LoggingContext};
 use crate::proto::codec::{self, Encoding};
 use crate::scaleout::changelog;
@@ -298,6 +299,8 @@ impl KafkaSource {
         let now = self.ingestor.validator().now();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut scans = Vec::with_capacity(records.len());
+        // The record of each scan in `scans`, to dead-letter it if the store refuses it.
+        let mut stored = Vec::with_capacity(records.len());
         let mut dead = Vec::new();
         for record in records {
             metrics::counter!(m::KAFKA_RECORDS_TOTAL, "topic" => record.topic().to_owned())
@@ -326,6 +329,7 @@ impl KafkaSource {
                         partition: record.partition(),
                     });
                     scans.push(valid);
+                    stored.push(record);
                 }
                 Err(Refusal { code, reason }) => dead.push(DeadLetter {
                     record,
@@ -346,14 +350,48 @@ impl KafkaSource {
                 next,
             })
             .collect();
+        let outcomes = self.store_until_stored(scans, &offsets, received).await;
+        // Scans of a journey retention removed: the store kept this batch's offsets out, so
+        // they are dead-lettered first, then the offsets stored (a crash between the two reads
+        // the batch again: its scans are duplicates by then, and the refusals are sent again).
+        let refused: Vec<DeadLetter> = stored
+            .into_iter()
+            .zip(outcomes)
+            .filter(|(_, outcome)| *outcome == Outcome::JourneyExpired)
+            .map(|(record, _)| {
+                let rejection = Rejection::JourneyExpired;
+                metrics::counter!(m::SCANS_REJECTED_TOTAL, "reason" => rejection.code())
+                    .increment(1);
+                DeadLetter {
+                    record,
+                    code: rejection.code(),
+                    reason: rejection.reason(),
+                }
+            })
+            .collect();
+        if !refused.is_empty() {
+            self.send_dead_letters(refused, shutdown).await;
+            self.store_until_stored(Vec::new(), &offsets, received)
+                .await;
+        }
+        self.commit_to_broker(&offsets);
+    }
+
+    /// Stores a batch, retrying until it is stored; returns each scan's outcome.
+    async fn store_until_stored(
+        &self,
+        scans: Vec<ValidScan>,
+        offsets: &[SourceOffset],
+        received: Instant,
+    ) -> Vec<Outcome> {
         let mut backoff = RETRY_MIN;
         loop {
             match self
                 .ingestor
-                .store(scans.clone(), offsets.clone(), received)
+                .store(scans.clone(), offsets.to_vec(), received)
                 .await
             {
-                Ok(_) => break,
+                Ok(outcomes) => return outcomes,
                 Err(error) => {
                     // Nothing of this batch is stored; it is retried as a whole (its dead letters
                     // are already delivered and are not sent again).
@@ -363,7 +401,6 @@ impl KafkaSource {
                 }
             }
         }
-        self.commit_to_broker(&offsets);
     }
 
     async fn send_dead_letters(&self, dead: Vec<DeadLetter>, shutdown: &CancellationToken) {

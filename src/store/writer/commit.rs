@@ -165,7 +165,22 @@ impl Writer {
                 stalled_shipments.to_be_bytes(),
             );
         }
-        for offset in group.iter().flat_map(|r| &r.offsets) {
+        // A request with a scan refused as of an expired journey keeps its offsets out: its
+        // source dead-letters that scan first and then stores them (`Ingestor::store`), so a
+        // crash between the two reads the records again instead of losing the dead letter.
+        let mut first = 0;
+        let mut offsets = Vec::new();
+        for request in group {
+            let scans = first..first + request.scans.len();
+            first = scans.end;
+            let refused = outcomes[scans]
+                .iter()
+                .any(|(_, outcome)| *outcome == Outcome::JourneyExpired);
+            if !refused {
+                offsets.extend(&request.offsets);
+            }
+        }
+        for offset in offsets {
             batch.put_cf(
                 self.store.cf(keys::META),
                 keys::source_offset_key(&offset.topic, offset.partition),
