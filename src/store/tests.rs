@@ -170,3 +170,52 @@ fn a_version_one_directory_gets_every_shipment_indexed_due_at_once() {
     assert_eq!(state.stall_deadline, Some(crate::domain::EventTime(0)));
     assert_eq!(state.version.0, 2);
 }
+
+#[test]
+fn the_change_log_is_trimmed_by_whole_blocks_old_enough_and_delivered_by_every_sink() {
+    let (_dir, store) = temp_store();
+    let cf = store.cf(keys::CHANGES);
+    let at = |seconds: i64| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    // Three writes: 1..=300 (blocks 1 and 257) committed at 100 s, 301..=302 at 200 s.
+    let changes: Vec<_> = (1..=302u64)
+        .map(|s| pb::StatusChange {
+            committed_time: at(if s <= 300 { 100 } else { 200 }),
+            ..change(s)
+        })
+        .collect();
+    let mut batch = rocksdb::WriteBatch::default();
+    put_change_blocks(&mut batch, cf, &records_of(&changes[..300]));
+    put_change_blocks(&mut batch, cf, &records_of(&changes[300..]));
+    store.db.write(batch).expect("writes");
+    let before = |seconds: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+    assert_eq!(store.first_sequence().expect("reads"), Sequence(1));
+
+    // The Kafka sink delivered up to 260: the block of 257..=300 is not all delivered.
+    store
+        .db
+        .put_cf(
+            store.cf(keys::META),
+            keys::sink_cursor_key("kafka"),
+            260u64.to_be_bytes(),
+        )
+        .expect("writes");
+    assert_eq!(
+        store
+            .trim_change_log(before(150), &["kafka"])
+            .expect("trims"),
+        256
+    );
+    assert_eq!(store.first_sequence().expect("reads"), Sequence(257));
+    let rest = store
+        .changes(Sequence(0), Sequence(u64::MAX), 1000)
+        .expect("reads");
+    assert_eq!(sequences(&rest), (257..=302).collect::<Vec<_>>());
+
+    assert_eq!(store.trim_change_log(before(150), &[]).expect("trims"), 44);
+    assert_eq!(store.first_sequence().expect("reads"), Sequence(301));
+    assert_eq!(
+        store.trim_change_log(before(150), &[]).expect("trims"),
+        0,
+        "301 and 302 are younger"
+    );
+}

@@ -240,6 +240,8 @@ impl Writer {
         let mut stalled = Vec::new();
         let mut changes = Vec::new();
         let mut removed = Removed::default();
+        // Shipments retention rewrote without a stall: replicated like the stalled ones.
+        let mut trimmed = Vec::new();
         let mut stalled_shipments = self.stalled_shipments;
         for ((key, (deadline, number)), value) in entries.into_iter().zip(values) {
             // The sweep reads and writes records itself; a cached copy would go stale.
@@ -300,6 +302,8 @@ impl Writer {
             }
             if changes.len() > stalled.len() {
                 stalled.push((number, state));
+            } else if expired.journeys > 0 {
+                trimmed.push((number, state));
             }
         }
         let stalled_in = changes.iter().map(|(_, c, _)| c.current.status.label());
@@ -320,7 +324,7 @@ impl Writer {
             })
             .collect();
         crate::store::put_change_blocks(&mut batch, self.store.cf(keys::CHANGES), &records);
-        stalled_shipments += stalled.len() as u64;
+        stalled_shipments += changes.len() as u64;
         let meta = self.store.cf(keys::META);
         if sequence != self.last_sequence {
             batch.put_cf(meta, keys::META_LAST_SEQUENCE, keys::change_key(sequence));
@@ -347,9 +351,10 @@ impl Writer {
             metrics::counter!(m::RETENTION_REMOVED_TOTAL, "what" => "scans")
                 .increment(removed.scans as u64);
         }
+        stalled.extend(trimmed);
         let snapshots = match self.changelog {
             Some(_) => self.owned_snapshots(&stalled).unwrap_or_else(|error| {
-                tracing::error!(%error, "changelog snapshots of a stall not built");
+                tracing::error!(%error, "changelog snapshots of a sweep not built");
                 Vec::new()
             }),
             None => Vec::new(),
@@ -360,7 +365,7 @@ impl Writer {
             sequence,
             snapshots,
         };
-        Ok((applied, stalled.len(), removed))
+        Ok((applied, changes.len(), removed))
     }
 }
 

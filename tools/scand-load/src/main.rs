@@ -10,6 +10,7 @@
 mod kafka;
 mod postgres;
 mod raw;
+mod retention;
 mod store;
 mod workload;
 
@@ -45,6 +46,10 @@ enum Mode {
     RawIngest,
     /// Feed scand's writer (engine, group commit, RocksDB at --data) in this process, no gRPC.
     Store,
+    /// Months in minutes: --scans-per-day of whole journeys for --days through scand's writer
+    /// at --data, the clock moved a day at a time and retention swept after each day; prints
+    /// the data directory's size and each day's throughput.
+    Retention,
     /// Produce the scans to a Kafka topic (--kafka-brokers, --kafka-topic).
     Kafka,
     /// The same dedup/order/status logic in PostgreSQL (--pg-url), for comparison.
@@ -82,6 +87,12 @@ struct Args {
     /// scand gRPC endpoint.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
+    /// retention: simulated days.
+    #[arg(long, default_value_t = 120)]
+    days: u32,
+    /// retention: scans a day (whole ten-scan journeys, a twentieth on reused numbers).
+    #[arg(long, default_value_t = 200_000)]
+    scans_per_day: usize,
     /// Shipments to generate (each 9-25 scans).
     #[arg(long, default_value_t = 10_000)]
     shipments: usize,
@@ -223,6 +234,42 @@ async fn run(args: Args) -> Result<bool, String> {
                 println!("throughput        {rate:>12.0} scans/s");
                 println!("batch (ms)        p50 {p50:.2}  p99 {p99:.2}  max {max:.2}");
             }
+            return Ok(true);
+        }
+        Mode::Retention => {
+            let in_flight = args.streams.max(1) * args.window.max(1);
+            let json = args.json;
+            if !json {
+                println!(
+                    "{:>5}  {:>14}  {:>12}  {:>16}",
+                    "day", "data bytes", "scans/s", "journeys expired"
+                );
+            }
+            retention::run(
+                &args.data,
+                args.config.as_deref(),
+                args.days,
+                args.scans_per_day,
+                args.batch_size,
+                in_flight,
+                |d| {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "mode": "retention", "day": d.day, "data_bytes": d.bytes,
+                                "scans_per_s": d.scans_per_s, "journeys_expired": d.journeys_removed,
+                            })
+                        );
+                    } else {
+                        println!(
+                            "{:>5}  {:>14}  {:>12.0}  {:>16}",
+                            d.day, d.bytes, d.scans_per_s, d.journeys_removed
+                        );
+                    }
+                },
+            )
+            .await?;
             return Ok(true);
         }
         Mode::Kafka => {

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use scand::config::Config;
+use scand::domain::scan::ValidScan;
 use scand::engine::Engine;
 use scand::ingest::validate::Validator;
+use scand::store::writer::WriterHandle;
 use scand::store::{writer, Store};
 use tokio::sync::Semaphore;
 
@@ -23,34 +25,46 @@ pub struct StoreRun {
     pub latency_ms: [f64; 3],
 }
 
-/// Feeds the valid scans, `batch_size` at a time with at most `in_flight` batches waiting for
-/// the writer, into a fresh store at `path` opened with scand's configuration (`config`, or the
-/// defaults, plus `SCAND_*` environment overrides, as `scand run` reads it).
-pub async fn run(
+/// Opens the store at `path` with scand's configuration (`config`, or the defaults, plus
+/// `SCAND_*` environment overrides, as `scand run` reads it) and starts its writer.
+pub fn open(
     path: &std::path::Path,
-    planned: &[Planned],
-    batch_size: usize,
-    in_flight: usize,
     config: Option<&std::path::Path>,
-) -> Result<StoreRun, String> {
+) -> Result<(Config, Store, WriterHandle, std::thread::JoinHandle<()>), String> {
     let mut config = Config::load(config).map_err(|e| e.to_string())?;
     config.store.path = path.to_owned();
-    let validator = Validator::new(&config.ingest).map_err(|e| e.to_string())?;
-    let now = SystemTime::now();
-    let valid: Vec<_> = planned
-        .iter()
-        .filter_map(|p| validator.validate(p.scan.clone(), now).ok())
-        .collect();
     let store = Store::open(&config.store).map_err(|e| e.to_string())?;
     let (handle, _, thread) = writer::spawn(
-        store,
+        store.clone(),
         Engine::new(config.dedup.window).new_journey_after(config.lifecycle.new_journey_after),
         (config.stall.thresholds.policy(), config.retention.policy()),
         &config.store,
         None,
     )
     .map_err(|e| e.to_string())?;
+    Ok((config, store, handle, thread))
+}
 
+/// Stops the writer once everything queued is written.
+pub async fn close(
+    handle: WriterHandle,
+    thread: std::thread::JoinHandle<()>,
+) -> Result<(), String> {
+    drop(handle);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the writer thread panicked".to_owned())
+}
+
+/// Hands `valid` to the writer `batch_size` at a time with at most `in_flight` batches waiting,
+/// until every batch is durable.
+pub async fn feed(
+    handle: &WriterHandle,
+    valid: &[ValidScan],
+    batch_size: usize,
+    in_flight: usize,
+) -> Result<StoreRun, String> {
     let slots = Arc::new(Semaphore::new(in_flight.max(1)));
     let mut answers = tokio::task::JoinSet::new();
     let started = Instant::now();
@@ -80,15 +94,31 @@ pub async fn run(
         let _ = latency.record(took.as_micros() as u64);
     }
     let elapsed = started.elapsed();
-    drop(handle);
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|_| "the writer thread panicked".to_owned())?;
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     Ok(StoreRun {
         scans: valid.len() as u64,
         elapsed,
         latency_ms: [ms(0.5), ms(0.99), latency.max() as f64 / 1000.0],
     })
+}
+
+/// Feeds the valid scans, `batch_size` at a time with at most `in_flight` batches waiting for
+/// the writer, into a fresh store at `path` (see [`open`]).
+pub async fn run(
+    path: &std::path::Path,
+    planned: &[Planned],
+    batch_size: usize,
+    in_flight: usize,
+    config: Option<&std::path::Path>,
+) -> Result<StoreRun, String> {
+    let (config, _store, handle, thread) = open(path, config)?;
+    let validator = Validator::new(&config.ingest).map_err(|e| e.to_string())?;
+    let now = SystemTime::now();
+    let valid: Vec<_> = planned
+        .iter()
+        .filter_map(|p| validator.validate(p.scan.clone(), now).ok())
+        .collect();
+    let run = feed(&handle, &valid, batch_size, in_flight).await?;
+    close(handle, thread).await?;
+    Ok(run)
 }
