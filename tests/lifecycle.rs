@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -40,6 +41,42 @@ fn scand(args: &[&str]) -> Output {
         .env_remove("SCAND_TARGET")
         .output()
         .expect("run scand")
+}
+
+/// Runs `scand ARGS`, which must succeed; its standard output.
+fn scand_ok(args: &[&str]) -> String {
+    let out = scand(args);
+    assert!(
+        out.status.success(),
+        "scand {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `scand ctl backup DESTINATION [extra]` against `daemon`.
+fn backup(daemon: &Daemon, destination: &Path, extra: &[&str]) -> Output {
+    let url = daemon.url();
+    let mut args = vec![
+        "ctl",
+        "--target",
+        &url,
+        "backup",
+        destination.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    scand(&args)
+}
+
+/// `scand restore --from BACKUP --data DATA`, which must succeed; what it printed.
+fn restore(backup: &Path, data: &Path) -> String {
+    scand_ok(&[
+        "restore",
+        "--from",
+        backup.to_str().expect("utf-8"),
+        "--data",
+        data.to_str().expect("utf-8"),
+    ])
 }
 
 async fn submit(daemon: &Daemon, scans: Vec<pb::Scan>) -> Vec<(pb::Outcome, String)> {
@@ -160,13 +197,7 @@ async fn a_number_reused_after_delivery_is_a_new_journey_and_late_scans_find_the
         "a journey starts from nothing"
     );
 
-    let out = scand(&["ctl", "--target", &daemon.url(), "get", n, "--journey", "1"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = scand_ok(&["ctl", "--target", &daemon.url(), "get", n, "--journey", "1"]);
     assert!(text.contains("Journey          1 (kept: 1, 2)"), "{text}");
     assert!(text.contains("j1-hub"), "{text}");
 }
@@ -312,14 +343,7 @@ async fn a_backup_taken_under_load_restores_everything_acked_before_it() {
     let acked_before = acked.lock().expect("lock").clone();
     let destination = dir.path().join("backups/monday");
     std::fs::create_dir_all(destination.parent().expect("parent")).expect("mkdir");
-    let out = scand(&[
-        "ctl",
-        "--target",
-        &daemon.url(),
-        "backup",
-        destination.to_str().expect("utf-8"),
-        "--json",
-    ]);
+    let out = backup(&daemon, &destination, &["--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -334,13 +358,7 @@ async fn a_backup_taken_under_load_restores_everything_acked_before_it() {
     load.await.expect("load");
 
     // A second backup into the same place is refused, and leaves the first as it was.
-    let again = scand(&[
-        "ctl",
-        "--target",
-        &daemon.url(),
-        "backup",
-        destination.to_str().expect("utf-8"),
-    ]);
+    let again = backup(&daemon, &destination, &[]);
     assert!(!again.status.success());
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("exists and is not empty"),
@@ -350,20 +368,8 @@ async fn a_backup_taken_under_load_restores_everything_acked_before_it() {
     drop(daemon);
 
     let restored_data = dir.path().join("restored");
-    let out = scand(&[
-        "restore",
-        "--from",
-        destination.to_str().expect("utf-8"),
-        "--data",
-        restored_data.to_str().expect("utf-8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout)
-        .contains(&format!("continues after sequence {last_sequence}")));
+    let restored_text = restore(&destination, &restored_data);
+    assert!(restored_text.contains(&format!("continues after sequence {last_sequence}")));
     let restored = Daemon::start(&restored_data, "");
     verify_from(&restored, &acked_before, 0).await;
     assert_eq!(
@@ -472,13 +478,7 @@ async fn kafka_journeys_expired_scans_and_a_backup_resume_from_its_offsets() {
     assert_eq!(letter.scan_id, "k1-late");
 
     let destination = dir.path().join("backup");
-    let out = scand(&[
-        "ctl",
-        "--target",
-        &daemon.url(),
-        "backup",
-        destination.to_str().expect("utf-8"),
-    ]);
+    let out = backup(&daemon, &destination, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -502,19 +502,8 @@ async fn kafka_journeys_expired_scans_and_a_backup_resume_from_its_offsets() {
     wait_for_journey(&daemon, n, 2, 2).await;
     drop(daemon);
     let restored_data = dir.path().join("restored");
-    let out = scand(&[
-        "restore",
-        "--from",
-        destination.to_str().expect("utf-8"),
-        "--data",
-        restored_data.to_str().expect("utf-8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("scans.raw[0] resumes at offset 4"));
+    let restored_text = restore(&destination, &restored_data);
+    assert!(restored_text.contains("scans.raw[0] resumes at offset 4"));
     let restored = Daemon::start(&restored_data, &format!("{kafka}group_id = \"restored\"\n"));
     wait_for_journey(&restored, n, 2, 2).await;
     let mut tracking = restored.tracking().await;
