@@ -22,7 +22,13 @@ pub const META: &str = "meta";
 /// every shipment. Named when it held stall deadlines alone.
 pub const STALL_DEADLINES: &str = "stall_deadlines";
 
-pub const ALL_COLUMN_FAMILIES: [&str; 4] = [SHIPMENTS, CHANGES, META, STALL_DEADLINES];
+/// `tracking_number` → what retention removed of a number none of whose journeys is left (a
+/// `ShipmentRecord` with only its journey fields): apart from `shipments`, so that removing a
+/// number's last journey deletes its record, and RocksDB, counting deletions, compacts the
+/// space away (an overwrite with a small record left the old one in the lowest level).
+pub const EXPIRED: &str = "expired";
+
+pub const ALL_COLUMN_FAMILIES: [&str; 5] = [SHIPMENTS, CHANGES, META, STALL_DEADLINES, EXPIRED];
 
 /// Oldest sequence `changes` keeps (absent: 1), moved by the change log's retention.
 pub const META_FIRST_SEQUENCE: &[u8] = b"first_sequence";

@@ -89,6 +89,13 @@ impl Store {
                 append_only_memtable(&mut o, config.memtable_bytes);
             }
             if name == keys::SHIPMENTS {
+                // Retention deletes whole records, and tracking numbers are issued in runs, so
+                // a day's deletions cover a range of keys that new records no longer touch:
+                // compactions moving fresh files down never overlap it, and its tombstones sat
+                // above the data they delete (the tables grew 9.5 MB a simulated day after
+                // retention began, BENCHMARKS.md "Retention"). A file that is half deletions in
+                // any 10,000 entries is compacted down first.
+                o.add_compact_on_deletion_collector_factory(10_000, 5_000, 0.5);
                 o.set_merge_operator_associative(
                     "scand.shipment_delta",
                     |_key: &[u8], record: Option<&[u8]>, deltas: &rocksdb::MergeOperands| {
@@ -106,12 +113,18 @@ impl Store {
         db_opts.set_max_background_jobs(2);
         db_opts.set_db_write_buffer_size(config.memtables_total_bytes);
         db_opts.set_keep_log_file_num(4);
+        // A WAL file goes only once every column family's data in it is flushed; the small
+        // families (deadline index, change log) fill their memtables slowly, and held 1.7 GB
+        // of WAL behind 1 GB of tables over 120 simulated days (BENCHMARKS.md, "Retention").
+        // Past this, RocksDB flushes the family holding the oldest WAL.
+        db_opts.set_max_total_wal_size((2 * config.memtables_total_bytes) as u64);
         // Hashed memtables take inserts from one thread at a time; scand has one writer.
         db_opts.set_allow_concurrent_memtable_write(false);
         // Tickers only (cache hits, stall time): timers and histograms cost on every write.
         db_opts.enable_statistics();
         db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
-        let descriptors = keys::ALL_COLUMN_FAMILIES.map(|name| cf(name, name == keys::SHIPMENTS));
+        let descriptors = keys::ALL_COLUMN_FAMILIES
+            .map(|name| cf(name, name == keys::SHIPMENTS || name == keys::EXPIRED));
         let db = DB::open_cf_descriptors(&db_opts, &config.path, descriptors)?;
         let store = Store {
             db: Arc::new(db),

@@ -40,7 +40,7 @@ impl Store {
         let keys = numbers.iter().map(|n| keys::shipment_key(n));
         // The writer asks in key order; RocksDB then skips sorting the keys itself.
         let sorted = numbers.is_sorted();
-        numbers
+        let mut states = numbers
             .iter()
             .zip(
                 self.db
@@ -50,7 +50,27 @@ impl Store {
                 Some(bytes) => codec::decode_shipment(keys::shipment_key(number), &bytes).map(Some),
                 None => Ok(None),
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Numbers without a record: new ones, mostly (the bloom filters answer), or numbers
+        // whose every journey expired.
+        let absent: Vec<usize> = (0..states.len()).filter(|&i| states[i].is_none()).collect();
+        if absent.is_empty() {
+            return Ok(states);
+        }
+        let memories = self.db.batched_multi_get_cf(
+            self.cf(keys::EXPIRED),
+            absent.iter().map(|&i| keys::shipment_key(numbers[i])),
+            sorted,
+        );
+        for (&i, value) in absent.iter().zip(memories) {
+            if let Some(bytes) = value? {
+                states[i] = Some(codec::decode_shipment(
+                    keys::shipment_key(numbers[i]),
+                    &bytes,
+                )?);
+            }
+        }
+        Ok(states)
     }
 
     /// Up to `limit` keys of the deadline index due at `now`, earliest first. Read by the

@@ -137,6 +137,10 @@ impl Writer {
                     keys::shipment_key(number),
                     codec::encode_shipment_delta(state, added, replaced, sequences),
                 );
+                if state.expired.is_some() {
+                    // The record holds what expired now; a separate memory of it may go.
+                    batch.delete_cf(self.store.cf(keys::EXPIRED), keys::shipment_key(number));
+                }
             }
         }
         debug_assert!(

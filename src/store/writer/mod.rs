@@ -358,6 +358,7 @@ pub fn spawn(
     let stored_scans = store.stored_scans()?;
     metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
     metrics::gauge!(m::CHANGE_LOG_SEQUENCE).set(last.0 as f64);
+    metrics::gauge!(m::CHANGE_LOG_FIRST_SEQUENCE).set(store.first_sequence()?.0 as f64);
     let (tx, rx) = mpsc::channel(config.queue_batches);
     let (sequence_tx, sequence_rx) = watch::channel(last);
     let (failure_tx, failure) = watch::channel(None);

@@ -217,6 +217,7 @@ impl Writer {
         let db = &self.store.db;
         let index = self.store.cf(keys::STALL_DEADLINES);
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
+        let expired_cf = self.store.cf(keys::EXPIRED);
         let mut batch = WriteBatch::default();
         let mut entries = Vec::with_capacity(due.len());
         for key in due {
@@ -246,11 +247,18 @@ impl Writer {
         for ((key, (deadline, number)), value) in entries.into_iter().zip(values) {
             // The sweep reads and writes records itself; a cached copy would go stale.
             self.cache.forget(&number);
-            let Some(bytes) = value? else {
-                batch.delete_cf(index, key);
-                continue;
-            };
             let shipment_key = keys::shipment_key(&number);
+            // A number without a record may be remembered for its expired journeys.
+            let bytes = match value? {
+                Some(bytes) => bytes.to_vec(),
+                None => match db.get_cf(expired_cf, shipment_key)? {
+                    Some(bytes) => bytes,
+                    None => {
+                        batch.delete_cf(index, key);
+                        continue;
+                    }
+                },
+            };
             let mut state = match codec::decode_shipment(shipment_key, &bytes) {
                 Ok(state) => state,
                 Err(error) => {
@@ -274,6 +282,7 @@ impl Writer {
             removed.scans += expired.scans;
             if expired.forget {
                 batch.delete_cf(shipments_cf, shipment_key);
+                batch.delete_cf(expired_cf, shipment_key);
                 continue;
             }
             let mut change_sequences = 0..0;
@@ -289,7 +298,18 @@ impl Writer {
             if let Some(next) = state.stall_deadline {
                 batch.put_cf(index, keys::stall_key(next, &number), []);
             }
-            if expired.journeys > 0 {
+            if state.timeline.is_empty() {
+                // Every journey expired: the record goes (a deletion RocksDB compacts away
+                // promptly, see `keys::EXPIRED`) and the number's memory stays apart.
+                let mut memory = codec::ShipmentRecord::default();
+                codec::set_head(&mut memory, &state);
+                batch.delete_cf(shipments_cf, shipment_key);
+                batch.put_cf(
+                    expired_cf,
+                    shipment_key,
+                    prost::Message::encode_to_vec(&memory),
+                );
+            } else if expired.journeys > 0 {
                 let record =
                     trimmed_record(shipment_key, &bytes, &state, expired, change_sequences)?;
                 batch.put_cf(shipments_cf, shipment_key, record);

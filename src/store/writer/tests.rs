@@ -824,18 +824,39 @@ async fn the_sweep_removes_expired_journeys_and_then_forgets_the_number() {
     );
     assert_eq!(shipment(&store, "REUSED0001").journey, 3);
 
+    // Journey 3 idles out: the record goes, the number's memory stays apart.
+    let swept = writer.sweep(EventTime(3500 * HOUR)).await.expect("sweeps");
+    assert_eq!((swept.removed.journeys, swept.removed.scans), (2, 3));
+    assert_eq!(store.shipment_record(&number).expect("reads"), None);
+    let memory = || {
+        store
+            .db
+            .get_cf(store.cf(keys::EXPIRED), keys::shipment_key(&number))
+            .expect("reads")
+    };
+    assert!(memory().is_some());
+    assert_eq!(store.stored_scans().expect("count"), 0);
+    assert_eq!(deadline_index(&store), vec![(4200, "REUSED0001".into())]);
+    let answer = writer
+        .enqueue(
+            vec![scan("REUSED0001", "c1", ScanType::LabelCreated, 1200)],
+            Vec::new(),
+            Instant::now(),
+        )
+        .await
+        .expect("queued");
+    assert_eq!(
+        answer.await.expect("answered").expect("durable"),
+        vec![Outcome::JourneyExpired]
+    );
+
     let swept = writer
         .sweep(EventTime(100_000 * HOUR))
         .await
         .expect("sweeps");
-    assert_eq!((swept.removed.journeys, swept.removed.scans), (2, 3));
-    assert_eq!(
-        store.shipment_record(&number).expect("reads"),
-        None,
-        "forgotten"
-    );
+    assert_eq!((swept.removed.journeys, swept.removed.scans), (0, 0));
+    assert_eq!(memory(), None, "forgotten");
     assert_eq!(deadline_index(&store), vec![]);
-    assert_eq!(store.stored_scans().expect("count"), 0);
     drop(writer);
     thread.join().expect("writer stops");
 }

@@ -241,8 +241,8 @@ async fn run(args: Args) -> Result<bool, String> {
             let json = args.json;
             if !json {
                 println!(
-                    "{:>5}  {:>14}  {:>12}  {:>16}",
-                    "day", "data bytes", "scans/s", "journeys expired"
+                    "{:>5}  {:>14}  {:>14}  {:>10}  {:>16}",
+                    "day", "data bytes", "of which WAL", "scans/s", "journeys expired"
                 );
             }
             retention::run(
@@ -258,13 +258,14 @@ async fn run(args: Args) -> Result<bool, String> {
                             "{}",
                             serde_json::json!({
                                 "mode": "retention", "day": d.day, "data_bytes": d.bytes,
+                                "wal_bytes": d.wal_bytes,
                                 "scans_per_s": d.scans_per_s, "journeys_expired": d.journeys_removed,
                             })
                         );
                     } else {
                         println!(
-                            "{:>5}  {:>14}  {:>12.0}  {:>16}",
-                            d.day, d.bytes, d.scans_per_s, d.journeys_removed
+                            "{:>5}  {:>14}  {:>14}  {:>10.0}  {:>16}",
+                            d.day, d.bytes, d.wal_bytes, d.scans_per_s, d.journeys_removed
                         );
                     }
                 },

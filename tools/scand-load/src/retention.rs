@@ -17,6 +17,8 @@ pub struct Day {
     pub day: u32,
     /// Bytes of the data directory at the end of the day (after its sweep).
     pub bytes: u64,
+    /// Of which write-ahead log files.
+    pub wal_bytes: u64,
     pub scans_per_s: f64,
     pub journeys_removed: u32,
 }
@@ -76,16 +78,17 @@ fn day_of_scans(day: u32, scans_per_day: usize, end: std::time::SystemTime) -> V
     scans
 }
 
-fn directory_bytes(path: &Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
+/// Bytes of the files in `path`: all of them, and the write-ahead logs.
+fn directory_bytes(path: &Path) -> (u64, u64) {
+    let mut bytes = (0, 0);
+    for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+        let len = entry.metadata().map_or(0, |m| m.len());
+        bytes.0 += len;
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            bytes.1 += len;
+        }
+    }
+    bytes
 }
 
 pub async fn run(
@@ -131,9 +134,11 @@ pub async fn run(
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        let (bytes, wal_bytes) = directory_bytes(path);
         let day = Day {
             day: day + 1,
-            bytes: directory_bytes(path),
+            bytes,
+            wal_bytes,
             scans_per_s: fed.scans as f64 / fed.elapsed.as_secs_f64(),
             journeys_removed,
         };
