@@ -137,6 +137,7 @@ fn check_status_topic(broker: &Broker, versions: &HashMap<String, u64>) {
                 pb::StatusChange::decode(m.payload().expect("payload")).expect("StatusChange");
             assert_eq!(change.tracking_number, *number);
             assert_eq!(header(m, "scand-version"), Some(change.version.to_string()));
+            assert_eq!(header(m, "scand-journey"), Some(change.journey.to_string()));
             assert_eq!(
                 header(m, "scand-sequence"),
                 Some(change.sequence.to_string())

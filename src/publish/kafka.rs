@@ -133,7 +133,12 @@ impl KafkaSink {
             let payload = encode(change, self.config.encoding);
             let version = change.version.to_string();
             let sequence = change.sequence.to_string();
+            let journey = change.journey.to_string();
             let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "scand-journey",
+                    value: Some(journey.as_bytes()),
+                })
                 .insert(Header {
                     key: "scand-version",
                     value: Some(version.as_bytes()),
