@@ -298,28 +298,14 @@ impl Writer {
             if let Some(next) = state.stall_deadline {
                 batch.put_cf(index, keys::stall_key(next, &number), []);
             }
-            if state.timeline.is_empty() {
-                // Every journey expired: the record goes (a deletion RocksDB compacts away
-                // promptly, see `keys::EXPIRED`) and the number's memory stays apart.
-                let mut memory = codec::ShipmentRecord::default();
-                codec::set_head(&mut memory, &state);
-                batch.delete_cf(shipments_cf, shipment_key);
-                batch.put_cf(
-                    expired_cf,
-                    shipment_key,
-                    prost::Message::encode_to_vec(&memory),
-                );
-            } else if expired.journeys > 0 {
-                let record =
-                    trimmed_record(shipment_key, &bytes, &state, expired, change_sequences)?;
-                batch.put_cf(shipments_cf, shipment_key, record);
-            } else {
-                batch.merge_cf(
-                    shipments_cf,
-                    shipment_key,
-                    codec::encode_shipment_head(&state, change_sequences),
-                );
-            }
+            self.write_swept(
+                &mut batch,
+                shipment_key,
+                &bytes,
+                &state,
+                expired,
+                change_sequences,
+            )?;
             if changes.len() > stalled.len() {
                 stalled.push((number, state));
             } else if expired.journeys > 0 {
@@ -386,6 +372,41 @@ impl Writer {
             snapshots,
         };
         Ok((applied, changes.len(), removed))
+    }
+
+    /// Writes a swept shipment: with no journey left, its record goes and its memory is kept
+    /// in `expired` (a deletion RocksDB compacts away promptly, see `keys::EXPIRED`); with
+    /// journeys removed, the record is rewritten without their scans; otherwise only its head
+    /// (stall, deadline) changed. `changes` are the sequences of its changes in this write.
+    fn write_swept(
+        &self,
+        batch: &mut WriteBatch,
+        key: &[u8],
+        stored: &[u8],
+        state: &ShipmentState,
+        expired: Removed,
+        changes: std::ops::Range<u64>,
+    ) -> Result<(), StoreError> {
+        let shipments = self.store.cf(keys::SHIPMENTS);
+        if state.timeline.is_empty() {
+            let mut memory = codec::ShipmentRecord::default();
+            codec::set_head(&mut memory, state);
+            batch.delete_cf(shipments, key);
+            batch.put_cf(
+                self.store.cf(keys::EXPIRED),
+                key,
+                prost::Message::encode_to_vec(&memory),
+            );
+        } else if expired.journeys > 0 {
+            batch.put_cf(
+                shipments,
+                key,
+                trimmed_record(key, stored, state, expired, changes)?,
+            );
+        } else {
+            batch.merge_cf(shipments, key, codec::encode_shipment_head(state, changes));
+        }
+        Ok(())
     }
 }
 
