@@ -56,7 +56,8 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StallConfig {
-    /// How often the deadline index is swept for shipments that stalled.
+    /// How often the deadline index is swept for shipments that stalled and journeys that
+    /// expired (`[retention]`), and the change log trimmed.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
     pub thresholds: StallThresholds,
