@@ -38,15 +38,39 @@ impl Rng {
     }
 }
 
+/// A tracking number's second journey after [`journey`]: a new label 20 minutes ago, after
+/// the first journey's delivery, and on to out for delivery.
+const SECOND_JOURNEY: [(pb::ScanType, u64, &str); 4] = [
+    (pb::ScanType::LabelCreated, 20, "shop-2"),
+    (pb::ScanType::PickedUp, 15, "wh-2"),
+    (pb::ScanType::ArrivedAtFacility, 10, "hub-2"),
+    (pb::ScanType::OutForDelivery, 5, "van-2"),
+];
+
 /// Every scan of the workload, in a shuffled but reproducible order, with retries mixed in.
-/// `shipments` journeys whose tracking numbers start with `prefix`.
+/// `shipments` journeys whose tracking numbers start with `prefix`; every tenth number is used
+/// again for a second journey, its scans shuffled among the first's.
 pub fn workload(prefix: &str, round: u64, shipments: usize) -> Vec<pb::Scan> {
     let mut scans = Vec::new();
     for s in 0..shipments {
-        scans.extend(journey(
-            &format!("{prefix}{round:03}{s:05}"),
-            &format!("{prefix}r{round}s{s}"),
-        ));
+        let number = format!("{prefix}{round:03}{s:05}");
+        scans.extend(journey(&number, &format!("{prefix}r{round}s{s}")));
+        if s % 10 == 0 {
+            scans.extend(
+                SECOND_JOURNEY
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (t, ago, facility))| {
+                        scan(
+                            &format!("{prefix}r{round}s{s}-again-{i}"),
+                            &number,
+                            *t,
+                            minutes_ago(*ago),
+                            facility,
+                        )
+                    }),
+            );
+        }
     }
     let mut rng = Rng::new(round);
     for i in (1..scans.len()).rev() {
@@ -157,48 +181,52 @@ pub async fn verify_from(daemon: &Daemon, acked: &HashMap<String, String>, from:
             .or_default()
             .insert(scan_id.as_str());
     }
-    let mut versions: HashMap<String, (u64, i32, i32)> = HashMap::new();
+    // (tracking number, journey) -> (version, status, sub-status).
+    let mut versions: HashMap<(String, u32), (u64, i32, i32)> = HashMap::new();
     for (number, ids) in &by_shipment {
-        let shipment = get_shipment(&mut tracking, number)
+        let latest = get_shipment(&mut tracking, number)
             .await
             .unwrap_or_else(|e| panic!("acked shipment {number} lost: {e}"));
-        let stored: HashSet<&str> = shipment
-            .timeline
-            .iter()
-            .map(|s| s.scan_id.as_str())
-            .collect();
+        let mut stored: HashSet<String> = HashSet::new();
+        for summary in &latest.journeys {
+            let shipment = get_journey(&mut tracking, number, summary.journey)
+                .await
+                .unwrap_or_else(|e| panic!("{number}: journey {} lost: {e}", summary.journey));
+            stored.extend(shipment.timeline.iter().map(|s| s.scan_id.clone()));
+            // Each journey's stored state is what a fresh replay of its timeline derives.
+            let replay = Derived::of(
+                shipment
+                    .timeline
+                    .iter()
+                    .map(|s| ScanType::from_i32(s.scan_type).expect("stored scan type")),
+            );
+            let point = replay.point.expect("a status");
+            let journey = format!("{number} journey {}", summary.journey);
+            assert_eq!(shipment.status, point.status.as_i32(), "{journey}");
+            assert_eq!(
+                shipment.sub_status,
+                point.sub_status.map_or(0, ScanType::as_i32),
+                "{journey}"
+            );
+            assert_eq!(
+                shipment.scans_after_terminal, replay.scans_after_terminal,
+                "{journey}"
+            );
+            versions.insert(
+                (shipment.tracking_number.clone(), summary.journey),
+                (shipment.version, shipment.status, shipment.sub_status),
+            );
+        }
         let lost: Vec<&&str> = ids.iter().filter(|id| !stored.contains(**id)).collect();
         assert!(lost.is_empty(), "{number}: acked scans lost: {lost:?}");
-        // The stored state is what a fresh replay of the timeline derives.
-        let replay = Derived::of(
-            shipment
-                .timeline
-                .iter()
-                .map(|s| ScanType::from_i32(s.scan_type).expect("stored scan type")),
-        );
-        let point = replay.point.expect("a status");
-        assert_eq!(shipment.status, point.status.as_i32(), "{number}");
-        assert_eq!(
-            shipment.sub_status,
-            point.sub_status.map_or(0, ScanType::as_i32),
-            "{number}"
-        );
-        assert_eq!(
-            shipment.scans_after_terminal, replay.scans_after_terminal,
-            "{number}"
-        );
-        versions.insert(
-            shipment.tracking_number.clone(),
-            (shipment.version, shipment.status, shipment.sub_status),
-        );
     }
 
-    // The change log: sequences 1..=N without gaps, versions per shipment 1..=v.
+    // The change log: sequences 1..=N without gaps, versions per journey 1..=v.
     let end = daemon.metric("scand_change_log_sequence") as u64;
     let mut feed = watch(&mut tracking, from, None).await;
     let mut expected_total = 0u64;
-    let mut seen_versions: HashMap<String, u64> = HashMap::new();
-    let mut last_status: HashMap<String, (i32, i32)> = HashMap::new();
+    let mut seen_versions: HashMap<(String, u32), u64> = HashMap::new();
+    let mut last_status: HashMap<(String, u32), (i32, i32)> = HashMap::new();
     let mut sequence = from;
     while sequence < end {
         let change = tokio::time::timeout(Duration::from_secs(20), feed.message())
@@ -208,37 +236,35 @@ pub async fn verify_from(daemon: &Daemon, acked: &HashMap<String, String>, from:
             .expect("feed open");
         sequence += 1;
         assert_eq!(change.sequence, sequence, "sequence gap or repeat");
+        let key = (change.tracking_number.clone(), change.journey);
         // Shipments older than `from` may continue their versions here; acked ones start at 1.
-        let first_version = if versions.contains_key(&change.tracking_number) {
+        let first_version = if versions.contains_key(&key) {
             0
         } else {
             change.version - 1
         };
-        let v = seen_versions
-            .entry(change.tracking_number.clone())
-            .or_insert(first_version);
+        let v = seen_versions.entry(key.clone()).or_insert(first_version);
         assert_eq!(
             change.version,
             *v + 1,
-            "{}: version gap or repeat",
-            change.tracking_number
+            "{} journey {}: version gap or repeat",
+            change.tracking_number,
+            change.journey
         );
         *v = change.version;
-        last_status.insert(
-            change.tracking_number.clone(),
-            (change.status, change.sub_status),
-        );
+        last_status.insert(key, (change.status, change.sub_status));
     }
-    for (number, (version, status, sub_status)) in &versions {
+    for ((number, journey), (version, status, sub_status)) in &versions {
+        let key = (number.clone(), *journey);
         assert_eq!(
-            seen_versions.get(number),
+            seen_versions.get(&key),
             Some(version),
-            "{number}: log and state disagree"
+            "{number} journey {journey}: log and state disagree"
         );
         assert_eq!(
-            last_status.get(number),
+            last_status.get(&key),
             Some(&(*status, *sub_status)),
-            "{number}"
+            "{number} journey {journey}"
         );
         expected_total += version;
     }

@@ -349,6 +349,20 @@ pub async fn get_journey(
         .map(tonic::Response::into_inner)
 }
 
+/// The scan ids of every journey of a tracking number (none if it has no scans).
+pub async fn scan_ids(tracking: &mut TrackingClient, tracking_number: &str) -> Vec<String> {
+    let Ok(latest) = get_shipment(tracking, tracking_number).await else {
+        return Vec::new();
+    };
+    let mut ids = Vec::new();
+    for summary in &latest.journeys {
+        if let Ok(journey) = get_journey(tracking, tracking_number, summary.journey).await {
+            ids.extend(journey.timeline.into_iter().map(|s| s.scan_id));
+        }
+    }
+    ids
+}
+
 /// Collects `n` changes from a feed stream, failing after a timeout.
 pub async fn take_changes(
     stream: &mut tonic::Streaming<pb::StatusChange>,
