@@ -16,9 +16,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::api::operations::OperationsService;
-use crate::api::{connections, tls, tracking::TrackingService};
+use crate::api::tracking::{Forwarding, TrackingService};
+use crate::api::{connections, tls};
 use crate::config::Config;
 use crate::domain::clock::Clock;
+use crate::domain::ownership::Ownership;
 use crate::domain::Status;
 use crate::engine::{DuplicateKind, Engine};
 use crate::ingest::auth::{DeviceTokens, Scope};
@@ -29,8 +31,9 @@ use crate::ingest::{grpc::ScanIngestService, validate::Validator, Destination, I
 use crate::proto::{pb, FILE_DESCRIPTOR_SET};
 use crate::publish::feed::Feed;
 use crate::publish::kafka::KafkaSink;
-use crate::scaleout::changelog;
 use crate::scaleout::gateway::Gateway;
+use crate::scaleout::members::{self, Router};
+use crate::scaleout::{changelog, topics};
 use crate::store::{writer, Store, StoreError};
 use crate::telemetry::lag::Lag;
 use crate::telemetry::metrics::KnownLabels;
@@ -117,18 +120,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let kafka = &config.kafka;
     let cluster = kafka.cluster();
     let mut kafka_tasks = Vec::new();
-    // Shipments owned by a Kafka source partition are replicated for the partition's next owner.
-    let changelog = if kafka.source.enabled {
-        let (tx, rx) = tokio::sync::mpsc::channel(config.store.queue_batches * 64);
-        let producer = crate::kafka::idempotent_producer(&cluster)
-            .map_err(|e| DaemonError::Kafka(e.to_string()))?;
-        kafka_tasks.push(tokio::spawn(changelog::run(
-            rx,
-            producer,
-            kafka.source.changelog_topic.clone(),
-            shutdown.clone(),
-        )));
-        Some(tx)
+    // Which source partitions this instance owns: the fence of everything it sweeps and
+    // replicates, and where queries for the others are forwarded.
+    let ownership = Ownership::default();
+    let fleet = if kafka.source.enabled {
+        Some(start_fleet(&config, &readiness, &ownership, &mut kafka_tasks, &shutdown).await?)
     } else {
         None
     };
@@ -137,7 +133,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Engine::new(config.dedup.window).new_journey_after(config.lifecycle.new_journey_after),
         (config.stall.thresholds.policy(), config.retention.policy()),
         &config.store,
-        changelog,
+        fleet.as_ref().map(|(replication, _)| replication.clone()),
     )
     .map_err(|source| DaemonError::Store {
         path: config.store.path.display().to_string(),
@@ -184,8 +180,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         let source = KafkaSource::new(
             &cluster,
             &kafka.source,
-            store.clone(),
             writer.clone(),
+            (
+                ownership,
+                fleet
+                    .as_ref()
+                    .map(|(_, router)| router.partitions.clone())
+                    .unwrap_or_default(),
+            ),
             stores_here,
             lag,
         )
@@ -200,6 +202,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             producer,
             kafka.sink.clone(),
             committed.clone(),
+            readiness.output("status topic", kafka.unready_after),
         );
         kafka_tasks.push(tokio::spawn(sink.run(shutdown.clone())));
     }
@@ -227,8 +230,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     ))
     .max_decoding_message_size(max_message);
     let tracking_service = InterceptedService::new(
-        pb::tracking_server::TrackingServer::new(TrackingService::new(store.clone(), feed))
-            .max_decoding_message_size(max_message),
+        pb::tracking_server::TrackingServer::new(TrackingService::new(
+            store.clone(),
+            feed,
+            fleet.map(|(_, router)| Forwarding::new(router)),
+        ))
+        .max_decoding_message_size(max_message),
         DeviceTokens::require(tokens.clone(), Scope::Read),
     );
     let operations_service = InterceptedService::new(
@@ -439,6 +446,77 @@ fn notify_service_manager(state: sd_notify::NotifyState<'_>) {
     if let Err(error) = sd_notify::notify(&[state]) {
         tracing::warn!(%error, "cannot notify the service manager");
     }
+}
+
+/// Scale-out on Kafka (the Kafka source on): checks the topics it rests on, then starts the
+/// changelog task, the membership announcer and the directory's follower. Returns what the
+/// writer replicates through and the router queries are forwarded by.
+async fn start_fleet(
+    config: &Config,
+    readiness: &Readiness,
+    ownership: &Ownership,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    shutdown: &CancellationToken,
+) -> Result<(writer::Replication, Router), DaemonError> {
+    let kafka = &config.kafka;
+    let source = &kafka.source;
+    let cluster = kafka.cluster();
+    let counts = topics::check(
+        &cluster,
+        topics::FleetTopics {
+            scans: &source.topics,
+            changelog: &source.changelog_topic,
+            members: &source.members_topic,
+        },
+    )
+    .await
+    .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+    let (snapshots, to_send) = tokio::sync::mpsc::channel(config.store.queue_batches * 64);
+    let producer = changelog::producer(&cluster).map_err(|e| DaemonError::Kafka(e.to_string()))?;
+    tasks.push(tokio::spawn(changelog::run(
+        to_send,
+        producer,
+        source.changelog_topic.clone(),
+        ownership.clone(),
+        source.changelog_max_record_bytes,
+        readiness.output("changelog", kafka.unready_after),
+        shutdown.clone(),
+    )));
+    let me = if source.advertised_url.is_empty() {
+        format!("http://{}", config.grpc.listen)
+    } else {
+        source.advertised_url.clone()
+    };
+    let producer = crate::kafka::idempotent_producer(&cluster)
+        .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+    tasks.push(tokio::spawn(members::announce(
+        producer,
+        source.members_topic.clone(),
+        me.clone(),
+        ownership.clone(),
+        shutdown.clone(),
+    )));
+    let directory = members::Directory::default();
+    let (follower, topic, stop) = (
+        directory.clone(),
+        source.members_topic.clone(),
+        shutdown.clone(),
+    );
+    tasks.push(tokio::task::spawn_blocking(move || {
+        members::follow(&cluster, &topic, &follower, &stop)
+    }));
+    let router = Router {
+        directory,
+        ownership: ownership.clone(),
+        partitions: std::sync::Arc::new(std::sync::Mutex::new(counts)),
+        topic: source.topics.first().cloned().unwrap_or_default(),
+        me,
+    };
+    let replication = writer::Replication {
+        snapshots,
+        ownership: ownership.clone(),
+    };
+    Ok((replication, router))
 }
 
 /// Not ready while the store refuses writes, so load balancers send scanners elsewhere.

@@ -22,7 +22,8 @@
 //!
 //! Dependency rule (checked by tests/architecture.rs): `proto` is a leaf; `domain` → proto;
 //! `engine` → domain; `store` → engine, domain, proto; `scaleout` → store; `ingest` → store,
-//! engine, scaleout; `publish` → store; `api` → ingest, store, publish. Nothing points back up.
+//! engine, scaleout; `publish` → store; `api` → ingest, store, publish, scaleout. Nothing points
+//! back up.
 
 pub mod api;
 pub mod config;

@@ -36,7 +36,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "api",
-        &["ingest", "store", "publish", "domain", "proto", "telemetry"],
+        &[
+            "ingest",
+            "store",
+            "publish",
+            "scaleout",
+            "domain",
+            "proto",
+            "telemetry",
+        ],
     ),
     ("ctl", &["proto", "domain"]),
 ];

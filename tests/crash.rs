@@ -71,7 +71,12 @@ async fn wait_consumed(daemon: &Daemon, produced: &HashMap<String, String>) {
 async fn sigkill_at_random_moments_loses_no_acked_scan_and_no_version() {
     let broker = Arc::new(Broker::start());
     broker
-        .create_topics(&[("scans.raw", 3), ("scans.dlq", 1), ("scand.changelog", 3)])
+        .create_topics(&[
+            ("scans.raw", 3),
+            ("scans.dlq", 1),
+            ("scand.changelog", 3),
+            ("scand.members", 1),
+        ])
         .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = format!(

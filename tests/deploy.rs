@@ -400,6 +400,7 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
             ("scans.dlq", 1),
             ("shipments.status", 1),
             ("scand.changelog", 1),
+            ("scand.members", 1),
         ])
         .await;
     let dir = tempfile::tempdir().expect("tempdir");

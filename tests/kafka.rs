@@ -28,6 +28,7 @@ async fn topics(broker: &Broker) {
             ("scans.dlq", 1),
             ("shipments.status", 3),
             ("scand.changelog", 3),
+            ("scand.members", 1),
         ])
         .await;
 }
@@ -503,6 +504,291 @@ async fn a_partition_moving_to_a_new_instance_takes_its_shipments_state_along() 
         }
     }
     check_status_topic(&broker, &versions);
+
+    // Any instance answers for any number: the one not owning its partition asks the owner.
+    for s in 0..n {
+        let number = format!("KRB{s:06}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let from_a = get_shipment(&mut tracking_a, &number).await;
+            let from_b = get_shipment(&mut tracking_b, &number).await;
+            match (from_a, from_b) {
+                (Ok(a), Ok(b)) if a.timeline.len() == JOURNEY.len() => {
+                    assert_eq!(a, b, "{number}: A and B answer alike");
+                    break;
+                }
+                answers => assert!(
+                    Instant::now() < deadline,
+                    "{number}: not answered alike by both: {answers:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        metric_value(&a.metrics(), "scand_kafka_partitions_assigned") > 0,
+        "A kept some partitions, so both forwarded"
+    );
+}
+
+/// Ownership is a fence: once B takes partitions from A, A keeps those shipments' state but
+/// sweeps none of it, so every shipment stalls once, by its owner, under one version (without
+/// the fence A and B each published a STALLED of the same version for B's shipments).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_partition_moves_only_its_new_owner_stalls_its_shipments() {
+    const STALL_AFTER: Duration = Duration::from_secs(30);
+    let broker = Broker::start();
+    topics(&broker).await;
+    let config = kafka_config(&broker, true, true)
+        + &format!(
+            "[stall]\nsweep_interval = \"1s\"\n[stall.thresholds]\nin_transit = \"{}s\"\n",
+            STALL_AFTER.as_secs()
+        );
+    let n = 30;
+    let numbers: Vec<String> = (0..n).map(|s| format!("KST{s:06}")).collect();
+    let scanned = Instant::now();
+    let records: Vec<Record> = numbers
+        .iter()
+        .map(|number| {
+            let arrived = scan(
+                &format!("{number}-a"),
+                number,
+                pb::ScanType::ArrivedAtFacility,
+                minutes_ago(0),
+                "hub-1",
+            );
+            (number.clone(), arrived.encode_to_vec(), vec![])
+        })
+        .collect();
+    broker.produce("scans.raw", &records).await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&dir_a.path().join("data"), &config);
+    let mut tracking_a = a.tracking().await;
+    for number in &numbers {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while get_shipment(&mut tracking_a, number).await.is_err() {
+            assert!(Instant::now() < deadline, "{number} not applied by A");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = Daemon::start(&dir_b.path().join("data"), &config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let owned_a = metric_value(&a.metrics(), "scand_kafka_partitions_assigned");
+        let owned_b = metric_value(&b.metrics(), "scand_kafka_partitions_assigned");
+        if owned_b > 0 && owned_a + owned_b == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rebalance: A owns {owned_a}, B owns {owned_b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        scanned.elapsed() < STALL_AFTER,
+        "the rebalance took longer than the stall threshold: the test shows nothing"
+    );
+
+    // Each shipment stalls once, on its owner; a few sweeps more publish nothing else.
+    let messages = broker.consume_until("shipments.status", Duration::from_secs(90), |m| {
+        let stalled = m
+            .iter()
+            .filter(|x| {
+                pb::StatusChange::decode(x.payload().unwrap_or_default())
+                    .is_ok_and(|c| c.status == pb::Status::Stalled as i32)
+            })
+            .count();
+        stalled >= n
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let messages = broker.consume_until("shipments.status", Duration::from_secs(10), |m| {
+        m.len() >= messages.len()
+    });
+    let grouped = by_key(&messages);
+    for number in &numbers {
+        let changes: Vec<(u64, i32)> = grouped
+            .get(number)
+            .unwrap_or_else(|| panic!("{number}: nothing published"))
+            .iter()
+            .map(|m| {
+                let change =
+                    pb::StatusChange::decode(m.payload().expect("payload")).expect("StatusChange");
+                (change.version, change.status)
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                (1, pb::Status::InTransit as i32),
+                (2, pb::Status::Stalled as i32)
+            ],
+            "{number}"
+        );
+    }
+    assert!(
+        metric_value(&b.metrics(), "scand_shipments_stalled ") > 0,
+        "B stalled none of its shipments"
+    );
+}
+
+/// A changelog that refuses writes is retried and counted, and once it has refused them for
+/// `kafka.unready_after` `/readyz` says so with the error; the scans consumed meanwhile are
+/// applied all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_refusing_writes_makes_the_instance_unready_with_the_reason() {
+    let broker = Broker::start();
+    topics(&broker).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = kafka_config(&broker, true, false)
+        .replace("[kafka.source]", "unready_after = \"2s\"\n[kafka.source]");
+    let daemon = Daemon::start_with_env(
+        &dir.path().join("data"),
+        &config,
+        &[("FAILPOINTS", "changelog-send=return")],
+    );
+    let records: Vec<Record> = journey("KCL000000", "cl")
+        .iter()
+        .map(|s| ("KCL000000".to_owned(), s.encode_to_vec(), vec![]))
+        .collect();
+    broker.produce("scans.raw", &records).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let (code, body) = http_get(daemon.admin, "/readyz").expect("readyz answers");
+        if code == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "still ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        answer.starts_with("not ready: changelog writes have failed for ")
+            && answer.contains("Topic authorization failed"),
+        "{answer}"
+    );
+    assert!(daemon.metric("scand_changelog_records_total{result=\"error\"}") > 0.0);
+    let versions = wait_all_delivered(&daemon, "KCL", 1, Duration::from_secs(30)).await;
+    assert_eq!(versions["KCL000000"], 7);
+}
+
+/// The partitioning contract: a record on a partition its tracking number does not belong to
+/// (its producer keyed it by something else) is produced again, keyed by the number, to the
+/// partition Kafka's default partitioner gives the number, and applied from there, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_on_another_partition_than_its_numbers_is_rerouted_there() {
+    let broker = Broker::start();
+    topics(&broker).await;
+    let number = "KRR000000";
+    let belongs = scand::kafka::partition_of(number.as_bytes(), 3);
+    let wrong = (belongs + 1) % 3;
+    let records: Vec<Record> = journey(number, "rr")
+        .iter()
+        .map(|s| ("order-4711".to_owned(), s.encode_to_vec(), vec![]))
+        .collect();
+    broker.produce_to("scans.raw", Some(wrong), &records).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(&dir.path().join("data"), &kafka_config(&broker, true, true));
+    let versions = wait_all_delivered(&daemon, "KRR", 1, Duration::from_secs(60)).await;
+    assert_eq!(versions[number], 7);
+    check_status_topic(&broker, &versions);
+    assert_eq!(
+        metric_value(&daemon.metrics(), "scand_kafka_records_rerouted_total"),
+        JOURNEY.len() as u64
+    );
+    let rerouted = broker.consume_until("scans.raw", Duration::from_secs(30), |m| {
+        m.len() >= 2 * JOURNEY.len()
+    });
+    let moved: Vec<&rdkafka::message::OwnedMessage> = rerouted
+        .iter()
+        .filter(|m| m.key() == Some(number.as_bytes()))
+        .collect();
+    assert_eq!(moved.len(), JOURNEY.len());
+    for m in moved {
+        assert_eq!(m.partition(), belongs);
+        assert_eq!(
+            header(m, "scand-reason"),
+            Some(format!(
+                "rerouted: tracking number {number} belongs to partition {belongs}, not {wrong}; \
+                 key scans by the normalized tracking number"
+            ))
+        );
+    }
+}
+
+/// Runs scand with the Kafka source replicating to `changelog` and expects it to refuse to
+/// start: returns what it said.
+fn refused_at_start(broker: &Broker, changelog: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("scand.toml");
+    let toml = format!(
+        "[grpc]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[store]\npath = \"{}\"\n{}",
+        free_port(),
+        free_port(),
+        dir.path().join("data").display(),
+        kafka_config(broker, true, false).replace(
+            "batch_max_wait = \"10ms\"",
+            &format!("batch_max_wait = \"10ms\"\nchangelog_topic = \"{changelog}\""),
+        )
+    );
+    std::fs::write(&config, toml).expect("write config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scand"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn scand");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("scand started with changelog topic {changelog:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().expect("output");
+    assert!(!output.status.success(), "{changelog}: exit status");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A changelog that could not hand partition state on is refused at start, with the reason:
+/// missing, not compacted, or with fewer partitions than the scans topic; and so is a missing
+/// members topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_that_cannot_replicate_is_refused_at_start() {
+    let broker = Broker::start();
+    broker
+        .create_topics(&[
+            ("scans.raw", 3),
+            ("narrow.changelog", 2),
+            ("scand.retained", 3),
+            ("scand.changelog", 3),
+        ])
+        .await;
+    let missing = refused_at_start(&broker, "absent.changelog");
+    assert!(
+        missing.contains("changelog topic \"absent.changelog\" does not exist"),
+        "{missing}"
+    );
+    let deleting = refused_at_start(&broker, "scand.retained");
+    assert!(
+        deleting.contains("\"scand.retained\" has cleanup.policy=delete: it must be compact"),
+        "{deleting}"
+    );
+    let narrow = refused_at_start(&broker, "narrow.changelog");
+    assert!(
+        narrow.contains(
+            "\"narrow.changelog\" has 2 partitions, fewer than the 3 of scans topic \"scans.raw\""
+        ),
+        "{narrow}"
+    );
+    let no_members = refused_at_start(&broker, "scand.changelog");
+    assert!(
+        no_members.contains("members topic \"scand.members\" does not exist"),
+        "{no_members}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -427,7 +427,12 @@ async fn wait_for_journey(daemon: &Daemon, number: &str, journey: u32, scans: us
 async fn kafka_journeys_expired_scans_and_a_backup_resume_from_its_offsets() {
     let broker = Broker::start();
     broker
-        .create_topics(&[("scans.raw", 1), ("scans.dlq", 1)])
+        .create_topics(&[
+            ("scans.raw", 1),
+            ("scans.dlq", 1),
+            ("scand.changelog", 1),
+            ("scand.members", 1),
+        ])
         .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let kafka = format!(

@@ -202,6 +202,10 @@ pub struct KafkaConfig {
     pub gateway: KafkaGatewayConfig,
     pub consumer: KafkaClientConfig,
     pub producer: KafkaClientConfig,
+    /// How long writes to an output (the changelog, the status topic) may fail without a
+    /// success before `/readyz` says not ready, naming the output and its error.
+    #[serde(with = "humantime_serde")]
+    pub unready_after: Duration,
 }
 
 impl KafkaConfig {
@@ -224,6 +228,7 @@ impl Default for KafkaConfig {
             gateway: KafkaGatewayConfig::default(),
             consumer: KafkaClientConfig::default(),
             producer: KafkaClientConfig::default(),
+            unready_after: Duration::from_secs(60),
         }
     }
 }
@@ -295,6 +300,7 @@ impl Config {
             ("retention.closed_after", self.retention.closed_after),
             ("retention.idle_after", self.retention.idle_after),
             ("retention.change_log", self.retention.change_log),
+            ("kafka.unready_after", self.kafka.unready_after),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Invalid {
@@ -311,6 +317,25 @@ impl Config {
                      off for being slow must find its changes still kept when it resumes",
                     humantime::format_duration(self.feed.stalled_subscriber_timeout)
                 ),
+            });
+        }
+        if self.kafka.source.enabled
+            && self.kafka.source.advertised_url.is_empty()
+            && self.grpc.listen.ip().is_unspecified()
+        {
+            return Err(ConfigError::Invalid {
+                key: "kafka.source.advertised_url",
+                reason: format!(
+                    "set the URL other instances reach this one's gRPC at: grpc.listen {} is \
+                     no address they can use",
+                    self.grpc.listen
+                ),
+            });
+        }
+        if self.kafka.source.changelog_max_record_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "kafka.source.changelog_max_record_bytes",
+                reason: "must be at least 1024".to_owned(),
             });
         }
         if self.dedup.window.is_zero() {

@@ -5,6 +5,7 @@
 //! wire types, and `scan` is a scan once validated, carrying its wire form.
 
 pub mod clock;
+pub mod ownership;
 pub mod scan;
 pub mod wire;
 

@@ -1,23 +1,34 @@
 //! Kafka source: a consumer group on the scans topics. Records are decoded (`proto::codec`),
 //! validated (`validate`) and stored through the [`Ingestor`] like gRPC scans, with their
 //! offsets; what cannot be decoded, and scans that are rejected, go to the dead-letter topic
-//! with the reason in a header. A newly assigned partition's state is restored from the
-//! changelog (`scaleout::changelog`) before it is consumed.
+//! with the reason in a header. A newly assigned partition stays paused while its state is
+//! restored from the changelog (`scaleout::changelog`), then is consumed from where that
+//! state ends; a revoked one is released at once (`domain::ownership`).
 //!
 //! Invariants:
 //! - A record's offset counts as consumed only once the batch holding it is durable: the next
 //!   offset of every partition is written in the same RocksDB WriteBatch as the state it
-//!   produced, and on assignment the consumer seeks there. A crash or rebalance neither loses
-//!   nor re-applies a record (and a scan seen twice anyway is a scan-id duplicate).
+//!   produced, and once a newly assigned partition's state is restored the consumer seeks
+//!   there. A crash or rebalance neither loses nor re-applies a record (and a scan seen twice
+//!   anyway is a scan-id duplicate).
+//! - Only records of owned partitions are applied: one fetched before its partition was
+//!   revoked, or before its restore ended, is left to the partition's owner.
 //! - Dead letters are delivered before the batch (and so their offsets) is written; if the
 //!   dead-letter topic cannot be written, the consumer pauses and retries, never drops.
+//! - A record on another partition than its normalized tracking number's (by Kafka's default
+//!   partitioner, `kafka::partition_of`) is never applied here: it is produced again to the
+//!   partition it belongs to, like a dead letter, before its offset moves on, so its shipment's
+//!   owner applies it.
 //! - Offsets are committed to the broker too, asynchronously and after durability, only so
 //!   that lag tools see progress; RocksDB is the source of truth.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -29,13 +40,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::validate::{Rejection, Validator};
 use super::Ingestor;
+use crate::domain::ownership::{Generation, Ownership};
 use crate::domain::{scan::ValidScan, Origin};
 use crate::engine::Outcome;
 use crate::kafka::{self as client, Cluster, LoggingContext};
 use crate::proto::codec::{self, Encoding};
 use crate::scaleout::changelog;
+use crate::scaleout::members::PartitionCounts;
 use crate::store::writer::{SourceOffset, WriterHandle};
-use crate::store::Store;
 use crate::telemetry::lag::Lag;
 use crate::telemetry::metrics as m;
 
@@ -47,23 +59,77 @@ pub const HEADER_SOURCE_OFFSET: &str = "scand-source-offset";
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How long a revoked partition's release waits for a changelog record on its way: a little
+/// longer than a delivery may take.
+const RELEASE_WAIT: Duration = changelog::DELIVERY_TIMEOUT.saturating_add(Duration::from_secs(1));
+
+/// Restores ended and not yet handled by the source loop, at most.
+const RESTORES_ENDING: usize = 16;
+
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSourceError {
     #[error("kafka consumer: {0}")]
     Kafka(#[from] KafkaError),
 }
 
-/// Seeks each newly assigned partition to the offset stored with the state in RocksDB;
-/// without one, librdkafka falls back to the group's committed offset, then
-/// `auto.offset.reset`.
+/// Claims each assigned partition and keeps it paused until its state is restored (by the
+/// source loop, see [`KafkaSource::run`]); releases each revoked partition at once, so nothing
+/// of it is applied, swept or replicated here afterwards.
 pub struct SourceContext {
-    store: Store,
     /// The lag of the partitions this consumer owns, from its statistics.
     lag: Lag,
-    /// Installs restored partition state, as a job in its queue.
-    writer: WriterHandle,
-    cluster: Cluster,
-    changelog_topic: String,
+    ownership: Ownership,
+    claims: Arc<Claims>,
+    /// How many partitions each scans topic has, read at every assignment: where a tracking
+    /// number belongs.
+    partitions: PartitionCounts,
+}
+
+/// Partitions assigned and waiting for their restore, and the wake-up of the source loop
+/// that starts restores. Bounded by the partitions of the scans topics.
+#[derive(Default)]
+struct Claims {
+    waiting: Mutex<Vec<Claimed>>,
+    wake: tokio::sync::Notify,
+}
+
+/// A partition claimed under a generation, when, and how many restores of it failed so far.
+#[derive(Clone, Debug)]
+struct Claimed {
+    topic: String,
+    partition: i32,
+    generation: Generation,
+    at: Instant,
+    failures: u32,
+}
+
+impl Claims {
+    fn push(&self, claims: impl IntoIterator<Item = Claimed>) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(claims);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<Claimed> {
+        std::mem::take(
+            &mut *self
+                .waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// A restore's end, for the source loop.
+struct RestoreDone {
+    claimed: Claimed,
+    result: Result<changelog::Restored, changelog::RestoreError>,
 }
 
 impl ClientContext for SourceContext {
@@ -76,6 +142,35 @@ impl ClientContext for SourceContext {
     }
 }
 
+impl SourceContext {
+    /// Reads the partition count of each assigned topic (a topic can gain partitions).
+    fn count_partitions(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let mut topics: Vec<String> = tpl
+            .elements()
+            .iter()
+            .map(|e| e.topic().to_owned())
+            .collect();
+        topics.sort_unstable();
+        topics.dedup();
+        for topic in &topics {
+            let topic = topic.as_str();
+            match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
+                Ok(metadata) => {
+                    if let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) {
+                        self.partitions
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(topic.to_owned(), found.partitions().len() as i32);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, topic, "partition count not read; keeping the last known")
+                }
+            }
+        }
+    }
+}
+
 impl ConsumerContext for SourceContext {
     fn rebalance(
         &self,
@@ -83,64 +178,66 @@ impl ConsumerContext for SourceContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let assigned: Vec<(String, i32)> = tpl
+                self.count_partitions(consumer, tpl);
+                let claimed: Vec<Claimed> = tpl
                     .elements()
                     .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .map(|e| Claimed {
+                        topic: e.topic().to_owned(),
+                        partition: e.partition(),
+                        generation: self.ownership.claim(e.topic(), e.partition()),
+                        at: Instant::now(),
+                        failures: 0,
+                    })
                     .collect();
-                match changelog::restore(
-                    &self.cluster,
-                    &self.changelog_topic,
-                    &self.writer,
-                    &assigned,
-                ) {
-                    Ok(n) => {
-                        metrics::counter!(m::KAFKA_RESTORED_SHIPMENTS_TOTAL).increment(n as u64);
-                        tracing::info!(shipments = n, "state restored from the changelog");
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "changelog restore failed; resuming from local state")
-                    }
-                }
-                let mut positions = Vec::new();
-                for elem in tpl.elements() {
-                    match self.store.source_offset(elem.topic(), elem.partition()) {
-                        Ok(Some(next)) => {
-                            positions.push((elem.topic().to_owned(), elem.partition(), next))
-                        }
-                        Ok(None) => {}
-                        Err(error) => {
-                            tracing::error!(%error, "cannot read stored offset; using the group's")
-                        }
-                    }
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                // Paused until restored: the source loop seeks each to where its state ends.
+                if let Err(error) = assigned.and_then(|()| consumer.pause(tpl)) {
+                    tracing::error!(%error, "assign failed");
                 }
                 tracing::info!(
-                    ?positions,
-                    "partitions assigned; resuming at the offsets stored with the state"
+                    partitions = ?claimed.iter().map(|c| (&c.topic, c.partition)).collect::<Vec<_>>(),
+                    "partitions assigned; restoring their state before consuming them"
                 );
-                for (topic, partition, next) in positions {
-                    if let Err(error) =
-                        tpl.set_partition_offset(&topic, partition, Offset::Offset(next))
-                    {
-                        tracing::error!(%error, topic, partition, "cannot set start offset");
-                    }
-                }
-                match consumer.assign(tpl) {
-                    Ok(()) => metrics::gauge!(m::KAFKA_PARTITIONS_ASSIGNED).set(tpl.count() as f64),
-                    Err(error) => tracing::error!(%error, "assign failed"),
-                }
+                self.claims.push(claimed);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                for e in tpl.elements() {
+                    if !self
+                        .ownership
+                        .release(e.topic(), e.partition(), RELEASE_WAIT)
+                    {
+                        tracing::error!(
+                            topic = e.topic(),
+                            partition = e.partition(),
+                            wait = ?RELEASE_WAIT,
+                            "a changelog record of a revoked partition was still on its way"
+                        );
+                    }
+                }
                 tracing::info!(revoked = ?tpl, "partitions revoked");
-                match consumer.unassign() {
-                    Ok(()) => metrics::gauge!(m::KAFKA_PARTITIONS_ASSIGNED).set(0.0),
-                    Err(error) => tracing::error!(%error, "unassign failed"),
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(error) = unassigned {
+                    tracing::error!(%error, "unassign failed");
                 }
             }
             other => tracing::error!(error = ?other, "rebalance error"),
         }
+        metrics::gauge!(m::KAFKA_PARTITIONS_ASSIGNED).set(self.ownership.owned() as f64);
     }
 }
 
@@ -152,13 +249,30 @@ pub struct KafkaSource {
     config: KafkaSourceConfig,
     /// Stores into this instance's store, whatever gRPC's destination.
     ingestor: Ingestor,
+    /// Installs restored partition state, as jobs in its queue.
+    writer: WriterHandle,
+    cluster: Cluster,
+    ownership: Ownership,
+    claims: Arc<Claims>,
+    partitions: PartitionCounts,
 }
 
-/// A record that will not be applied, and why.
-struct DeadLetter {
+/// A record that will not be applied here, and where it goes instead.
+struct Diverted {
     record: OwnedMessage,
-    code: &'static str,
-    reason: String,
+    to: Diversion,
+}
+
+enum Diversion {
+    /// To the dead-letter topic: the code (metrics label) and the reason (header).
+    DeadLetter { code: &'static str, reason: String },
+    /// Back to its own topic, on the partition its normalized tracking number belongs to
+    /// (`kafka::partition_of`): its producer keyed it otherwise, and its shipment is owned by
+    /// whoever owns that partition.
+    Reroute {
+        tracking_number: String,
+        partition: i32,
+    },
 }
 
 /// Why a record goes to the dead-letter topic: the stable code (metrics label) and the reason
@@ -225,11 +339,12 @@ impl KafkaSource {
     pub fn new(
         cluster: &Cluster,
         config: &KafkaSourceConfig,
-        store: Store,
         writer: WriterHandle,
+        (ownership, partitions): (Ownership, PartitionCounts),
         ingestor: Ingestor,
         lag: Lag,
     ) -> Result<Self, KafkaSourceError> {
+        let claims = Arc::new(Claims::default());
         let consumer: StreamConsumer<SourceContext> = client::client_config(
             cluster,
             &cluster.consumer,
@@ -242,11 +357,10 @@ impl KafkaSource {
             ],
         )
         .create_with_context(SourceContext {
-            store,
             lag: lag.clone(),
-            writer,
-            cluster: cluster.clone(),
-            changelog_topic: config.changelog_topic.clone(),
+            ownership: ownership.clone(),
+            claims: claims.clone(),
+            partitions: partitions.clone(),
         })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -256,15 +370,31 @@ impl KafkaSource {
             dead_letters: client::idempotent_producer(cluster)?,
             config: config.clone(),
             ingestor,
+            writer,
+            cluster: cluster.clone(),
+            ownership,
+            claims,
+            partitions,
         })
     }
 
-    /// Runs until `shutdown`; the batch in hand is finished first.
+    /// Runs until `shutdown`; the batch in hand is finished first. Between batches it starts
+    /// the restores of newly assigned partitions and, as each ends, seeks its partition to
+    /// where the restored state ends and resumes it.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(topics = ?self.config.topics, group = %self.config.group_id, "kafka source started");
+        let (restored_tx, mut restored) = tokio::sync::mpsc::channel(RESTORES_ENDING);
         loop {
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = self.claims.wake.notified() => {
+                    self.start_restores(&restored_tx);
+                    continue;
+                }
+                Some(done) = restored.recv() => {
+                    self.finish_restore(done);
+                    continue;
+                }
                 record = self.consumer.recv() => record,
             };
             let mut records = Vec::with_capacity(self.config.batch_max_records);
@@ -294,6 +424,108 @@ impl KafkaSource {
         tracing::info!("kafka source stopped");
     }
 
+    /// Restores the claimed partitions one after the other on a blocking thread; each end
+    /// comes back through `done`.
+    fn start_restores(&self, done: &tokio::sync::mpsc::Sender<RestoreDone>) {
+        let claims = self.claims.take();
+        if claims.is_empty() {
+            return;
+        }
+        let (cluster, writer, ownership) = (
+            self.cluster.clone(),
+            self.writer.clone(),
+            self.ownership.clone(),
+        );
+        let changelog_topic = self.config.changelog_topic.clone();
+        let done = done.clone();
+        tokio::task::spawn_blocking(move || {
+            for claimed in claims {
+                if claimed.failures > 0 {
+                    std::thread::sleep(
+                        (RETRY_MIN * 2u32.pow(claimed.failures.min(6))).min(RETRY_MAX),
+                    );
+                }
+                let result = changelog::restore(
+                    &cluster,
+                    &changelog_topic,
+                    &writer,
+                    &ownership,
+                    (&claimed.topic, claimed.partition),
+                    claimed.generation,
+                );
+                let ending = RestoreDone { claimed, result };
+                if done.blocking_send(ending).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A restore ended: on success the partition (if still claimed under the same
+    /// generation) is sought to where its state ends, owned and resumed; a failed restore is
+    /// tried again, the partition staying paused.
+    fn finish_restore(&self, done: RestoreDone) {
+        let RestoreDone { claimed, result } = done;
+        let (topic, partition) = (claimed.topic.clone(), claimed.partition);
+        let topic = topic.as_str();
+        let retry = |claimed: Claimed, error: &dyn std::fmt::Display| {
+            tracing::error!(%error, topic, partition, failures = claimed.failures + 1, "partition restore failed; retrying, the partition stays paused");
+            self.claims.push([Claimed {
+                failures: claimed.failures + 1,
+                ..claimed
+            }]);
+        };
+        let restored = match result {
+            Ok(restored) => restored,
+            Err(changelog::RestoreError::Stale) => return,
+            Err(error) => return retry(claimed, &error),
+        };
+        if !self
+            .ownership
+            .is_current(topic, partition, claimed.generation)
+        {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        if let Err(error) =
+            tpl.add_partition_offset(topic, partition, Offset::Offset(restored.resume))
+        {
+            return retry(claimed, &error);
+        }
+        let sought = self
+            .consumer
+            .seek_partitions(tpl.clone(), SEEK_TIMEOUT)
+            .and_then(|sought| {
+                sought
+                    .elements()
+                    .iter()
+                    .find_map(|e| e.error().err())
+                    .map_or(Ok(()), Err)
+            });
+        if let Err(error) = sought {
+            return retry(claimed, &error);
+        }
+        if !self
+            .ownership
+            .confirm(topic, partition, claimed.generation, restored.resume)
+        {
+            return;
+        }
+        if let Err(error) = self.consumer.resume(&tpl) {
+            tracing::error!(%error, topic, partition, "cannot resume a restored partition");
+        }
+        metrics::counter!(m::KAFKA_RESTORED_SHIPMENTS_TOTAL).increment(restored.shipments as u64);
+        metrics::histogram!(m::KAFKA_RESTORE_SECONDS).record(claimed.at.elapsed().as_secs_f64());
+        metrics::gauge!(m::KAFKA_PARTITIONS_ASSIGNED).set(self.ownership.owned() as f64);
+        tracing::info!(
+            topic,
+            partition,
+            shipments = restored.shipments,
+            resume = restored.resume,
+            "partition restored; consuming"
+        );
+    }
+
     async fn process(&self, records: Vec<OwnedMessage>, shutdown: &CancellationToken) {
         let received = Instant::now();
         let now = self.ingestor.validator().now();
@@ -302,7 +534,17 @@ impl KafkaSource {
         // The record of each scan in `scans`, to dead-letter it if the store refuses it.
         let mut stored = Vec::with_capacity(records.len());
         let mut dead = Vec::new();
+        let mut fenced = 0;
         for record in records {
+            // Fetched before its partition was revoked, or before its restore ended: its
+            // owner applies it.
+            if !self
+                .ownership
+                .accepts(record.topic(), record.partition(), record.offset())
+            {
+                fenced += 1;
+                continue;
+            }
             metrics::counter!(m::KAFKA_RECORDS_TOTAL, "topic" => record.topic().to_owned())
                 .increment(1);
             offsets.insert(
@@ -323,24 +565,38 @@ impl KafkaSource {
                 self.ingestor.validator(),
                 now,
             ) {
-                Ok(mut valid) => {
-                    valid.origin = Some(Origin {
-                        topic: record.topic().to_owned(),
-                        partition: record.partition(),
-                    });
-                    scans.push(valid);
-                    stored.push(record);
-                }
-                Err(Refusal { code, reason }) => dead.push(DeadLetter {
+                Ok(mut valid) => match self.misplaced(&record, &valid) {
+                    Some(partition) => dead.push(Diverted {
+                        record,
+                        to: Diversion::Reroute {
+                            tracking_number: valid.tracking_number.to_string(),
+                            partition,
+                        },
+                    }),
+                    None => {
+                        valid.origin = Some(Origin {
+                            topic: record.topic().to_owned(),
+                            partition: record.partition(),
+                        });
+                        scans.push(valid);
+                        stored.push(record);
+                    }
+                },
+                Err(Refusal { code, reason }) => dead.push(Diverted {
                     record,
-                    code,
-                    reason,
+                    to: Diversion::DeadLetter { code, reason },
                 }),
             }
         }
+        if fenced > 0 {
+            metrics::counter!(m::KAFKA_RECORDS_FENCED_TOTAL).increment(fenced);
+        }
+        if offsets.is_empty() {
+            return;
+        }
         metrics::counter!(m::SCANS_RECEIVED_TOTAL, "source" => "kafka")
             .increment((scans.len() + dead.len()) as u64);
-        self.send_dead_letters(dead, shutdown).await;
+        self.divert(dead, shutdown).await;
 
         let offsets: Vec<SourceOffset> = offsets
             .into_iter()
@@ -354,7 +610,7 @@ impl KafkaSource {
         // Scans of a journey retention removed: the store kept this batch's offsets out, so
         // they are dead-lettered first, then the offsets stored (a crash between the two reads
         // the batch again: its scans are duplicates by then, and the refusals are sent again).
-        let refused: Vec<DeadLetter> = stored
+        let refused: Vec<Diverted> = stored
             .into_iter()
             .zip(outcomes)
             .filter(|(_, outcome)| *outcome == Outcome::JourneyExpired)
@@ -362,15 +618,17 @@ impl KafkaSource {
                 let rejection = Rejection::JourneyExpired;
                 metrics::counter!(m::SCANS_REJECTED_TOTAL, "reason" => rejection.code())
                     .increment(1);
-                DeadLetter {
+                Diverted {
                     record,
-                    code: rejection.code(),
-                    reason: rejection.reason(),
+                    to: Diversion::DeadLetter {
+                        code: rejection.code(),
+                        reason: rejection.reason(),
+                    },
                 }
             })
             .collect();
         if !refused.is_empty() {
-            self.send_dead_letters(refused, shutdown).await;
+            self.divert(refused, shutdown).await;
             self.store_until_stored(Vec::new(), &offsets, received)
                 .await;
         }
@@ -403,20 +661,41 @@ impl KafkaSource {
         }
     }
 
-    async fn send_dead_letters(&self, dead: Vec<DeadLetter>, shutdown: &CancellationToken) {
+    /// The partition the record belongs to, if it is not the one it was read from. `None`
+    /// while the topic's partition count is unknown.
+    fn misplaced(&self, record: &OwnedMessage, scan: &ValidScan) -> Option<i32> {
+        let partitions = *self
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(record.topic())?;
+        let belongs = client::partition_of(scan.tracking_number.as_str().as_bytes(), partitions);
+        (belongs != record.partition()).then_some(belongs)
+    }
+
+    /// Delivers each diverted record (dead letter or reroute) before the batch is stored,
+    /// pausing the partitions while a delivery fails.
+    async fn divert(&self, diverted: Vec<Diverted>, shutdown: &CancellationToken) {
         let mut paused: Option<TopicPartitionList> = None;
-        for letter in dead {
+        for item in diverted {
             let mut backoff = RETRY_MIN;
             loop {
-                match self.send_dead_letter(&letter).await {
+                match self.send_diverted(&item).await {
                     Ok(()) => {
-                        metrics::counter!(m::KAFKA_DEAD_LETTERS_TOTAL, "reason" => letter.code)
-                            .increment(1);
+                        match &item.to {
+                            Diversion::DeadLetter { code, .. } => {
+                                metrics::counter!(m::KAFKA_DEAD_LETTERS_TOTAL, "reason" => *code)
+                                    .increment(1)
+                            }
+                            Diversion::Reroute { .. } => {
+                                metrics::counter!(m::KAFKA_RECORDS_REROUTED_TOTAL).increment(1)
+                            }
+                        }
                         break;
                     }
                     Err(error) => {
                         metrics::counter!(m::KAFKA_DEAD_LETTER_ERRORS_TOTAL).increment(1);
-                        tracing::error!(%error, topic = %self.config.dead_letter_topic, "dead letter not delivered; partitions paused, retrying");
+                        tracing::error!(%error, "diverted record (dead letter or reroute) not delivered; partitions paused, retrying");
                         if paused.is_none() {
                             if let Ok(assignment) = self.consumer.assignment() {
                                 if self.consumer.pause(&assignment).is_ok() {
@@ -426,7 +705,7 @@ impl KafkaSource {
                         }
                         if shutdown.is_cancelled() && backoff >= RETRY_MAX {
                             // Not stored, not committed: the record is consumed again after restart.
-                            tracing::error!("shutting down with an undelivered dead letter; it is read again on restart");
+                            tracing::error!("shutting down with an undelivered diverted record; it is read again on restart");
                         }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(RETRY_MAX);
@@ -435,14 +714,21 @@ impl KafkaSource {
             }
         }
         if let Some(assignment) = paused {
-            if let Err(error) = self.consumer.resume(&assignment) {
+            // Only the owned ones: the others stay paused until their restore ends.
+            let mut owned = TopicPartitionList::new();
+            for e in assignment.elements() {
+                if self.ownership.is_owned(e.topic(), e.partition()) {
+                    owned.add_partition(e.topic(), e.partition());
+                }
+            }
+            if let Err(error) = self.consumer.resume(&owned) {
                 tracing::error!(%error, "cannot resume partitions");
             }
         }
     }
 
-    async fn send_dead_letter(&self, letter: &DeadLetter) -> Result<(), KafkaError> {
-        let record = &letter.record;
+    async fn send_diverted(&self, item: &Diverted) -> Result<(), KafkaError> {
+        let record = &item.record;
         let mut headers = OwnedHeaders::new();
         if let Some(original) = record.headers() {
             for h in original.iter() {
@@ -454,10 +740,20 @@ impl KafkaSource {
         }
         let partition = record.partition().to_string();
         let offset = record.offset().to_string();
+        let reason = match &item.to {
+            Diversion::DeadLetter { reason, .. } => reason.clone(),
+            Diversion::Reroute {
+                tracking_number,
+                partition: belongs,
+            } => format!(
+                "rerouted: tracking number {tracking_number} belongs to partition {belongs}, \
+                 not {partition}; key scans by the normalized tracking number"
+            ),
+        };
         let headers = headers
             .insert(Header {
                 key: HEADER_REASON,
-                value: Some(letter.reason.as_bytes()),
+                value: Some(reason.as_bytes()),
             })
             .insert(Header {
                 key: HEADER_SOURCE_TOPIC,
@@ -471,11 +767,22 @@ impl KafkaSource {
                 key: HEADER_SOURCE_OFFSET,
                 value: Some(offset.as_bytes()),
             });
-        let mut out: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.config.dead_letter_topic).headers(headers);
-        if let Some(key) = record.key() {
-            out = out.key(key);
+        let mut out: FutureRecord<'_, [u8], [u8]> = match &item.to {
+            Diversion::DeadLetter { .. } => {
+                let out = FutureRecord::to(&self.config.dead_letter_topic);
+                match record.key() {
+                    Some(key) => out.key(key),
+                    None => out,
+                }
+            }
+            Diversion::Reroute {
+                tracking_number,
+                partition,
+            } => FutureRecord::to(record.topic())
+                .key(tracking_number.as_bytes())
+                .partition(*partition),
         }
+        .headers(headers);
         if let Some(payload) = record.payload() {
             out = out.payload(payload);
         }
@@ -517,6 +824,15 @@ pub struct KafkaSourceConfig {
     /// Compacted topic replicating the state of each partition's shipments to its next owner;
     /// needs at least as many partitions as the scans topics.
     pub changelog_topic: String,
+    /// Where the instances announce their gRPC URL and the partitions they own, so that any of
+    /// them forwards a query to the shipment's owner.
+    pub members_topic: String,
+    /// This instance's gRPC URL as the others reach it; empty: `http://` + `grpc.listen`.
+    pub advertised_url: String,
+    /// Largest changelog record scand sends; a shipment's state larger than this travels in
+    /// pieces. Keep it below the topic's `max.message.bytes` and the producer's
+    /// `message.max.bytes` (both 1 MB by default).
+    pub changelog_max_record_bytes: usize,
     /// Most records in one ingest batch.
     pub batch_max_records: usize,
     /// Longest wait for a batch to fill once its first record arrived.
@@ -534,6 +850,9 @@ impl Default for KafkaSourceConfig {
             topic_encodings: BTreeMap::new(),
             dead_letter_topic: "scans.dlq".to_owned(),
             changelog_topic: "scand.changelog".to_owned(),
+            changelog_max_record_bytes: 512 * 1024,
+            members_topic: "scand.members".to_owned(),
+            advertised_url: String::new(),
             batch_max_records: 2000,
             batch_max_wait: Duration::from_millis(20),
         }

@@ -25,6 +25,7 @@ use crate::kafka::LoggingContext;
 use crate::proto::codec::Encoding;
 use crate::proto::pb;
 use crate::store::{Store, StoreError};
+use crate::telemetry::admin::OutputHealth;
 use crate::telemetry::metrics as m;
 
 /// The sink's name in `meta` and in metric labels.
@@ -46,6 +47,7 @@ pub struct KafkaSink {
     producer: FutureProducer<LoggingContext>,
     config: KafkaSinkConfig,
     committed: watch::Receiver<Sequence>,
+    health: OutputHealth,
 }
 
 impl KafkaSink {
@@ -54,12 +56,14 @@ impl KafkaSink {
         producer: FutureProducer<LoggingContext>,
         config: KafkaSinkConfig,
         committed: watch::Receiver<Sequence>,
+        health: OutputHealth,
     ) -> Self {
         Self {
             store,
             producer,
             config,
             committed,
+            health,
         }
     }
 
@@ -92,11 +96,13 @@ impl KafkaSink {
                 Ok(delivered) => {
                     cursor = delivered;
                     backoff = RETRY_MIN;
+                    self.health.delivered();
                 }
                 Err((delivered, error)) => {
                     cursor = delivered;
                     metrics::counter!(m::PUBLISH_TOTAL, "sink" => SINK, "result" => "error")
                         .increment(1);
+                    self.health.failed(&error);
                     tracing::warn!(%error, retry_in = ?backoff, "kafka sink: retrying from sequence {}", cursor.0 + 1);
                     tokio::select! {
                         () = shutdown.cancelled() => break,

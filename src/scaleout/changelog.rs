@@ -3,30 +3,46 @@
 //! marker per partition ("complete up to offset N"); this task produces them, in order, to a
 //! compacted changelog topic on the same partition number as their scans. When a partition is
 //! assigned, the new owner reads that changelog partition to its end, installs every snapshot
-//! newer than its own state (a restore job of the store writer) and resumes consuming scans at
-//! the last marker.
+//! newer than its own state (jobs of the store writer, a chunk at a time) and resumes consuming
+//! scans at the last marker.
 //!
-//! Invariant: the changelog may lag the store (it is written after durability), never lead it,
-//! and the resume point is a marker, so it never passes a snapshot that was not written. A new
-//! owner re-applies the scans after the marker; those it already holds are duplicates. Nothing is
-//! lost or applied twice.
+//! Invariants:
+//! - The changelog may lag the store (it is written after durability), never lead it, and the
+//!   resume point is a marker, so it never passes a snapshot that was not written. A new owner
+//!   re-applies the scans after the marker; those it already holds are duplicates. Nothing is
+//!   lost or applied twice.
+//! - Only an owned partition's snapshots are sent, each under an ownership guard: once a
+//!   partition is released, nothing more of it reaches the changelog from this instance.
+//! - A snapshot larger than `kafka.source.changelog_max_record_bytes` is sent in pieces, its
+//!   head last; a restore installs it only whole (checksum verified).
+//! - A restore holds at most one chunk of snapshots in memory (and the pieces of a split one).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::ownership::{Generation, Ownership};
 use crate::kafka::{self as client, Cluster, LoggingContext};
-use crate::store::writer::{Snapshot, WriterHandle};
+use crate::store::writer::{Assembler, Snapshot, WriterHandle};
 use crate::store::StoreError;
+use crate::telemetry::admin::OutputHealth;
+use crate::telemetry::metrics as m;
 
 const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Snapshots one restore job installs: what a restore holds in memory at most.
+const RESTORE_CHUNK: usize = 1_000;
+
+/// How long a changelog record may take to be delivered: a release of the partition waits
+/// for one on its way (see `Ownership::release`), so this bounds a rebalance.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -40,50 +56,124 @@ pub enum RestoreError {
         offset: i64,
         reason: String,
     },
+    #[error("changelog partition {partition} read no further than offset {next} of {high} within {timeout:?}")]
+    Incomplete {
+        partition: i32,
+        next: i64,
+        high: i64,
+        timeout: Duration,
+    },
+    #[error("the partition was released or claimed again during its restore")]
+    Stale,
 }
 
-/// Produces snapshots in order until the writer stops sending them.
+/// The changelog's producer: idempotent, with deliveries bounded by [`DELIVERY_TIMEOUT`].
+pub fn producer(cluster: &Cluster) -> Result<FutureProducer<LoggingContext>, KafkaError> {
+    let timeout = DELIVERY_TIMEOUT.as_millis().to_string();
+    client::idempotent_producer_with(cluster, &[("message.timeout.ms", timeout.as_str())])
+}
+
+/// Produces the snapshots of owned partitions in order until the writer stops sending them;
+/// a snapshot of a partition not owned (any longer) is dropped. A failed write is retried
+/// with backoff, counted, and told to readiness; meanwhile the writer waits once the queue of
+/// snapshots is full (backpressure, not a silent gap in the changelog).
 pub async fn run(
     mut snapshots: mpsc::Receiver<Snapshot>,
     producer: FutureProducer<LoggingContext>,
     topic: String,
+    ownership: Ownership,
+    max_record_bytes: usize,
+    health: OutputHealth,
     shutdown: CancellationToken,
 ) {
-    while let Some(snapshot) = snapshots.recv().await {
-        let payload = snapshot.encode_to_vec();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let key = snapshot.key();
-            let record = FutureRecord::to(&topic)
-                .key(key.as_bytes())
-                .partition(snapshot.partition)
-                .payload(&payload);
-            match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => break,
-                Err((error, _)) if !shutdown.is_cancelled() => {
-                    tracing::warn!(%error, "changelog write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
-                Err((error, _)) => {
-                    // The next owner resumes from an earlier offset instead; nothing is lost.
-                    tracing::warn!(%error, "changelog write abandoned at shutdown");
-                    break;
-                }
-            }
+    while let Some(whole) = snapshots.recv().await {
+        for snapshot in whole.into_pieces(max_record_bytes) {
+            send(&producer, &topic, &snapshot, &ownership, &health, &shutdown).await;
         }
     }
 }
 
-/// Reads the changelog partitions matching `assigned` (scans topic, partition) to their end and
-/// installs what is newer than the local state. Blocking: runs inside the rebalance callback,
-/// before consumption of those partitions starts.
+/// Sends one changelog record, retrying until it is delivered, its partition is no longer
+/// owned here, or the daemon stops.
+async fn send(
+    producer: &FutureProducer<LoggingContext>,
+    topic: &str,
+    snapshot: &Snapshot,
+    ownership: &Ownership,
+    health: &OutputHealth,
+    shutdown: &CancellationToken,
+) {
+    let payload = snapshot.encode_to_vec();
+    let key = snapshot.key();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(_guard) = ownership.guard(&snapshot.topic, snapshot.partition) else {
+            metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "fenced").increment(1);
+            break;
+        };
+        let record = FutureRecord::to(topic)
+            .key(key.as_bytes())
+            .partition(snapshot.partition)
+            .payload(&payload);
+        let sent = match injected_failure() {
+            Some(error) => Err(error),
+            None => producer
+                .send(record, Duration::from_secs(5))
+                .await
+                .map(|_| ())
+                .map_err(|(error, _)| error),
+        };
+        match sent {
+            Ok(()) => {
+                metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "sent").increment(1);
+                health.delivered();
+                break;
+            }
+            Err(error) if !shutdown.is_cancelled() => {
+                metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "error").increment(1);
+                health.failed(&error);
+                tracing::warn!(%error, retry_in = ?backoff, "changelog write failed; retrying");
+            }
+            Err(error) => {
+                // The next owner resumes from an earlier offset instead; nothing is lost.
+                tracing::warn!(%error, "changelog write abandoned at shutdown");
+                break;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RETRY_MAX);
+    }
+}
+
+/// A test's stand-in for a broker that refuses the changelog's writes
+/// (`FAILPOINTS=changelog-send=return`); nothing in a build without the `failpoints` feature.
+fn injected_failure() -> Option<KafkaError> {
+    fail::fail_point!("changelog-send", |_| Some(KafkaError::MessageProduction(
+        RDKafkaErrorCode::TopicAuthorizationFailed
+    )));
+    None
+}
+
+/// What a partition's restore did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub shipments: usize,
+    /// Where the partition's consumption resumes.
+    pub resume: i64,
+}
+
+/// Restores one source partition claimed under `generation`: reads its changelog partition
+/// to the end it had when the restore began, has the writer install what is newer than the
+/// local state a chunk at a time, and ends with the writer storing where consumption resumes.
+/// Stops with [`RestoreError::Stale`] as soon as the claim is no longer current. Blocking.
 pub fn restore(
     cluster: &Cluster,
-    topic: &str,
+    changelog: &str,
     writer: &WriterHandle,
-    assigned: &[(String, i32)],
-) -> Result<usize, RestoreError> {
+    ownership: &Ownership,
+    (source_topic, partition): (&str, i32),
+    generation: Generation,
+) -> Result<Restored, RestoreError> {
     let consumer: BaseConsumer = client::client_config(
         cluster,
         &cluster.consumer,
@@ -94,53 +184,79 @@ pub fn restore(
     )
     .create()?;
     let timeout = Duration::from_secs(10);
-    let mut restored = 0;
-    for (source_topic, partition) in assigned {
-        let (low, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
-        if high <= low {
-            continue;
-        }
+    let current = || {
+        ownership
+            .is_current(source_topic, partition, generation)
+            .then_some(())
+            .ok_or(RestoreError::Stale)
+    };
+    let (low, high) = consumer.fetch_watermarks(changelog, partition, timeout)?;
+    // Without any marker, nothing is known complete: resume from the partition's start.
+    let mut resume = 0;
+    let mut shipments = 0;
+    if high > low {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(low))?;
+        tpl.add_partition_offset(changelog, partition, Offset::Offset(low))?;
         consumer.assign(&tpl)?;
-        let mut snapshots = Vec::new();
-        // Without any marker, nothing is known complete: resume from the partition's start.
-        let mut resume = 0;
-        let mut seen = false;
+        let mut chunk = Vec::with_capacity(RESTORE_CHUNK);
+        let mut assembler = Assembler::default();
         let mut next = low;
+        let mut last_read = Instant::now();
         while next < high {
-            let Some(message) = consumer.poll(timeout) else {
-                tracing::warn!(
-                    partition,
-                    next,
-                    high,
-                    "changelog read timed out; restoring what was read"
-                );
-                break;
+            current()?;
+            let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+                if last_read.elapsed() > timeout {
+                    return Err(RestoreError::Incomplete {
+                        partition,
+                        next,
+                        high,
+                        timeout,
+                    });
+                }
+                continue;
             };
+            last_read = Instant::now();
             let message = message?;
             next = message.offset() + 1;
             let snapshot =
                 Snapshot::decode(message.payload().unwrap_or_default()).map_err(|e| {
                     RestoreError::Decode {
-                        partition: *partition,
+                        partition,
                         offset: message.offset(),
                         reason: e.to_string(),
                     }
                 })?;
-            if snapshot.topic != *source_topic {
+            if snapshot.topic != source_topic {
                 continue;
             }
-            seen = true;
+            let Some(snapshot) = assembler
+                .offer(snapshot)
+                .map_err(|e| RestoreError::Decode {
+                    partition,
+                    offset: message.offset(),
+                    reason: e.to_string(),
+                })?
+            else {
+                continue;
+            };
             if snapshot.is_marker() {
                 resume = snapshot.next_offset;
             } else {
-                snapshots.push(snapshot);
+                chunk.push(snapshot);
+                if chunk.len() == RESTORE_CHUNK {
+                    shipments += writer.install_blocking(
+                        source_topic,
+                        partition,
+                        std::mem::take(&mut chunk),
+                    )?;
+                }
             }
         }
-        if seen {
-            restored += writer.restore_blocking(source_topic, *partition, snapshots, resume)?;
+        if !chunk.is_empty() {
+            shipments += writer.install_blocking(source_topic, partition, chunk)?;
         }
     }
-    Ok(restored)
+    current()?;
+    let resume = writer.resume_blocking(source_topic, partition, resume)?;
+    Ok(Restored { shipments, resume })
 }

@@ -20,6 +20,8 @@ pub const META: &str = "meta";
 /// `deadline ␀ tracking_number` → empty: shipments by their next deadline (when they stall or
 /// when retention expires their oldest journey), so a sweep reads only the ones due, never
 /// every shipment. Named when it held stall deadlines alone.
+/// Shipments of a source partition this instance does not own have a parked entry instead
+/// (see [`parked_key`]).
 pub const STALL_DEADLINES: &str = "stall_deadlines";
 
 /// `tracking_number` → what retention removed of a number none of whose journeys is left (a
@@ -111,6 +113,36 @@ pub fn stall_keys_due(now: EventTime) -> Vec<u8> {
     ordered_i64(now.0.saturating_add(1)).to_vec()
 }
 
+/// What every parked deadline key begins with: a first byte no deadline's key has (it would
+/// be hundreds of thousands of years away), so parked keys sort after every due one.
+const PARKED_PREFIX: &[u8] = &[0xff, b'p', SEPARATOR];
+
+/// The parked deadline of a shipment whose source partition this instance does not own:
+/// `0xff p ␀ topic ␀ partition(i32 BE) ␀ tracking_number`, in the deadline index beside the
+/// real deadlines, never due, so that the partition's shipments can be put back at their
+/// deadlines when it is owned again (a prefix read), and swept by no one meanwhile.
+pub fn parked_key(topic: &str, partition: i32, tracking_number: &TrackingNumber) -> Vec<u8> {
+    let mut key = parked_prefix(topic, partition);
+    key.extend_from_slice(tracking_number.as_str().as_bytes());
+    key
+}
+
+/// Every parked key of a partition begins with this.
+pub fn parked_prefix(topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = PARKED_PREFIX.to_vec();
+    key.extend_from_slice(topic.as_bytes());
+    key.push(SEPARATOR);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key.push(SEPARATOR);
+    key
+}
+
+/// The tracking number of a parked key of the partition whose [`parked_prefix`] it has.
+pub fn decode_parked_key(prefix: &[u8], key: &[u8]) -> Option<TrackingNumber> {
+    let number = std::str::from_utf8(key.strip_prefix(prefix)?).ok()?;
+    TrackingNumber::parse(number).ok()
+}
+
 /// `None` for a key this module did not build.
 pub fn decode_stall_key(key: &[u8]) -> Option<(EventTime, TrackingNumber)> {
     let deadline = u64::from_be_bytes(key.get(..8)?.try_into().ok()?) ^ (1 << 63);
@@ -167,6 +199,19 @@ mod tests {
         assert_ne!(source_offset_key("a", 1), source_offset_key("a", 2));
         assert_ne!(source_offset_key("a\u{1}", 0), source_offset_key("a", 1));
         assert!(!sink_cursor_key("kafka").starts_with(META_LAST_SEQUENCE));
+    }
+
+    #[test]
+    fn parked_keys_are_never_due_and_group_by_partition() {
+        let parked = parked_key("scans", 2, &tn("AAA00001"));
+        // Half of i64: about 146,000 years of microseconds.
+        assert!(parked.as_slice() > stall_keys_due(EventTime(i64::MAX / 2)).as_slice());
+        assert!(parked.starts_with(&parked_prefix("scans", 2)));
+        assert!(!parked.starts_with(&parked_prefix("scans", 1)));
+        assert!(!parked.starts_with(&parked_prefix("scan", 2)));
+        let prefix = parked_prefix("scans", 2);
+        assert_eq!(decode_parked_key(&prefix, &parked), Some(tn("AAA00001")));
+        assert_eq!(decode_parked_key(&parked_prefix("scans", 3), &parked), None);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Admin HTTP: `/metrics` in the Prometheus text format, `/healthz` (the process is alive: its
 //! gRPC server runs and its store pipeline answers) and `/readyz` (the store is open, takes
-//! writes, and the gRPC services listen).
+//! writes, the gRPC services listen, and no Kafka output has failed for longer than it may).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{
     atomic::{AtomicBool, Ordering},
     Arc, Mutex,
 };
+use std::time::{Duration, Instant};
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -15,14 +17,70 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Readiness, read by `/readyz` and exported as `scand_ready`: the daemon says when it
-/// serves, the store writer when the store refuses writes.
+/// serves, the store writer when the store refuses writes, and each Kafka output (the
+/// changelog, the status topic) when its writes have failed for longer than it may.
 #[derive(Clone, Default)]
 pub struct Readiness {
     serving: Arc<AtomicBool>,
     store_failure: Arc<Mutex<Option<String>>>,
+    outputs: Arc<Mutex<BTreeMap<&'static str, OutputFailure>>>,
+}
+
+/// An output failing since `since`, with its last error.
+struct OutputFailure {
+    since: Instant,
+    reason: String,
+    unready_after: Duration,
+}
+
+/// One output's say in readiness: each write reports whether it went through; after
+/// `unready_after` of nothing but failures the daemon is not ready, with the last error.
+#[derive(Clone)]
+pub struct OutputHealth {
+    readiness: Readiness,
+    name: &'static str,
+    unready_after: Duration,
+}
+
+impl OutputHealth {
+    pub fn delivered(&self) {
+        let cleared = lock(&self.readiness.outputs).remove(self.name).is_some();
+        if cleared {
+            tracing::warn!(output = self.name, "writes go through again");
+            self.readiness.export();
+        }
+    }
+
+    pub fn failed(&self, error: &dyn std::fmt::Display) {
+        let reason = error.to_string();
+        lock(&self.readiness.outputs)
+            .entry(self.name)
+            .and_modify(|failure| failure.reason.clone_from(&reason))
+            .or_insert_with(|| OutputFailure {
+                since: Instant::now(),
+                reason,
+                unready_after: self.unready_after,
+            });
+        self.readiness.export();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Readiness {
+    /// The readiness handle of an output named `name` (as `/readyz` will say it).
+    pub fn output(&self, name: &'static str, unready_after: Duration) -> OutputHealth {
+        OutputHealth {
+            readiness: self.clone(),
+            name,
+            unready_after,
+        }
+    }
+
     pub fn set(&self, serving: bool) {
         self.serving.store(serving, Ordering::SeqCst);
         self.export();
@@ -44,8 +102,19 @@ impl Readiness {
         if !self.serving.load(Ordering::SeqCst) {
             return Some("starting or stopping".to_owned());
         }
-        let failure = self.store_failure.lock().ok()?.clone()?;
-        Some(format!("store refuses writes: {failure}"))
+        if let Some(failure) = lock(&self.store_failure).clone() {
+            return Some(format!("store refuses writes: {failure}"));
+        }
+        lock(&self.outputs).iter().find_map(|(name, failure)| {
+            let failing = failure.since.elapsed();
+            (failing >= failure.unready_after).then(|| {
+                format!(
+                    "{name} writes have failed for {}s: {}",
+                    failing.as_secs(),
+                    failure.reason
+                )
+            })
+        })
     }
 
     fn export(&self) {
@@ -176,7 +245,31 @@ impl Default for AdminConfig {
 mod tests {
     use std::time::Duration;
 
-    use super::Liveness;
+    use super::{Liveness, Readiness};
+
+    #[test]
+    fn an_output_failing_longer_than_it_may_makes_the_daemon_unready_until_it_delivers() {
+        let readiness = Readiness::default();
+        readiness.set(true);
+        let changelog = readiness.output("changelog", Duration::from_millis(50));
+        changelog.failed(&"topic authorization failed");
+        assert_eq!(
+            readiness.not_ready_because(),
+            None,
+            "not failing long enough"
+        );
+        std::thread::sleep(Duration::from_millis(80));
+        changelog.failed(&"message too large");
+        assert_eq!(
+            readiness.not_ready_because().as_deref(),
+            Some("changelog writes have failed for 0s: message too large")
+        );
+        changelog.delivered();
+        assert_eq!(readiness.not_ready_because(), None);
+        // A new failure counts from its own start.
+        changelog.failed(&"broker down");
+        assert_eq!(readiness.not_ready_because(), None);
+    }
 
     #[test]
     fn alive_while_the_pipeline_answers_and_until_a_part_is_gone() {

@@ -27,6 +27,10 @@ pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "scand_kafka_dead_letters_total";
 pub const KAFKA_DEAD_LETTER_ERRORS_TOTAL: &str = "scand_kafka_dead_letter_errors_total";
 pub const KAFKA_PARTITIONS_ASSIGNED: &str = "scand_kafka_partitions_assigned";
 pub const KAFKA_RESTORED_SHIPMENTS_TOTAL: &str = "scand_kafka_restored_shipments_total";
+pub const KAFKA_RESTORE_SECONDS: &str = "scand_kafka_restore_seconds";
+pub const KAFKA_RECORDS_FENCED_TOTAL: &str = "scand_kafka_records_fenced_total";
+pub const KAFKA_RECORDS_REROUTED_TOTAL: &str = "scand_kafka_records_rerouted_total";
+pub const CHANGELOG_RECORDS_TOTAL: &str = "scand_changelog_records_total";
 pub const OUTBOX_PENDING: &str = "scand_outbox_pending";
 pub const PUBLISH_TOTAL: &str = "scand_publish_total";
 pub const PUBLISH_LATENCY_SECONDS: &str = "scand_publish_latency_seconds";
@@ -118,6 +122,9 @@ pub fn install(known: &KnownLabels<'_>) -> Result<PrometheusHandle, MetricsError
     for result in ["ok", "error"] {
         metrics::counter!(TLS_RELOADS_TOTAL, "result" => result).absolute(0);
     }
+    for result in ["sent", "error", "fenced"] {
+        metrics::counter!(CHANGELOG_RECORDS_TOTAL, "result" => result).absolute(0);
+    }
     for what in ["journeys", "scans", "changes"] {
         metrics::counter!(RETENTION_REMOVED_TOTAL, "what" => what).absolute(0);
     }
@@ -150,6 +157,8 @@ pub fn install(known: &KnownLabels<'_>) -> Result<PrometheusHandle, MetricsError
         SCANS_CLOCK_SKEW_TOTAL,
         STORE_WRITE_ERRORS_TOTAL,
         KAFKA_DEAD_LETTER_ERRORS_TOTAL,
+        KAFKA_RECORDS_FENCED_TOTAL,
+        KAFKA_RECORDS_REROUTED_TOTAL,
         STALL_SWEEP_UNREADABLE_TOTAL,
     ] {
         metrics::counter!(counter).absolute(0);
@@ -167,6 +176,26 @@ fn describe() {
         KAFKA_RESTORED_SHIPMENTS_TOTAL,
         Unit::Count,
         "Shipments installed from the changelog on partition assignment."
+    );
+    describe_histogram!(
+        KAFKA_RESTORE_SECONDS,
+        Unit::Seconds,
+        "Time from a partition's assignment to its consumption: its restore from the changelog."
+    );
+    describe_counter!(
+        KAFKA_RECORDS_FENCED_TOTAL,
+        Unit::Count,
+        "Records not applied because their partition was not owned (restoring or revoked) when their batch was processed; the partition's owner applies them."
+    );
+    describe_counter!(
+        KAFKA_RECORDS_REROUTED_TOTAL,
+        Unit::Count,
+        "Records read from another partition than their tracking number's (key not the normalized tracking number, or not Kafka's default partitioner), produced again to the partition they belong to."
+    );
+    describe_counter!(
+        CHANGELOG_RECORDS_TOTAL,
+        Unit::Count,
+        "Changelog records by result: sent, error (retried), fenced (the partition is no longer owned here: dropped)."
     );
     describe_gauge!(BUILD_INFO, "Always 1; labels carry the version.");
     describe_gauge!(

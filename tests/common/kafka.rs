@@ -84,12 +84,20 @@ impl Broker {
         c
     }
 
+    /// Creates the topics; one named `…changelog` is compacted, as scand requires.
     pub async fn create_topics(&self, topics: &[(&str, i32)]) {
         let admin: AdminClient<DefaultClientContext> =
             self.config().create().expect("admin client");
         let new: Vec<NewTopic<'_>> = topics
             .iter()
-            .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
+            .map(|(n, p)| {
+                let topic = NewTopic::new(n, *p, TopicReplication::Fixed(1));
+                if n.ends_with("changelog") {
+                    topic.set("cleanup.policy", "compact")
+                } else {
+                    topic
+                }
+            })
             .collect();
         let results = admin
             .create_topics(&new, &AdminOptions::new())
@@ -102,18 +110,25 @@ impl Broker {
 
     /// One record per produce batch: tansu 0.6 serves a fetch from the start of a stored
     /// batch only, so a consumer resuming at an offset inside a multi-record batch would wait
-    /// forever (Apache Kafka returns the enclosing batch and the client skips ahead).
+    /// forever (Apache Kafka returns the enclosing batch and the client skips ahead). Keyed
+    /// records are partitioned as a Java producer does, the contract scand's topics rest on.
     pub fn producer(&self) -> FutureProducer {
         self.config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("batch.num.messages", "1")
+            .set("partitioner", "murmur2_random")
             .create()
             .expect("producer")
     }
 
     /// Produces `(key, value, headers)` records in order, waiting for each delivery report.
     pub async fn produce(&self, topic: &str, records: &[Record]) {
+        self.produce_to(topic, None, records).await;
+    }
+
+    /// [`Broker::produce`] onto one partition, whatever the keys say (`None`: by key).
+    pub async fn produce_to(&self, topic: &str, partition: Option<i32>, records: &[Record]) {
         let producer = self.producer();
         let mut pending = Vec::new();
         for (key, value, headers) in records {
@@ -124,10 +139,13 @@ impl Broker {
                     value: Some(v.as_bytes()),
                 });
             }
-            let record = FutureRecord::to(topic)
+            let mut record = FutureRecord::to(topic)
                 .key(key.as_bytes())
                 .payload(value.as_slice())
                 .headers(h);
+            if let Some(partition) = partition {
+                record = record.partition(partition);
+            }
             pending.push(
                 producer
                     .send_result(record)

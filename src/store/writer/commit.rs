@@ -218,7 +218,7 @@ impl Writer {
         self.last_sequence = sequence;
         self.stalled_shipments = stalled_shipments;
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
-        let snapshots = match self.changelog {
+        let snapshots = match self.replication {
             Some(_) => self.snapshots(group, &scans).unwrap_or_else(|error| {
                 tracing::error!(%error, "changelog snapshots not built");
                 Vec::new()

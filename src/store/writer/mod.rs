@@ -37,13 +37,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::cache::ShipmentCache;
 use super::{keys, Store, StoreError};
+use crate::domain::ownership::Ownership;
 use crate::domain::scan::ValidScan;
 use crate::domain::{EventTime, Sequence};
 use crate::engine::retention::{Removed, RetentionPolicy};
 use crate::engine::stall::StallPolicy;
 use crate::engine::{Engine, Outcome};
 use crate::telemetry::metrics as m;
-pub use replicate::Snapshot;
+pub use replicate::{Assembler, Snapshot};
 pub use sweep::{run_sweeper, ChangeLogRetention, Swept};
 use syncer::{Signals, SweepAnswer, Syncer, Written, SYNC_QUEUE_GROUPS};
 
@@ -81,15 +82,22 @@ enum Job {
     Probe {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
-    /// Install a source partition's shipments replicated from its previous owner; answered
-    /// with how many, once durable. The caller waits on a thread of its own (the rebalance
-    /// callback), hence a channel it can block on.
-    Restore {
+    /// Install shipments of a source partition replicated from its previous owner (a chunk of
+    /// its changelog); answered with how many, once durable.
+    Install {
         topic: String,
         partition: i32,
         snapshots: Vec<Snapshot>,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
+    /// A source partition's restore is complete: store where its consumption resumes and put
+    /// back (a chunk of) its parked deadlines; answered with the offset and whether parked
+    /// deadlines are left.
+    Resume {
+        topic: String,
+        partition: i32,
         resume: i64,
-        reply: std::sync::mpsc::SyncSender<Result<usize, StoreError>>,
+        reply: oneshot::Sender<Result<(i64, bool), StoreError>>,
     },
 }
 
@@ -123,38 +131,54 @@ impl WriterHandle {
         answer.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    /// Has the writer install a source partition's replicated shipments (see
-    /// [`Job::Restore`]) and waits until they are durable. Blocking: for Kafka's rebalance
-    /// callback, which must finish the restore before the partition is consumed.
-    pub fn restore_blocking(
+    /// Has the writer install a chunk of a source partition's replicated shipments (those newer
+    /// than the state here) and waits until they are durable. Blocking: for the restore, which
+    /// reads the changelog on a thread of its own.
+    pub fn install_blocking(
         &self,
         topic: &str,
         partition: i32,
         snapshots: Vec<Snapshot>,
-        resume: i64,
     ) -> Result<usize, StoreError> {
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let job = Job::Restore {
-            topic: topic.to_owned(),
-            partition,
-            snapshots,
-            resume,
-            reply,
-        };
-        // Not `blocking_send`, which refuses to run on a runtime thread, where the callback
-        // runs: a restore is rare, and a full queue frees a place within a group's write.
-        let mut job = job;
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .blocking_send(Job::Install {
+                topic: topic.to_owned(),
+                partition,
+                snapshots,
+                reply,
+            })
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.blocking_recv().map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Ends a source partition's restore: consumption resumes at `resume` (the changelog's last
+    /// complete-state marker) unless the state here is further along, and the deadlines parked
+    /// while another instance owned the partition are put back. Returns where to resume.
+    /// Blocking, like [`WriterHandle::install_blocking`].
+    pub fn resume_blocking(
+        &self,
+        topic: &str,
+        partition: i32,
+        resume: i64,
+    ) -> Result<i64, StoreError> {
         loop {
-            match self.tx.try_send(job) {
-                Ok(()) => break,
-                Err(mpsc::error::TrySendError::Full(again)) => {
-                    job = again;
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::WriterGone),
+            let (reply, answer) = oneshot::channel();
+            self.tx
+                .blocking_send(Job::Resume {
+                    topic: topic.to_owned(),
+                    partition,
+                    resume,
+                    reply,
+                })
+                .map_err(|_| StoreError::WriterGone)?;
+            let (from, more) = answer
+                .blocking_recv()
+                .map_err(|_| StoreError::WriterGone)??;
+            if !more {
+                return Ok(from);
             }
         }
-        answer.recv().map_err(|_| StoreError::WriterGone)?
     }
 
     /// Queues a batch for the writer, waiting while its queue is full. The receiver resolves
@@ -200,8 +224,17 @@ struct Writer {
     /// the next one is sized from it.
     batch_bytes_per_scan: usize,
     cache: ShipmentCache,
-    /// Where shipments owned by a source partition are replicated after each durable write.
-    changelog: Option<mpsc::Sender<Snapshot>>,
+    /// Where shipments owned by a source partition are replicated, and which partitions are
+    /// owned here: a shipment of a partition owned elsewhere is neither swept nor replicated.
+    replication: Option<Replication>,
+}
+
+/// Scale-out: the changelog that replicates each source partition's shipments after every
+/// durable write, and the fence saying which partitions this instance owns.
+#[derive(Clone)]
+pub struct Replication {
+    pub snapshots: mpsc::Sender<Snapshot>,
+    pub ownership: Ownership,
 }
 
 impl Writer {
@@ -239,14 +272,24 @@ impl Writer {
                     let _ = reply.send(result);
                     continue;
                 }
-                Job::Restore {
+                Job::Install {
                     topic,
                     partition,
                     snapshots,
+                    reply,
+                } => {
+                    let result = self.install(&topic, partition, &snapshots);
+                    self.signals.record_write(result.as_ref().err());
+                    let _ = reply.send(result);
+                    continue;
+                }
+                Job::Resume {
+                    topic,
+                    partition,
                     resume,
                     reply,
                 } => {
-                    let result = self.restore(&topic, partition, &snapshots, resume);
+                    let result = self.resume(&topic, partition, resume);
                     self.signals.record_write(result.as_ref().err());
                     let _ = reply.send(result);
                     continue;
@@ -344,7 +387,7 @@ pub fn spawn(
     engine: Engine,
     policies: (StallPolicy, RetentionPolicy),
     config: &super::StoreConfig,
-    changelog: Option<mpsc::Sender<Snapshot>>,
+    replication: Option<Replication>,
 ) -> Result<
     (
         WriterHandle,
@@ -370,7 +413,7 @@ pub fn spawn(
     let syncer = Syncer {
         store: store.clone(),
         signals: signals.clone(),
-        changelog: changelog.clone(),
+        changelog: replication.as_ref().map(|r| r.snapshots.clone()),
     };
     let syncer = std::thread::Builder::new()
         .name("scand-syncer".into())
@@ -390,7 +433,7 @@ pub fn spawn(
         batch_bytes_per_scan: 512,
         cache: ShipmentCache::new(config.shipment_cache_entries),
         store,
-        changelog,
+        replication,
     };
     let thread = std::thread::Builder::new()
         .name("scand-writer".into())

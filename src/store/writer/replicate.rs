@@ -1,9 +1,12 @@
 //! Replication of a partition's shipments to the changelog: after each durable write, the
 //! stored record (scans included) of every shipment a source partition owns, then a marker per
 //! partition saying its state is complete up to the group's offsets, so a new owner resumes at
-//! the last marker.
+//! the last marker. A record larger than a changelog record may be travels in pieces, put
+//! back together by the [`Assembler`] of the restore.
 
 use std::collections::HashMap;
+
+use prost::Message;
 
 use super::{Request, Writer};
 use crate::domain::scan::ValidScan;
@@ -30,13 +33,118 @@ impl Snapshot {
         self.tracking_number.is_empty()
     }
 
-    /// The compaction key: the shipment, or one marker key per source topic.
+    /// The compaction key: the shipment (or one piece of it), or one marker key per source
+    /// topic.
     pub fn key(&self) -> String {
         if self.is_marker() {
             format!("\u{0}marker\u{0}{}", self.topic)
+        } else if self.piece > 0 {
+            format!("{}\u{0}piece\u{0}{}", self.tracking_number, self.piece)
         } else {
             self.tracking_number.clone()
         }
+    }
+
+    /// The records to send for this snapshot, none larger than `max_bytes` when encoded: itself,
+    /// or its record split into pieces, the head (piece 0, under the shipment's key) last, so
+    /// that a reader that has the head has read every piece before it.
+    pub fn into_pieces(self, max_bytes: usize) -> Vec<Snapshot> {
+        if self.is_marker() || self.encoded_len() <= max_bytes {
+            return vec![self];
+        }
+        // What a piece carries besides its part of the record, generously.
+        let overhead = self.encoded_len() - self.record.len() + 64;
+        let size = max_bytes.saturating_sub(overhead).max(1);
+        let checksum = fnv1a64(&self.record);
+        let parts: Vec<&[u8]> = self.record.chunks(size).collect();
+        let pieces = parts.len() as u32;
+        let piece = |index: usize, part: &[u8]| Snapshot {
+            tracking_number: self.tracking_number.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            next_offset: self.next_offset,
+            record: part.to_vec(),
+            pieces,
+            piece: index as u32,
+            record_checksum: checksum,
+        };
+        let mut out: Vec<Snapshot> = parts
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(index, part)| piece(index, part))
+            .collect();
+        out.push(piece(0, parts[0]));
+        out
+    }
+}
+
+/// FNV-1a, 64 bits: the checksum a split snapshot's pieces carry, stable across builds.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Puts split snapshots back together while the changelog is read in order: holds the latest
+/// piece of each index per shipment until the shipment's head arrives.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    pieces: HashMap<String, HashMap<u32, Snapshot>>,
+}
+
+/// A head whose pieces do not add up to its record.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("changelog snapshot of {tracking_number} is split in {pieces} pieces, and those read do not make up its record")]
+pub struct Incomplete {
+    pub tracking_number: String,
+    pub pieces: u32,
+}
+
+impl Assembler {
+    /// A whole snapshot once it is complete (at once for one never split; at its head for a
+    /// split one), `None` while pieces are still being read.
+    pub fn offer(&mut self, snapshot: Snapshot) -> Result<Option<Snapshot>, Incomplete> {
+        if snapshot.is_marker() {
+            return Ok(Some(snapshot));
+        }
+        if snapshot.pieces <= 1 {
+            self.pieces.remove(&snapshot.tracking_number);
+            return Ok(Some(snapshot));
+        }
+        if snapshot.piece > 0 {
+            self.pieces
+                .entry(snapshot.tracking_number.clone())
+                .or_default()
+                .insert(snapshot.piece, snapshot);
+            return Ok(None);
+        }
+        let mut held = self
+            .pieces
+            .remove(&snapshot.tracking_number)
+            .unwrap_or_default();
+        let incomplete = || Incomplete {
+            tracking_number: snapshot.tracking_number.clone(),
+            pieces: snapshot.pieces,
+        };
+        let mut record = snapshot.record.clone();
+        for index in 1..snapshot.pieces {
+            let piece = held.remove(&index).ok_or_else(incomplete)?;
+            if piece.record_checksum != snapshot.record_checksum {
+                return Err(incomplete());
+            }
+            record.extend_from_slice(&piece.record);
+        }
+        if fnv1a64(&record) != snapshot.record_checksum {
+            return Err(incomplete());
+        }
+        Ok(Some(Snapshot {
+            record,
+            pieces: 0,
+            piece: 0,
+            record_checksum: 0,
+            ..snapshot
+        }))
     }
 }
 
@@ -63,6 +171,7 @@ impl Writer {
                 partition: owner.partition,
                 next_offset,
                 record,
+                ..Snapshot::default()
             });
         }
         Ok(snapshots)
@@ -102,6 +211,7 @@ impl Writer {
                 partition: origin.partition,
                 next_offset: next_offset(&origin.topic, origin.partition),
                 record,
+                ..Snapshot::default()
             });
         }
         let mut partitions: Vec<(&str, i32)> = group
@@ -119,5 +229,91 @@ impl Writer {
             ));
         }
         Ok(snapshots)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(number: &str, record: Vec<u8>) -> Snapshot {
+        Snapshot {
+            tracking_number: number.into(),
+            topic: "scans.raw".into(),
+            partition: 2,
+            next_offset: 40,
+            record,
+            ..Snapshot::default()
+        }
+    }
+
+    fn assemble(assembler: &mut Assembler, pieces: Vec<Snapshot>) -> Vec<Snapshot> {
+        pieces
+            .into_iter()
+            .filter_map(|piece| assembler.offer(piece).expect("complete"))
+            .collect()
+    }
+
+    #[test]
+    fn a_large_snapshot_travels_in_pieces_no_larger_than_allowed_and_comes_back_whole() {
+        let record: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let whole = snapshot("PARCEL0001", record);
+        let small = snapshot("PARCEL0002", vec![7; 100]);
+        assert_eq!(
+            small.clone().into_pieces(1024),
+            std::slice::from_ref(&small)
+        );
+
+        let pieces = whole.clone().into_pieces(1024);
+        assert!(pieces.len() > 10);
+        assert!(pieces.iter().all(|p| p.encoded_len() <= 1024));
+        let keys: Vec<String> = pieces.iter().map(Snapshot::key).collect();
+        assert_eq!(
+            keys.last().map(String::as_str),
+            Some("PARCEL0001"),
+            "head last"
+        );
+        assert_eq!(keys[0], "PARCEL0001\u{0}piece\u{0}1");
+
+        // Read back among other records, after an earlier split version of the same shipment.
+        let mut assembler = Assembler::default();
+        let earlier = snapshot("PARCEL0001", vec![1; 5_000]).into_pieces(1024);
+        let mut log = earlier.clone();
+        log.push(small.clone());
+        log.extend(pieces.clone());
+        log.push(Snapshot::marker("scans.raw", 2, 41));
+        let read = assemble(&mut assembler, log);
+        assert_eq!(read.len(), 4);
+        assert_eq!(read[0].record, vec![1; 5_000]);
+        assert_eq!(read[1], small);
+        assert_eq!(read[2], whole);
+        assert!(read[3].is_marker());
+
+        // Compaction left an older split's extra pieces: the head uses its own and ignores them.
+        let mut compacted: Vec<Snapshot> = earlier;
+        compacted.retain(|p| p.piece >= 3);
+        compacted.extend(snapshot("PARCEL0001", vec![9; 2_000]).into_pieces(1024));
+        let read = assemble(&mut Assembler::default(), compacted);
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].record, vec![9; 2_000]);
+    }
+
+    #[test]
+    fn a_head_whose_pieces_are_missing_or_foreign_is_refused() {
+        let pieces = snapshot("PARCEL0001", vec![3; 4_000]).into_pieces(1024);
+        let head = pieces.last().cloned().expect("head");
+        let mut assembler = Assembler::default();
+        assert_eq!(
+            assembler.offer(head.clone()),
+            Err(Incomplete {
+                tracking_number: "PARCEL0001".into(),
+                pieces: head.pieces
+            })
+        );
+        let other = snapshot("PARCEL0001", vec![4; 4_000]).into_pieces(1024);
+        let mut mixed = assemble(&mut assembler, other[..other.len() - 1].to_vec());
+        assert!(mixed.is_empty());
+        mixed.extend(assembler.offer(head).ok().flatten());
+        assert!(mixed.is_empty(), "pieces of another version make no record");
     }
 }

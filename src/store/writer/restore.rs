@@ -1,25 +1,29 @@
-//! A changelog restore, as a job of the writer: installs the shipments of one source partition
-//! replicated from its previous owner. On the writer thread, so no write of shipment state
-//! ever races another, and the writer's cache and counters stay the store's.
+//! A changelog restore, as jobs of the writer: installs the shipments of one source partition
+//! replicated from its previous owner, a chunk at a time, then stores where the partition's
+//! consumption resumes and puts back the deadlines parked while it was owned elsewhere. On the
+//! writer thread, so no write of shipment state ever races another, and the writer's cache and
+//! counters stay the store's.
 
-use rocksdb::{WriteBatch, WriteOptions};
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 
 use super::{Snapshot, Writer};
 use crate::domain::TrackingNumber;
 use crate::store::{codec, keys, StoreError};
 
+/// Most parked deadlines one resume job puts back: it holds the writer like a group does.
+const UNPARK_CHUNK: usize = 1_024;
+
 impl Writer {
-    /// Every snapshot newer than the local state replaces the stored record of its shipment
-    /// (scans included, byte for byte as the snapshot carries them; the change sequences,
-    /// which name the previous owner's change log, left out), and the partition resumes
-    /// at `resume` (the last complete-state marker) unless the local state is further along.
-    /// One synced write, counted in the stored scans; the restored shipments leave the cache.
-    pub(super) fn restore(
+    /// Every snapshot newer than the local state (the partition's stored offset) replaces the
+    /// stored record of its shipment (scans included, byte for byte as the snapshot carries
+    /// them; the change sequences, which name the previous owner's change log, left out) and
+    /// is indexed at its deadline. One synced write, counted in the stored scans; the restored
+    /// shipments leave the cache.
+    pub(super) fn install(
         &mut self,
         topic: &str,
         partition: i32,
         snapshots: &[Snapshot],
-        resume: i64,
     ) -> Result<usize, StoreError> {
         let store = &self.store;
         let local = store.source_offset(topic, partition)?.unwrap_or(-1);
@@ -45,7 +49,9 @@ impl Writer {
             // The sequences the record lists are the previous owner's change log's.
             let record_here = codec::without_change_sequences(key, &snapshot.record)?;
             batch.put_cf(store.cf(keys::SHIPMENTS), key, record_here);
-            // The deadline index is local: rebuild this shipment's entry from its record.
+            // The deadline index is local: this shipment's entry, at the deadline its record
+            // says it is indexed at. An entry of the state it replaces is dropped by the
+            // sweep, which finds it stale.
             let state = codec::decode_shipment(key, &snapshot.record)?;
             if let Some(deadline) = state.stall_deadline {
                 batch.put_cf(
@@ -56,11 +62,6 @@ impl Writer {
             }
             restored.push(number);
         }
-        batch.put_cf(
-            store.cf(keys::META),
-            keys::source_offset_key(topic, partition),
-            resume.max(local).to_be_bytes(),
-        );
         let now_stored = scan_counts
             .values()
             .fold(self.stored_scans, |n, &(had, now)| {
@@ -79,5 +80,59 @@ impl Writer {
             self.cache.forget(number);
         }
         Ok(restored.len())
+    }
+
+    /// Stores where the partition resumes: `resume` (the last complete-state marker of the
+    /// changelog), unless the state here is further along. Then puts back up to
+    /// [`UNPARK_CHUNK`] of the partition's parked deadlines at the deadline each shipment's
+    /// record holds. One synced write; returns the offset and whether more are parked.
+    pub(super) fn resume(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        resume: i64,
+    ) -> Result<(i64, bool), StoreError> {
+        let store = &self.store;
+        let from = match store.source_offset(topic, partition)? {
+            Some(local) => local.max(resume),
+            None => resume,
+        };
+        let index = store.cf(keys::STALL_DEADLINES);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            store.cf(keys::META),
+            keys::source_offset_key(topic, partition),
+            from.to_be_bytes(),
+        );
+        let prefix = keys::parked_prefix(topic, partition);
+        let mut read = ReadOptions::default();
+        read.set_iterate_range(rocksdb::PrefixRange(prefix.as_slice()));
+        let mut parked = Vec::new();
+        for item in
+            store
+                .db
+                .iterator_cf_opt(index, read, IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (key, _) = item?;
+            if parked.len() == UNPARK_CHUNK {
+                break;
+            }
+            batch.delete_cf(index, &key);
+            if let Some(number) = keys::decode_parked_key(&prefix, &key) {
+                parked.push(number);
+            }
+        }
+        let more = parked.len() == UNPARK_CHUNK;
+        let numbers: Vec<&TrackingNumber> = parked.iter().collect();
+        for (number, state) in parked.iter().zip(store.shipment_states(&numbers)?) {
+            // A number retention forgot meanwhile has nothing left to sweep.
+            if let Some(deadline) = state.and_then(|s| s.stall_deadline) {
+                batch.put_cf(index, keys::stall_key(deadline, number), []);
+            }
+        }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        store.db.write_opt(batch, &sync)?;
+        Ok((from, more))
     }
 }

@@ -4,9 +4,13 @@
 //! the writer keeps beside each shipment's state: its next deadline, the earlier of when it
 //! stalls and when its oldest journey expires.
 //!
-//! Invariant: the index holds at most one entry per shipment, never later than its real
-//! deadline, so a due shipment is never missed; an entry is checked against the stored state
-//! before anything is stalled or removed, so a scan written after the sweep read the entry wins.
+//! Invariants:
+//! - The index holds at most one entry per shipment, never later than its real deadline, so a
+//!   due shipment is never missed; an entry is checked against the stored state before
+//!   anything is stalled or removed, so a scan written after the sweep read the entry wins.
+//! - A shipment of a source partition another instance owns is never stalled or expired here:
+//!   its entry is parked under the partition (`keys::parked_key`) until the partition is
+//!   owned again, when the restore puts it back at its deadline.
 
 use std::time::{Instant, SystemTime};
 
@@ -273,6 +277,12 @@ impl Writer {
             if state.stall_deadline != Some(deadline) {
                 continue;
             }
+            if let Some(parked) = self.parked_key(&state, &number) {
+                // Another instance owns the shipment now: it sweeps its own copy. The entry
+                // waits, never due, until the partition is owned here again.
+                batch.put_cf(index, parked, []);
+                continue;
+            }
             let was_stalled = state.stalled;
             let expired = self.retention.expire(&mut state, now);
             if was_stalled && !state.stalled {
@@ -358,7 +368,7 @@ impl Writer {
                 .increment(removed.scans as u64);
         }
         stalled.extend(trimmed);
-        let snapshots = match self.changelog {
+        let snapshots = match self.replication {
             Some(_) => self.owned_snapshots(&stalled).unwrap_or_else(|error| {
                 tracing::error!(%error, "changelog snapshots of a sweep not built");
                 Vec::new()
@@ -372,6 +382,14 @@ impl Writer {
             snapshots,
         };
         Ok((applied, changes.len(), removed))
+    }
+
+    /// The parked deadline key of a shipment whose source partition this instance does not
+    /// own; `None` for one it may sweep (owned here, or taken in over gRPC).
+    fn parked_key(&self, state: &ShipmentState, number: &TrackingNumber) -> Option<Vec<u8>> {
+        let ownership = &self.replication.as_ref()?.ownership;
+        let owner = state.owner.as_ref()?;
+        (!ownership.owns(owner)).then(|| keys::parked_key(&owner.topic, owner.partition, number))
     }
 
     /// Writes a swept shipment: with no journey left, its record goes and its memory is kept

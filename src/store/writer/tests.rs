@@ -665,7 +665,23 @@ fn snapshot(number: &str, next_offset: i64, scan_ids: &[&str]) -> Snapshot {
         partition: 1,
         next_offset,
         record: codec::encode_shipment_delta(&state, entries, std::iter::empty(), 0..0),
+        ..Snapshot::default()
     }
+}
+
+/// A restore of partition 1 of `scans.raw`, as the Kafka source runs it (on a blocking
+/// thread): the snapshots in one chunk, then the resume; what was installed, and where to
+/// resume.
+async fn restore(writer: &WriterHandle, snapshots: Vec<Snapshot>, resume: i64) -> (usize, i64) {
+    let writer = writer.clone();
+    tokio::task::spawn_blocking(move || {
+        let installed = writer.install_blocking("scans.raw", 1, snapshots)?;
+        let from = writer.resume_blocking("scans.raw", 1, resume)?;
+        Ok::<_, StoreError>((installed, from))
+    })
+    .await
+    .expect("joins")
+    .expect("restores")
 }
 
 #[tokio::test]
@@ -680,18 +696,16 @@ async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
     )
     .await;
     // Fresh owner: everything installed, resume at the marker (not beyond a later snapshot).
-    let restored = writer
-        .restore_blocking(
-            "scans.raw",
-            1,
-            vec![
-                snapshot("PARCEL0001", 10, &["a", "b"]),
-                snapshot("PARCEL0002", 30, &["c"]),
-            ],
-            20,
-        )
-        .expect("restore");
-    assert_eq!(restored, 2);
+    let restored = restore(
+        &writer,
+        vec![
+            snapshot("PARCEL0001", 10, &["a", "b"]),
+            snapshot("PARCEL0002", 30, &["c"]),
+        ],
+        20,
+    )
+    .await;
+    assert_eq!(restored, (2, 20));
     assert_eq!(store.stored_scans().expect("reads"), 3);
     assert_eq!(
         store.source_offset("scans.raw", 1).expect("offset"),
@@ -716,9 +730,8 @@ async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
         ("c", "PARCEL0002")
     );
     // A previous owner coming back further along keeps its own newer state and position.
-    writer
-        .restore_blocking("scans.raw", 1, vec![snapshot("PARCEL0001", 5, &["x"])], 5)
-        .expect("restore");
+    let restored = restore(&writer, vec![snapshot("PARCEL0001", 5, &["x"])], 5).await;
+    assert_eq!(restored, (0, 20));
     assert_eq!(
         store.source_offset("scans.raw", 1).expect("offset"),
         Some(20)
@@ -732,17 +745,16 @@ async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
     );
     assert_eq!(store.stored_scans().expect("reads"), 3);
     // A newer snapshot replaces what it restores, in the count too, twice in one batch.
-    writer
-        .restore_blocking(
-            "scans.raw",
-            1,
-            vec![
-                snapshot("PARCEL0001", 40, &["d", "e", "f"]),
-                snapshot("PARCEL0001", 41, &["g"]),
-            ],
-            41,
-        )
-        .expect("restore");
+    let restored = restore(
+        &writer,
+        vec![
+            snapshot("PARCEL0001", 40, &["d", "e", "f"]),
+            snapshot("PARCEL0001", 41, &["g"]),
+        ],
+        41,
+    )
+    .await;
+    assert_eq!(restored, (2, 41));
     assert_eq!(store.stored_scans().expect("reads"), 2);
     assert_eq!(
         store.timeline_values(&n("PARCEL0001")).expect("events"),
@@ -759,6 +771,107 @@ async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
     assert_eq!(ids, ["c", "d"]);
     assert_eq!(restored_then_scanned.version, 1);
     assert_eq!(store.stored_scans().expect("reads"), 3);
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+/// Ownership fences the sweep: a shipment of a partition another instance owns now is
+/// neither stalled nor expired here; its deadline is parked under its partition and put back
+/// when the partition's restore ends here, after which it stalls like any other.
+#[tokio::test]
+async fn a_partition_owned_elsewhere_is_not_swept_until_it_is_owned_here_again() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let ownership = Ownership::default();
+    for partition in [0, 1] {
+        let claim = ownership.claim("scans.raw", partition);
+        assert!(ownership.confirm("scans.raw", partition, claim, 0));
+    }
+    let (snapshots, _replicated) = mpsc::channel(1024);
+    let (writer, _, thread) = spawn(
+        store.clone(),
+        Engine::new(Duration::from_secs(60)),
+        (policy(), retention()),
+        &crate::store::StoreConfig::default(),
+        Some(Replication {
+            snapshots,
+            ownership: ownership.clone(),
+        }),
+    )
+    .expect("spawns");
+    let from_partition = |number: &str, partition: i32| ValidScan {
+        origin: Some(crate::domain::Origin {
+            topic: "scans.raw".into(),
+            partition,
+        }),
+        ..scan(number, &format!("{number}-a"), ScanType::Sorted, 0)
+    };
+    ingest(
+        &writer,
+        vec![
+            from_partition("PARCEL0001", 0),
+            from_partition("PARCEL0002", 1),
+        ],
+    )
+    .await;
+
+    assert!(ownership.release("scans.raw", 0, Duration::ZERO));
+    let swept = writer.sweep(EventTime(49 * HOUR)).await.expect("sweeps");
+    assert_eq!(swept.stalled, 1);
+    assert_eq!(
+        shipment(&store, "PARCEL0002").status,
+        pb::Status::Stalled as i32
+    );
+    assert_eq!(
+        shipment(&store, "PARCEL0001").status,
+        pb::Status::InTransit as i32
+    );
+    let parked = |partition| {
+        let prefix = keys::parked_prefix("scans.raw", partition);
+        store
+            .db
+            .prefix_iterator_cf(store.cf(keys::STALL_DEADLINES), &prefix)
+            .map(|item| item.expect("reads").0)
+            .take_while(|key| key.starts_with(&prefix))
+            .filter_map(|key| keys::decode_parked_key(&prefix, &key))
+            .map(|number| number.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(parked(0), ["PARCEL0001"]);
+    // Parked entries are never due: a later sweep leaves the shipment alone too.
+    assert_eq!(
+        writer
+            .sweep(EventTime(99 * HOUR))
+            .await
+            .expect("sweeps")
+            .stalled,
+        0
+    );
+
+    // Owned again: the restore's end puts the deadline back where the record has it.
+    let claim = ownership.claim("scans.raw", 0);
+    let resumed = {
+        let writer = writer.clone();
+        tokio::task::spawn_blocking(move || writer.resume_blocking("scans.raw", 0, 7))
+            .await
+            .expect("joins")
+            .expect("resumes")
+    };
+    assert_eq!(resumed, 7);
+    assert!(parked(0).is_empty());
+    assert!(deadline_index(&store).contains(&(48, "PARCEL0001".to_owned())));
+    assert!(ownership.confirm("scans.raw", 0, claim, resumed));
+    assert_eq!(
+        writer
+            .sweep(EventTime(99 * HOUR))
+            .await
+            .expect("sweeps")
+            .stalled,
+        1
+    );
+    assert_eq!(
+        shipment(&store, "PARCEL0001").status,
+        pb::Status::Stalled as i32
+    );
     drop(writer);
     thread.join().expect("writer stops");
 }

@@ -26,6 +26,9 @@ pub async fn produce(
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
+        // Keyed by tracking number and partitioned as Kafka's default partitioner does: the
+        // contract scand's scans topics rest on.
+        .set("partitioner", "murmur2_random")
         .create()
         .map_err(|e| format!("kafka producer: {e}"))?;
     let mut latency = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;

@@ -1,0 +1,342 @@
+//! The fleet's directory, kept on Kafka itself: every instance produces to the members topic
+//! where it answers (its gRPC URL) and which source partitions it owns, on every change of
+//! ownership and as a heartbeat; every instance reads the whole topic, so any of them knows
+//! which instance answers for any tracking number. No service beside Kafka.
+//!
+//! Invariants:
+//! - A tracking number belongs to the partition Kafka's default partitioner gives it
+//!   (`kafka::partition_of`) among the partitions of the first scans topic: the producers'
+//!   contract, which the Kafka source enforces by rerouting.
+//! - A member's claims count while its last announcement is fresh ([`STALE_AFTER`]); of two
+//!   members claiming one partition (for the moment a rebalance takes), the later announcement
+//!   wins. A partition nobody fresh claims has no route: the caller is told to retry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::ownership::Ownership;
+use crate::domain::TrackingNumber;
+use crate::kafka::{self as client, Cluster, LoggingContext};
+use crate::proto::storage::{Member, OwnedPartition};
+
+/// How often an instance announces itself when nothing changed.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Claims of a member silent this long are ignored (it stopped, or lost the broker).
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// How often the announcer looks for a change of ownership.
+const CHECK_EVERY: Duration = Duration::from_millis(200);
+
+/// How many partitions each scans topic has: shared by the Kafka source (which reads them at
+/// every assignment) and the router.
+pub type PartitionCounts = Arc<Mutex<HashMap<String, i32>>>;
+
+/// What every instance knows of the others, from the members topic.
+#[derive(Clone, Debug, Default)]
+pub struct Directory {
+    members: Arc<RwLock<HashMap<String, Member>>>,
+}
+
+impl Directory {
+    /// A member's announcement; an older one than that already known is ignored.
+    pub fn update(&self, member: Member) {
+        let mut members = self
+            .members
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match members.get(&member.url) {
+            Some(known) if known.at_unix_ms > member.at_unix_ms => {}
+            _ => {
+                members.insert(member.url.clone(), member);
+            }
+        }
+    }
+
+    /// The URL of the instance owning the partition as of `now`, if a fresh member claims it.
+    pub fn owner(&self, topic: &str, partition: i32, now: SystemTime) -> Option<String> {
+        let fresh_since = unix_ms(now) - STALE_AFTER.as_millis() as i64;
+        self.members
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|m| m.at_unix_ms >= fresh_since)
+            .filter(|m| {
+                m.owned
+                    .iter()
+                    .any(|o| o.topic == topic && o.partition == partition)
+            })
+            .max_by_key(|m| m.at_unix_ms)
+            .map(|m| m.url.clone())
+    }
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Where a query about a tracking number is answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This instance owns the number's partition (or no fleet routing applies).
+    Here,
+    /// The owner answers at this URL.
+    At(String),
+    /// No instance owns the partition now (a rebalance is under way).
+    Unowned { topic: String, partition: i32 },
+}
+
+/// Routes queries to the owner of the tracking number's partition.
+#[derive(Clone, Debug)]
+pub struct Router {
+    pub directory: Directory,
+    pub ownership: Ownership,
+    pub partitions: PartitionCounts,
+    /// The scans topic whose partitions own shipments.
+    pub topic: String,
+    /// This instance's own URL.
+    pub me: String,
+}
+
+impl Router {
+    pub fn route(&self, number: &TrackingNumber, now: SystemTime) -> Route {
+        let Some(count) = self
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&self.topic)
+            .copied()
+        else {
+            return Route::Here;
+        };
+        let partition = client::partition_of(number.as_str().as_bytes(), count);
+        if self.ownership.is_owned(&self.topic, partition) {
+            return Route::Here;
+        }
+        match self.directory.owner(&self.topic, partition, now) {
+            Some(url) if url != self.me => Route::At(url),
+            _ => Route::Unowned {
+                topic: self.topic.clone(),
+                partition,
+            },
+        }
+    }
+}
+
+/// Announces this instance to the members topic whenever the partitions it owns change, and
+/// every [`HEARTBEAT`]; at shutdown, once more owning nothing.
+pub async fn announce(
+    producer: FutureProducer<LoggingContext>,
+    topic: String,
+    url: String,
+    ownership: Ownership,
+    shutdown: CancellationToken,
+) {
+    let mut announced: Option<(Vec<(String, i32)>, std::time::Instant)> = None;
+    let mut ticks = tokio::time::interval(CHECK_EVERY);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let owned = ownership.owned_partitions();
+        let due = match &announced {
+            Some((last, at)) => *last != owned || at.elapsed() >= HEARTBEAT,
+            None => true,
+        };
+        if due && send(&producer, &topic, &url, &owned).await {
+            announced = Some((owned, std::time::Instant::now()));
+        }
+    }
+    send(&producer, &topic, &url, &[]).await;
+}
+
+async fn send(
+    producer: &FutureProducer<LoggingContext>,
+    topic: &str,
+    url: &str,
+    owned: &[(String, i32)],
+) -> bool {
+    let member = Member {
+        url: url.to_owned(),
+        owned: owned
+            .iter()
+            .map(|(topic, partition)| OwnedPartition {
+                topic: topic.clone(),
+                partition: *partition,
+            })
+            .collect(),
+        at_unix_ms: unix_ms(SystemTime::now()),
+    };
+    let payload = member.encode_to_vec();
+    let record = FutureRecord::to(topic).key(url).payload(&payload);
+    match producer.send(record, Duration::from_secs(5)).await {
+        Ok(_) => true,
+        Err((error, _)) => {
+            tracing::warn!(%error, topic, "membership not announced; retrying");
+            false
+        }
+    }
+}
+
+/// Reads the members topic from its start into `directory` until `shutdown`. Blocking: runs
+/// on a thread of its own.
+pub fn follow(cluster: &Cluster, topic: &str, directory: &Directory, shutdown: &CancellationToken) {
+    let consumer: BaseConsumer = match client::client_config(
+        cluster,
+        &cluster.consumer,
+        &[
+            ("group.id", "scand-members"),
+            ("enable.auto.commit", "false"),
+        ],
+    )
+    .create()
+    {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            tracing::error!(%error, "members topic not followed: queries are answered here only");
+            return;
+        }
+    };
+    let mut assigned = 0;
+    while !shutdown.is_cancelled() {
+        if assigned == 0 {
+            assigned = assign_all(&consumer, topic);
+            if assigned == 0 {
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => match Member::decode(message.payload().unwrap_or_default()) {
+                Ok(member) => directory.update(member),
+                Err(error) => tracing::warn!(%error, topic, "undecodable member record skipped"),
+            },
+            Some(Err(error)) => tracing::debug!(%error, "members topic read error"),
+            None => {}
+        }
+    }
+}
+
+/// Assigns every partition of the topic from its start; how many.
+fn assign_all(consumer: &BaseConsumer, topic: &str) -> usize {
+    let partitions = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+        Ok(metadata) => metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect::<Vec<i32>>(),
+        Err(error) => {
+            tracing::warn!(%error, topic, "members topic metadata not read; retrying");
+            return 0;
+        }
+    };
+    let mut tpl = TopicPartitionList::new();
+    for partition in &partitions {
+        if tpl
+            .add_partition_offset(topic, *partition, Offset::Beginning)
+            .is_err()
+        {
+            return 0;
+        }
+    }
+    match consumer.assign(&tpl) {
+        Ok(()) => partitions.len(),
+        Err(error) => {
+            tracing::warn!(%error, topic, "members topic not assigned; retrying");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(url: &str, owned: &[i32], at: SystemTime) -> Member {
+        Member {
+            url: url.into(),
+            owned: owned
+                .iter()
+                .map(|p| OwnedPartition {
+                    topic: "scans.raw".into(),
+                    partition: *p,
+                })
+                .collect(),
+            at_unix_ms: unix_ms(at),
+        }
+    }
+
+    #[test]
+    fn the_freshest_claim_of_a_partition_names_its_owner() {
+        let now = SystemTime::now();
+        let directory = Directory::default();
+        directory.update(member("http://a", &[0, 1], now - Duration::from_secs(3)));
+        directory.update(member("http://b", &[1, 2], now - Duration::from_secs(1)));
+        assert_eq!(
+            directory.owner("scans.raw", 0, now).as_deref(),
+            Some("http://a")
+        );
+        assert_eq!(
+            directory.owner("scans.raw", 1, now).as_deref(),
+            Some("http://b")
+        );
+        assert_eq!(directory.owner("other", 1, now), None);
+        // An older announcement arriving late changes nothing.
+        directory.update(member("http://b", &[], now - Duration::from_secs(2)));
+        assert_eq!(
+            directory.owner("scans.raw", 2, now).as_deref(),
+            Some("http://b")
+        );
+        // A member silent for too long owns nothing.
+        let later = now + STALE_AFTER;
+        assert_eq!(directory.owner("scans.raw", 0, later), None);
+    }
+
+    #[test]
+    fn a_number_routes_here_to_its_owner_or_nowhere() {
+        let now = SystemTime::now();
+        let ownership = Ownership::default();
+        let router = Router {
+            directory: Directory::default(),
+            ownership: ownership.clone(),
+            partitions: PartitionCounts::default(),
+            topic: "scans.raw".into(),
+            me: "http://me".into(),
+        };
+        let number = TrackingNumber::parse("PARCEL0001").expect("valid");
+        assert_eq!(
+            router.route(&number, now),
+            Route::Here,
+            "no partition count yet"
+        );
+        router
+            .partitions
+            .lock()
+            .expect("lock")
+            .insert("scans.raw".into(), 6);
+        // PARCEL0001 is on partition 3 of 6 (see `kafka::partition_of`).
+        assert_eq!(
+            router.route(&number, now),
+            Route::Unowned {
+                topic: "scans.raw".into(),
+                partition: 3
+            }
+        );
+        router.directory.update(member("http://b", &[3], now));
+        assert_eq!(router.route(&number, now), Route::At("http://b".into()));
+        let claim = ownership.claim("scans.raw", 3);
+        assert!(ownership.confirm("scans.raw", 3, claim, 0));
+        assert_eq!(router.route(&number, now), Route::Here);
+    }
+}
