@@ -199,6 +199,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Kafka(e.to_string()))?;
         let sink = KafkaSink::new(
             store.clone(),
+            cluster.clone(),
             producer,
             kafka.sink.clone(),
             committed.clone(),
@@ -487,8 +488,7 @@ async fn start_fleet(
     } else {
         source.advertised_url.clone()
     };
-    let producer = crate::kafka::idempotent_producer(&cluster)
-        .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+    let producer = members::producer(&cluster).map_err(|e| DaemonError::Kafka(e.to_string()))?;
     tasks.push(tokio::spawn(members::announce(
         producer,
         source.members_topic.clone(),

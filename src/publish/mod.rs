@@ -3,7 +3,9 @@
 //! the log from its own cursor, so a sink that is slow or away loses nothing.
 //!
 //! Sinks: the gRPC change feed (`feed`, cursor held by each subscriber) and the Kafka status
-//! topic (`kafka`, cursor stored in `meta`).
+//! topic (`kafka`, cursor stored in `meta`, what lies beyond it found again on the topic by
+//! `recovery`).
 
 pub mod feed;
 pub mod kafka;
+pub mod recovery;

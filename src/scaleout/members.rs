@@ -132,6 +132,20 @@ impl Router {
     }
 }
 
+/// The announcer's producer. Not idempotent: every announcement carries the whole claim and
+/// the latest wins, so a duplicate is harmless, and a fenced producer id (which ends an
+/// idempotent producer for good) cannot silence the instance.
+pub fn producer(
+    cluster: &Cluster,
+) -> Result<FutureProducer<LoggingContext>, rdkafka::error::KafkaError> {
+    client::client_config(
+        cluster,
+        &cluster.producer,
+        &[("enable.idempotence", "false"), ("acks", "all")],
+    )
+    .create_with_context(LoggingContext)
+}
+
 /// Announces this instance to the members topic whenever the partitions it owns change, and
 /// every [`HEARTBEAT`]; at shutdown, once more owning nothing.
 pub async fn announce(

@@ -79,6 +79,17 @@ pub fn sink_cursor_key(sink: &str) -> Vec<u8> {
     key
 }
 
+/// Where a sink's recovery reads its destination from: `sink_floors ␀ sink`, a `SinkFloors`.
+pub fn sink_floors_key(sink: &str) -> Vec<u8> {
+    let mut key = b"sink_floors\0".to_vec();
+    key.extend_from_slice(sink.as_bytes());
+    key
+}
+
+/// This data directory's identity as a publisher, stamped on what it publishes: 8 bytes,
+/// drawn once when the store is created, kept by backups.
+pub const META_PUBLISHER_ID: &[u8] = b"publisher_id";
+
 /// Tracking numbers are `[A-Z0-9]`, so a zero byte cannot occur inside one.
 const SEPARATOR: u8 = 0;
 
@@ -199,6 +210,7 @@ mod tests {
         assert_ne!(source_offset_key("a", 1), source_offset_key("a", 2));
         assert_ne!(source_offset_key("a\u{1}", 0), source_offset_key("a", 1));
         assert!(!sink_cursor_key("kafka").starts_with(META_LAST_SEQUENCE));
+        assert_ne!(sink_cursor_key("kafka"), sink_floors_key("kafka"));
     }
 
     #[test]

@@ -10,6 +10,20 @@ use rocksdb::{IteratorMode, ReadOptions};
 use super::{codec, keys, Store, StoreError};
 use crate::domain::{EventTime, Sequence, TrackingNumber};
 use crate::proto::pb;
+use crate::proto::storage::SinkFloors;
+
+/// 64 bits unlikely to be drawn twice: the time in nanoseconds mixed with the process id
+/// through SplitMix64.
+fn fresh_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut z = nanos ^ (u64::from(std::process::id()) << 32);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 impl Store {
     /// Scans stored, as counted by the writes that store and replace them.
@@ -122,15 +136,53 @@ impl Store {
         }
     }
 
-    /// Records `sink`'s progress. Not synced: after a crash the sink may repeat changes it had
-    /// delivered, which consumers drop by version; it never skips one.
-    pub fn set_sink_cursor(&self, sink: &str, delivered: Sequence) -> Result<(), StoreError> {
-        self.db.put_cf(
-            self.cf(keys::META),
+    /// Records `sink`'s progress, with the floors its recovery reads from when given. Not
+    /// synced: after a crash the sink finds what it delivered beyond the stored cursor by
+    /// reading its destination from the stored floors.
+    pub fn set_sink_position(
+        &self,
+        sink: &str,
+        delivered: Sequence,
+        floors: Option<&SinkFloors>,
+    ) -> Result<(), StoreError> {
+        let meta = self.cf(keys::META);
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(
+            meta,
             keys::sink_cursor_key(sink),
             keys::change_key(delivered),
-        )?;
+        );
+        if let Some(floors) = floors {
+            batch.put_cf(meta, keys::sink_floors_key(sink), floors.encode_to_vec());
+        }
+        self.db.write(batch)?;
         Ok(())
+    }
+
+    /// Where `sink`'s recovery starts reading; empty before its first position is stored.
+    pub fn sink_floors(&self, sink: &str) -> Result<SinkFloors, StoreError> {
+        let key = keys::sink_floors_key(sink);
+        match self.db.get_cf(self.cf(keys::META), &key)? {
+            None => Ok(SinkFloors::default()),
+            Some(v) => SinkFloors::decode(v.as_slice()).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                what: e.to_string(),
+            }),
+        }
+    }
+
+    /// This data directory's identity as a publisher, drawn on first use and kept in `meta`
+    /// (so a backup restored elsewhere publishes as the instance it replaces).
+    pub fn publisher_id(&self) -> Result<u64, StoreError> {
+        let meta = self.cf(keys::META);
+        if let Some(id) = self.meta_u64(keys::META_PUBLISHER_ID)? {
+            return Ok(id);
+        }
+        let id = fresh_id();
+        self.db
+            .put_cf(meta, keys::META_PUBLISHER_ID, id.to_be_bytes())?;
+        self.db.flush_wal(true)?;
+        Ok(id)
     }
 
     /// The stored scans of one shipment, whole and encoded, in timeline order.

@@ -169,6 +169,7 @@ impl Broker {
             .config()
             .set("group.id", format!("test-reader-{}", std::process::id()))
             .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
             .create()
             .expect("consumer");
         let metadata = consumer

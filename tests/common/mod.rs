@@ -65,6 +65,18 @@ impl Daemon {
         config: PathBuf,
         env: Vec<(String, String)>,
     ) -> Daemon {
+        let mut daemon = Self::launch(grpc, admin, data, config, env);
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn launch(
+        grpc: SocketAddr,
+        admin: SocketAddr,
+        data: PathBuf,
+        config: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_scand"))
             .args(["run", "--config"])
             .arg(&config)
@@ -77,16 +89,14 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn scand");
-        let mut daemon = Daemon {
+        Daemon {
             child,
             grpc,
             admin,
             data,
             config,
             env,
-        };
-        daemon.wait_ready();
-        daemon
+        }
     }
 
     /// Starts again on the same ports, data and config.
@@ -104,11 +114,36 @@ impl Daemon {
 
     /// Starts again on the same ports, data and config, with `env` set on top.
     pub fn restart_with_env(mut self, env: &[(&str, &str)]) -> Daemon {
+        self.set_env(env);
+        self.restart()
+    }
+
+    /// Starts again with `env` on top (a fail point that ends the process) and waits, not
+    /// for readiness, but for the process to end by itself; returns its exit status.
+    pub async fn restart_until_exit(
+        mut self,
+        env: &[(&str, &str)],
+        within: Duration,
+    ) -> (Daemon, std::process::ExitStatus) {
+        self.set_env(env);
+        let (grpc, admin, data, config, env) = (
+            self.grpc,
+            self.admin,
+            self.data.clone(),
+            self.config.clone(),
+            self.env.clone(),
+        );
+        drop(self);
+        let mut daemon = Self::launch(grpc, admin, data, config, env);
+        let status = daemon.exit_status(within, "by itself").await;
+        (daemon, status)
+    }
+
+    fn set_env(&mut self, env: &[(&str, &str)]) {
         for (key, value) in env {
             self.env.retain(|(k, _)| k != key);
             self.env.push((key.to_string(), value.to_string()));
         }
-        self.restart()
     }
 
     fn wait_ready(&mut self) {
