@@ -124,7 +124,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // replicates, and where queries for the others are forwarded.
     let ownership = Ownership::default();
     let fleet = if kafka.source.enabled {
-        Some(start_fleet(&config, &readiness, &ownership, &mut kafka_tasks, &shutdown).await?)
+        let publisher = store.publisher_id().map_err(|source| DaemonError::Store {
+            path: config.store.path.display().to_string(),
+            source,
+        })?;
+        let publisher = crate::publish::recovery::publisher_tag(publisher);
+        let instance = (&ownership, publisher);
+        Some(start_fleet(&config, &readiness, instance, &mut kafka_tasks, &shutdown).await?)
     } else {
         None
     };
@@ -455,7 +461,7 @@ fn notify_service_manager(state: sd_notify::NotifyState<'_>) {
 async fn start_fleet(
     config: &Config,
     readiness: &Readiness,
-    ownership: &Ownership,
+    (ownership, publisher): (&Ownership, String),
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
     shutdown: &CancellationToken,
 ) -> Result<(writer::Replication, Router), DaemonError> {
@@ -492,7 +498,7 @@ async fn start_fleet(
     tasks.push(tokio::spawn(members::announce(
         producer,
         source.members_topic.clone(),
-        me.clone(),
+        (me.clone(), publisher),
         ownership.clone(),
         shutdown.clone(),
     )));

@@ -2,11 +2,13 @@
 //! scans topic, a producer keeping up load while instances join, leave gracefully, are killed
 //! (SIGKILL) and restarted (as a supervisor does: tansu does not hand a dead member's
 //! partitions to the others before someone joins), so that every partition changes owner at
-//! least twice. Stall
-//! thresholds are short, so owners stall and sweep shipments all along. At the end:
+//! least twice. Stall thresholds are short, so owners stall and sweep shipments all along. At
+//! the end:
 //! - every record the broker acked is in its shipment's timeline exactly once, whichever
 //!   instance is asked (a query for a partition owned elsewhere is forwarded to its owner),
 //!   and every instance gives the same answer;
+//! - every STALLED on the status topic was committed by an instance while it owned the
+//!   shipment's partition (the members topic tells who owned what, when);
 //! - the members topic shows each partition's moves.
 
 mod common;
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::kafka::Broker;
+use common::kafka::{header, Broker};
 use common::*;
 use prost::Message as _;
 use rdkafka::message::Message as _;
@@ -101,6 +103,36 @@ fn ownership(broker: &Broker) -> (HashMap<i32, String>, HashMap<i32, usize>) {
     (owner, moves)
 }
 
+/// From when until when (unix milliseconds; open while still claimed) one owner held one
+/// partition.
+type Interval = (i64, Option<i64>);
+
+/// When each publisher owned each partition, from the members topic.
+fn ownership_intervals(broker: &Broker) -> HashMap<(String, i32), Vec<Interval>> {
+    let members = broker.consume_until("scand.members", Duration::from_secs(3), |_| false);
+    let mut intervals: HashMap<(String, i32), Vec<Interval>> = HashMap::new();
+    for m in &members {
+        let member = storage::Member::decode(m.payload().unwrap_or_default()).expect("Member");
+        let owned: HashSet<i32> = member.owned.iter().map(|o| o.partition).collect();
+        for partition in 0..PARTITIONS {
+            let list = intervals
+                .entry((member.publisher.clone(), partition))
+                .or_default();
+            let open = list.last().is_some_and(|(_, until)| until.is_none());
+            match (owned.contains(&partition), open) {
+                (true, false) => list.push((member.at_unix_ms, None)),
+                (false, true) => {
+                    if let Some(last) = list.last_mut() {
+                        last.1 = Some(member.at_unix_ms);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    intervals
+}
+
 /// Waits until the running instances own every partition between them, each some.
 async fn wait_spread(daemons: &[&Daemon], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -171,14 +203,21 @@ async fn a_fleet_under_load_through_joins_leaves_and_kills_loses_nothing_and_ans
     let a = restart_after_session_timeout(a).await;
     wait_spread(&[&a, &b, &c], "A was killed and restarted").await;
 
-    // Until every partition has changed owner twice, the owner of one that has not leaves
-    // gracefully and comes back.
+    // Until every partition has changed owner twice (and for `FLEET_CHURN_ROUNDS` rounds at
+    // least: the soak, scripts/fleet-soak.sh), the owner of the partition that moved least
+    // leaves gracefully and comes back.
+    let rounds: usize = std::env::var("FLEET_CHURN_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut fleet = vec![a, b, c];
-    for _ in 0..2 * PARTITIONS {
+    for round in 0..rounds.max(2 * PARTITIONS as usize) {
         let (owner, moves) = ownership(&broker);
-        let Some(lagging) = (0..PARTITIONS).find(|p| moves.get(p).copied().unwrap_or(0) < 2) else {
+        let moved = |p: &i32| moves.get(p).copied().unwrap_or(0);
+        let lagging = (0..PARTITIONS).min_by_key(moved).unwrap_or_default();
+        if round >= rounds && moved(&lagging) >= 2 {
             break;
-        };
+        }
         let i = fleet
             .iter()
             .position(|d| owner.get(&lagging) == Some(&d.url()))
@@ -234,16 +273,67 @@ async fn a_fleet_under_load_through_joins_leaves_and_kills_loses_nothing_and_ans
                 assert_eq!(shipments[0], shipments[2], "{number}: A and C differ");
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{number}: acked scans missing or answers differ: {answers:?}"
-            );
+            if Instant::now() >= deadline {
+                let partition = scand::kafka::partition_of(number.as_bytes(), PARTITIONS);
+                let kafka: Vec<String> = fleet
+                    .iter()
+                    .flat_map(|d| {
+                        let url = d.url();
+                        d.metrics()
+                            .lines()
+                            .filter(|l| l.starts_with("scand_kafka") && !l.contains("bucket"))
+                            .map(|l| format!("{url} {l}"))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                panic!(
+                    "{number} (partition {partition}): acked {ids:?} missing or answers \
+                     differ: {answers:?}\n{kafka:#?}"
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
+    // Every STALLED on the status topic was committed while its publisher owned the
+    // shipment's partition (from its claim, announced within moments, to its release).
+    let intervals = ownership_intervals(&broker);
+    let status = broker.consume_until("shipments.status", Duration::from_secs(5), |_| false);
+    let mut stalled = 0;
+    for m in &status {
+        let change =
+            pb::StatusChange::decode(m.payload().unwrap_or_default()).expect("StatusChange");
+        if change.status != pb::Status::Stalled as i32 {
+            continue;
+        }
+        stalled += 1;
+        let publisher = header(m, "scand-publisher").expect("publisher header");
+        let partition = scand::kafka::partition_of(change.tracking_number.as_bytes(), PARTITIONS);
+        let committed = change.committed_time.expect("committed time");
+        let at = committed.seconds * 1000 + i64::from(committed.nanos) / 1_000_000;
+        let owned = intervals
+            .get(&(publisher.clone(), partition))
+            .is_some_and(|list| {
+                list.iter()
+                    .any(|(from, until)| from - 2000 <= at && until.is_none_or(|u| at <= u))
+            });
+        assert!(
+            owned,
+            "{} stalled by {publisher} at {at}, which did not own partition {partition}: {:?}",
+            change.tracking_number,
+            intervals.get(&(publisher.clone(), partition))
+        );
+    }
+    assert!(stalled > 0, "the sweeps stalled shipments during the run");
+
     // Each partition changed owner at least twice, as the members topic tells.
     let (_, moves) = ownership(&broker);
+    eprintln!(
+        "fleet tally: {acked_total} scans acked for {} shipments, each in its timeline once on \
+         all 3 instances; {stalled} STALLED, each committed by the partition's owner; moves \
+         per partition {moves:?}",
+        acked.len()
+    );
     for partition in 0..PARTITIONS {
         assert!(
             moves.get(&partition).copied().unwrap_or(0) >= 2,

@@ -8,9 +8,11 @@
 //!
 //! Invariants:
 //! - Only an owned partition's records are applied, its shipments swept and its state sent.
-//! - Output for a partition (a changelog snapshot) is sent under an [`OutputGuard`]; releasing
-//!   the partition waits for the guards taken before it, so once [`Ownership::release`]
-//!   returns, nothing this instance does reaches Kafka for that partition.
+//! - Output for a partition (a changelog snapshot) is taken under an [`OutputGuard`] when it is
+//!   made, while the partition is owned, and sent only while its guard is open: a release
+//!   waits (bounded) for the guards taken before it, so what was queued is still delivered,
+//!   then closes them, so once [`Ownership::release`] returns, nothing this instance does
+//!   reaches Kafka for that partition.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,8 +35,11 @@ enum Claim {
 #[derive(Debug, Default)]
 struct Partitions {
     claims: HashMap<(String, i32), Claim>,
-    /// Output for each partition that is being sent now.
+    /// Output for each partition that is queued or being sent now.
     sending: HashMap<(String, i32), usize>,
+    /// The claim whose guards may still send, per partition: from the claim until its release
+    /// has waited.
+    open: HashMap<(String, i32), Generation>,
     last_generation: u64,
 }
 
@@ -50,6 +55,7 @@ pub struct Ownership {
 pub struct OutputGuard {
     partitions: Arc<Mutex<Partitions>>,
     key: (String, i32),
+    generation: Generation,
 }
 
 impl Drop for OutputGuard {
@@ -77,9 +83,9 @@ impl Ownership {
         let mut partitions = lock(&self.partitions);
         partitions.last_generation += 1;
         let generation = Generation(partitions.last_generation);
-        partitions
-            .claims
-            .insert((topic.to_owned(), partition), Claim::Restoring(generation));
+        let key = (topic.to_owned(), partition);
+        partitions.open.insert(key.clone(), generation);
+        partitions.claims.insert(key, Claim::Restoring(generation));
         generation
     }
 
@@ -96,21 +102,29 @@ impl Ownership {
         }
     }
 
-    /// Kafka revoked the partition: from now on nothing of it is applied, swept or sent. Waits
-    /// (at most `wait`) for output already on its way; `false` if some was still unfinished.
+    /// Kafka revoked the partition: from now on nothing of it is applied or swept, and no new
+    /// output is made. Waits (at most `wait`) for the output made before, queued or on its
+    /// way, then closes its guards: what is left is never sent. `false` if some was left.
     pub fn release(&self, topic: &str, partition: i32, wait: Duration) -> bool {
         let key = (topic.to_owned(), partition);
         lock(&self.partitions).claims.remove(&key);
         let deadline = Instant::now() + wait;
-        loop {
+        let drained = loop {
             if !lock(&self.partitions).sending.contains_key(&key) {
-                return true;
+                break true;
             }
             if Instant::now() >= deadline {
-                return false;
+                break false;
             }
             std::thread::sleep(Duration::from_millis(5));
-        }
+        };
+        lock(&self.partitions).open.remove(&key);
+        drained
+    }
+
+    /// Whether output made under `guard` may still be sent: its claim is not released.
+    pub fn is_open(&self, guard: &OutputGuard) -> bool {
+        lock(&self.partitions).open.get(&guard.key) == Some(&guard.generation)
     }
 
     /// Whether the current claim of the partition is `generation` (owned or restoring).
@@ -169,17 +183,19 @@ impl Ownership {
         owned
     }
 
-    /// A guard to send output for the partition under, if it is owned: a release waits for it.
+    /// A guard to make and send output for the partition under, if it is owned: a release
+    /// waits for it, then closes it.
     pub fn guard(&self, topic: &str, partition: i32) -> Option<OutputGuard> {
         let key = (topic.to_owned(), partition);
         let mut partitions = lock(&self.partitions);
-        if !matches!(partitions.claims.get(&key), Some(Claim::Owned { .. })) {
+        let Some(Claim::Owned { generation, .. }) = partitions.claims.get(&key).copied() else {
             return None;
-        }
+        };
         *partitions.sending.entry(key.clone()).or_default() += 1;
         Some(OutputGuard {
             partitions: self.partitions.clone(),
             key,
+            generation,
         })
     }
 }
@@ -234,18 +250,24 @@ mod tests {
         assert!(ownership.confirm("scans", 3, claim, 0));
         let guard = ownership.guard("scans", 3).expect("owned");
 
-        // The guard is held past the wait: the release says so, and the partition is gone.
+        // The guard is held past the wait: the release says so, closes it, and the partition
+        // is gone.
+        assert!(ownership.is_open(&guard));
         assert!(!ownership.release("scans", 3, Duration::from_millis(20)));
+        assert!(!ownership.is_open(&guard), "what is left is never sent");
         assert!(ownership.guard("scans", 3).is_none());
+        drop(guard);
 
         let claim = ownership.claim("scans", 3);
         assert!(ownership.confirm("scans", 3, claim, 0));
+        let guard = ownership.guard("scans", 3).expect("owned");
         let releaser = {
             let ownership = ownership.clone();
             std::thread::spawn(move || ownership.release("scans", 3, Duration::from_secs(10)))
         };
         std::thread::sleep(Duration::from_millis(30));
         assert!(!releaser.is_finished(), "the release waits for the guard");
+        assert!(ownership.is_open(&guard), "and it may still send meanwhile");
         drop(guard);
         assert!(releaser.join().expect("release thread"));
     }

@@ -28,9 +28,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::ownership::{Generation, Ownership};
+use crate::domain::ownership::{Generation, OutputGuard, Ownership};
 use crate::kafka::{self as client, Cluster, LoggingContext};
-use crate::store::writer::{Assembler, Snapshot, WriterHandle};
+use crate::store::writer::{Assembler, Outgoing, Snapshot, WriterHandle};
 use crate::store::StoreError;
 use crate::telemetry::admin::OutputHealth;
 use crate::telemetry::metrics as m;
@@ -78,7 +78,7 @@ pub fn producer(cluster: &Cluster) -> Result<FutureProducer<LoggingContext>, Kaf
 /// with backoff, counted, and told to readiness; meanwhile the writer waits once the queue of
 /// snapshots is full (backpressure, not a silent gap in the changelog).
 pub async fn run(
-    mut snapshots: mpsc::Receiver<Snapshot>,
+    mut snapshots: mpsc::Receiver<Outgoing>,
     producer: FutureProducer<LoggingContext>,
     topic: String,
     ownership: Ownership,
@@ -86,20 +86,21 @@ pub async fn run(
     health: OutputHealth,
     shutdown: CancellationToken,
 ) {
-    while let Some(whole) = snapshots.recv().await {
-        for snapshot in whole.into_pieces(max_record_bytes) {
-            send(&producer, &topic, &snapshot, &ownership, &health, &shutdown).await;
+    while let Some(Outgoing { snapshot, guard }) = snapshots.recv().await {
+        for piece in snapshot.into_pieces(max_record_bytes) {
+            let output = (&ownership, &guard);
+            send(&producer, &topic, &piece, output, &health, &shutdown).await;
         }
     }
 }
 
-/// Sends one changelog record, retrying until it is delivered, its partition is no longer
-/// owned here, or the daemon stops.
+/// Sends one changelog record, retrying until it is delivered, its guard is closed (the
+/// partition's release has waited for it), or the daemon stops.
 async fn send(
     producer: &FutureProducer<LoggingContext>,
     topic: &str,
     snapshot: &Snapshot,
-    ownership: &Ownership,
+    (ownership, guard): (&Ownership, &OutputGuard),
     health: &OutputHealth,
     shutdown: &CancellationToken,
 ) {
@@ -107,10 +108,10 @@ async fn send(
     let key = snapshot.key();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let Some(_guard) = ownership.guard(&snapshot.topic, snapshot.partition) else {
+        if !ownership.is_open(guard) {
             metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "fenced").increment(1);
             break;
-        };
+        }
         let record = FutureRecord::to(topic)
             .key(key.as_bytes())
             .partition(snapshot.partition)

@@ -146,12 +146,13 @@ pub fn producer(
     .create_with_context(LoggingContext)
 }
 
-/// Announces this instance to the members topic whenever the partitions it owns change, and
-/// every [`HEARTBEAT`]; at shutdown, once more owning nothing.
+/// Announces this instance (where it answers, and its publisher id) to the members topic
+/// whenever the partitions it owns change, and every [`HEARTBEAT`]; at shutdown, once more
+/// owning nothing.
 pub async fn announce(
     producer: FutureProducer<LoggingContext>,
     topic: String,
-    url: String,
+    (url, publisher): (String, String),
     ownership: Ownership,
     shutdown: CancellationToken,
 ) {
@@ -167,21 +168,22 @@ pub async fn announce(
             Some((last, at)) => *last != owned || at.elapsed() >= HEARTBEAT,
             None => true,
         };
-        if due && send(&producer, &topic, &url, &owned).await {
+        if due && send(&producer, &topic, (&url, &publisher), &owned).await {
             announced = Some((owned, std::time::Instant::now()));
         }
     }
-    send(&producer, &topic, &url, &[]).await;
+    send(&producer, &topic, (&url, &publisher), &[]).await;
 }
 
 async fn send(
     producer: &FutureProducer<LoggingContext>,
     topic: &str,
-    url: &str,
+    (url, publisher): (&str, &str),
     owned: &[(String, i32)],
 ) -> bool {
     let member = Member {
         url: url.to_owned(),
+        publisher: publisher.to_owned(),
         owned: owned
             .iter()
             .map(|(topic, partition)| OwnedPartition {
@@ -288,6 +290,7 @@ mod tests {
                 })
                 .collect(),
             at_unix_ms: unix_ms(at),
+            publisher: String::new(),
         }
     }
 

@@ -27,6 +27,7 @@ pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "scand_kafka_dead_letters_total";
 pub const KAFKA_DEAD_LETTER_ERRORS_TOTAL: &str = "scand_kafka_dead_letter_errors_total";
 pub const KAFKA_PARTITIONS_ASSIGNED: &str = "scand_kafka_partitions_assigned";
 pub const KAFKA_RESTORED_SHIPMENTS_TOTAL: &str = "scand_kafka_restored_shipments_total";
+pub const KAFKA_RECORDS_REREAD_TOTAL: &str = "scand_kafka_records_reread_total";
 pub const KAFKA_RESTORE_SECONDS: &str = "scand_kafka_restore_seconds";
 pub const KAFKA_RECORDS_FENCED_TOTAL: &str = "scand_kafka_records_fenced_total";
 pub const KAFKA_RECORDS_REROUTED_TOTAL: &str = "scand_kafka_records_rerouted_total";
@@ -176,6 +177,11 @@ fn describe() {
         KAFKA_RESTORED_SHIPMENTS_TOTAL,
         Unit::Count,
         "Shipments installed from the changelog on partition assignment."
+    );
+    describe_counter!(
+        KAFKA_RECORDS_REREAD_TOTAL,
+        Unit::Count,
+        "Records read again after a restore: applied here before, but not replicated to the changelog."
     );
     describe_histogram!(
         KAFKA_RESTORE_SECONDS,

@@ -44,7 +44,7 @@ use crate::engine::retention::{Removed, RetentionPolicy};
 use crate::engine::stall::StallPolicy;
 use crate::engine::{Engine, Outcome};
 use crate::telemetry::metrics as m;
-pub use replicate::{Assembler, Snapshot};
+pub use replicate::{Assembler, Outgoing, Snapshot};
 pub use sweep::{run_sweeper, ChangeLogRetention, Swept};
 use syncer::{Signals, SweepAnswer, Syncer, Written, SYNC_QUEUE_GROUPS};
 
@@ -233,7 +233,7 @@ struct Writer {
 /// durable write, and the fence saying which partitions this instance owns.
 #[derive(Clone)]
 pub struct Replication {
-    pub snapshots: mpsc::Sender<Snapshot>,
+    pub snapshots: mpsc::Sender<Outgoing>,
     pub ownership: Ownership,
 }
 

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use prost::Message;
 
 use super::{Request, Writer};
+use crate::domain::ownership::OutputGuard;
 use crate::domain::scan::ValidScan;
 use crate::domain::{Origin, TrackingNumber};
 use crate::engine::ShipmentState;
@@ -17,6 +18,14 @@ use crate::store::StoreError;
 /// A changelog record (`scand.storage.v1.Snapshot`): one shipment's stored record, scans
 /// included, after a durable write, with the partition position the state covers; or a marker.
 pub use crate::proto::storage::Snapshot;
+
+/// A snapshot on its way to the changelog, under the guard of the claim it was made under: a
+/// release of the partition waits for it, and it is dropped once the release has waited.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub snapshot: Snapshot,
+    pub guard: OutputGuard,
+}
 
 impl Snapshot {
     /// Marks a partition's state complete up to `next_offset` (no shipment: empty number).
@@ -154,7 +163,7 @@ impl Writer {
     pub(super) fn owned_snapshots(
         &self,
         shipments: &[(TrackingNumber, ShipmentState)],
-    ) -> Result<Vec<Snapshot>, StoreError> {
+    ) -> Result<Vec<Outgoing>, StoreError> {
         let mut snapshots = Vec::new();
         for (number, state) in shipments {
             let Some(owner) = &state.owner else { continue };
@@ -165,16 +174,27 @@ impl Writer {
                 .store
                 .source_offset(&owner.topic, owner.partition)?
                 .unwrap_or_default();
-            snapshots.push(Snapshot {
+            snapshots.extend(self.guarded(Snapshot {
                 tracking_number: number.to_string(),
                 topic: owner.topic.clone(),
                 partition: owner.partition,
                 next_offset,
                 record,
                 ..Snapshot::default()
-            });
+            }));
         }
         Ok(snapshots)
+    }
+
+    /// The snapshot under a guard of its partition's claim; none when the partition is not
+    /// owned here (any longer).
+    fn guarded(&self, snapshot: Snapshot) -> Option<Outgoing> {
+        let guard = self
+            .replication
+            .as_ref()?
+            .ownership
+            .guard(&snapshot.topic, snapshot.partition)?;
+        Some(Outgoing { snapshot, guard })
     }
 
     /// The state of every shipment of the group that a source partition owns, for the
@@ -184,7 +204,7 @@ impl Writer {
         &self,
         group: &[Request],
         scans: &[&ValidScan],
-    ) -> Result<Vec<Snapshot>, StoreError> {
+    ) -> Result<Vec<Outgoing>, StoreError> {
         let mut owned: HashMap<&TrackingNumber, &Origin> = HashMap::new();
         for scan in scans {
             if let Some(origin) = &scan.origin {
@@ -205,14 +225,14 @@ impl Writer {
             let Some(record) = self.store.shipment_record(number)? else {
                 continue;
             };
-            snapshots.push(Snapshot {
+            snapshots.extend(self.guarded(Snapshot {
                 tracking_number: number.to_string(),
                 topic: origin.topic.clone(),
                 partition: origin.partition,
                 next_offset: next_offset(&origin.topic, origin.partition),
                 record,
                 ..Snapshot::default()
-            });
+            }));
         }
         let mut partitions: Vec<(&str, i32)> = group
             .iter()
@@ -222,11 +242,11 @@ impl Writer {
         partitions.sort_unstable();
         partitions.dedup();
         for (topic, partition) in partitions {
-            snapshots.push(Snapshot::marker(
+            snapshots.extend(self.guarded(Snapshot::marker(
                 topic,
                 partition,
                 next_offset(topic, partition),
-            ));
+            )));
         }
         Ok(snapshots)
     }

@@ -9,6 +9,7 @@ use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 use super::{Snapshot, Writer};
 use crate::domain::TrackingNumber;
 use crate::store::{codec, keys, StoreError};
+use crate::telemetry::metrics as m;
 
 /// Most parked deadlines one resume job puts back: it holds the writer like a group does.
 const UNPARK_CHUNK: usize = 1_024;
@@ -82,10 +83,14 @@ impl Writer {
         Ok(restored.len())
     }
 
-    /// Stores where the partition resumes: `resume` (the last complete-state marker of the
-    /// changelog), unless the state here is further along. Then puts back up to
-    /// [`UNPARK_CHUNK`] of the partition's parked deadlines at the deadline each shipment's
-    /// record holds. One synced write; returns the offset and whether more are parked.
+    /// Stores where the partition resumes: `resume`, the changelog's last complete-state
+    /// marker, even when the state here is further along: what this instance applied past
+    /// the marker was never replicated (its snapshots were left at a release that could not
+    /// wait for them, or lost in a crash), so those records are read again (their scans come
+    /// back as duplicates) and their shipments replicated; resuming further would leave the
+    /// next owner without them. Then puts back up to [`UNPARK_CHUNK`] of the partition's
+    /// parked deadlines at the deadline each shipment's record holds. One synced write;
+    /// returns the offset and whether more are parked.
     pub(super) fn resume(
         &mut self,
         topic: &str,
@@ -93,10 +98,17 @@ impl Writer {
         resume: i64,
     ) -> Result<(i64, bool), StoreError> {
         let store = &self.store;
-        let from = match store.source_offset(topic, partition)? {
-            Some(local) => local.max(resume),
-            None => resume,
-        };
+        let from = resume;
+        if let Some(local) = store.source_offset(topic, partition)?.filter(|l| *l > from) {
+            metrics::counter!(m::KAFKA_RECORDS_REREAD_TOTAL).increment((local - from) as u64);
+            tracing::info!(
+                topic,
+                partition,
+                from,
+                local,
+                "state applied here past the changelog is read again to be replicated"
+            );
+        }
         let index = store.cf(keys::STALL_DEADLINES);
         let mut batch = WriteBatch::default();
         batch.put_cf(

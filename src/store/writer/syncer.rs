@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Request, Snapshot};
+use super::{Outgoing, Request};
 use crate::domain::Sequence;
 use crate::engine::retention::Removed;
 use crate::engine::Outcome;
@@ -77,7 +77,7 @@ impl Signals {
 pub(super) struct Applied {
     pub(super) outcomes: Vec<Vec<Outcome>>,
     pub(super) sequence: Sequence,
-    pub(super) snapshots: Vec<Snapshot>,
+    pub(super) snapshots: Vec<Outgoing>,
 }
 
 /// A group written to RocksDB, waiting for the WAL sync that makes it durable. A sweep
@@ -100,7 +100,7 @@ pub(super) struct SweepAnswer {
 pub(super) struct Syncer {
     pub(super) store: Store,
     pub(super) signals: Arc<Signals>,
-    pub(super) changelog: Option<mpsc::Sender<Snapshot>>,
+    pub(super) changelog: Option<mpsc::Sender<Outgoing>>,
 }
 
 impl Syncer {
@@ -166,7 +166,7 @@ impl Syncer {
 
     /// The group is durable whatever happens here: a missed snapshot only means the next owner
     /// of the partition resumes earlier and re-applies those scans itself.
-    fn send_snapshots(&self, snapshots: Vec<Snapshot>) {
+    fn send_snapshots(&self, snapshots: Vec<Outgoing>) {
         let Some(changelog) = &self.changelog else {
             return;
         };
