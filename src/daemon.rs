@@ -499,7 +499,10 @@ async fn start_fleet(
         producer,
         source.members_topic.clone(),
         (me.clone(), publisher),
-        ownership.clone(),
+        (
+            ownership.clone(),
+            readiness.output("members topic", kafka.unready_after),
+        ),
         shutdown.clone(),
     )));
     let directory = members::Directory::default();

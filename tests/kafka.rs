@@ -906,3 +906,85 @@ async fn an_unwritable_dead_letter_topic_holds_the_partition_instead_of_dropping
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload(), Some(b"poison".as_slice()));
 }
+
+/// Polls `/readyz` until its answer satisfies `want`; the last answer.
+async fn readiness_until(
+    daemon: &Daemon,
+    within: Duration,
+    want: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = http_get(daemon.admin, "/readyz").unwrap_or((0, String::new()));
+        if want(answer.0, &answer.1) || Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_for_a_minute_during_a_rebalance_loses_nothing_and_repeats_nothing() {
+    let broker = Broker::start();
+    topics(&broker).await;
+    let config = kafka_config(&broker, true, true);
+    let env = [("SCAND_KAFKA__UNREADY_AFTER", "5s")];
+    let journeys = |prefix: &str| -> Vec<Record> {
+        (0..20)
+            .flat_map(|s| {
+                let number = format!("{prefix}{s:06}");
+                journey(&number, &number)
+                    .into_iter()
+                    .map(move |scan| (scan.tracking_number.clone(), scan.encode_to_vec(), vec![]))
+            })
+            .collect()
+    };
+    broker.produce("scans.raw", &journeys("KDA")).await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_with_env(&dir_a.path().join("data"), &config, &env);
+    wait_all_delivered(&a, "KDA", 20, Duration::from_secs(60)).await;
+
+    // B joins, and the broker stops answering while the group rebalances.
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = Daemon::start_with_env(&dir_b.path().join("data"), &config, &env);
+    broker.pause();
+    let outage = Instant::now();
+    for (name, daemon) in [("A", &a), ("B", &b)] {
+        let (code, body) =
+            readiness_until(daemon, Duration::from_secs(40), |code, _| code == 503).await;
+        assert_eq!(code, 503, "{name} says ready with the broker down: {body}");
+        assert!(
+            body.contains("members topic writes have failed"),
+            "{name}'s reason: {body}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(outage.elapsed())).await;
+    broker.resume();
+
+    // Back: both ready again, the partitions spread, new scans applied once, nothing lost.
+    for (name, daemon) in [("A", &a), ("B", &b)] {
+        let (code, body) =
+            readiness_until(daemon, Duration::from_secs(60), |code, _| code == 200).await;
+        assert_eq!(
+            code, 200,
+            "{name} not ready after the broker came back: {body}"
+        );
+    }
+    broker.produce("scans.raw", &journeys("KDB")).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let owned_a = metric_value(&a.metrics(), "scand_kafka_partitions_assigned");
+        let owned_b = metric_value(&b.metrics(), "scand_kafka_partitions_assigned");
+        if owned_a > 0 && owned_b > 0 && owned_a + owned_b == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions not spread after the outage: A owns {owned_a}, B owns {owned_b}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut versions = wait_all_delivered(&a, "KDA", 20, Duration::from_secs(60)).await;
+    versions.extend(wait_all_delivered(&b, "KDB", 20, Duration::from_secs(90)).await);
+    check_status_topic(&broker, &versions);
+}

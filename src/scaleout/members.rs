@@ -26,6 +26,7 @@ use crate::domain::ownership::Ownership;
 use crate::domain::TrackingNumber;
 use crate::kafka::{self as client, Cluster, LoggingContext};
 use crate::proto::storage::{Member, OwnedPartition};
+use crate::telemetry::admin::OutputHealth;
 
 /// How often an instance announces itself when nothing changed.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -141,7 +142,12 @@ pub fn producer(
     client::client_config(
         cluster,
         &cluster.producer,
-        &[("enable.idempotence", "false"), ("acks", "all")],
+        // A heartbeat not delivered within this is a failure, told to readiness.
+        &[
+            ("enable.idempotence", "false"),
+            ("acks", "all"),
+            ("message.timeout.ms", "5000"),
+        ],
     )
     .create_with_context(LoggingContext)
 }
@@ -153,7 +159,7 @@ pub async fn announce(
     producer: FutureProducer<LoggingContext>,
     topic: String,
     (url, publisher): (String, String),
-    ownership: Ownership,
+    (ownership, health): (Ownership, OutputHealth),
     shutdown: CancellationToken,
 ) {
     let mut announced: Option<(Vec<(String, i32)>, std::time::Instant)> = None;
@@ -168,11 +174,20 @@ pub async fn announce(
             Some((last, at)) => *last != owned || at.elapsed() >= HEARTBEAT,
             None => true,
         };
-        if due && send(&producer, &topic, (&url, &publisher), &owned).await {
-            announced = Some((owned, std::time::Instant::now()));
+        if due {
+            match send(&producer, &topic, (&url, &publisher), &owned).await {
+                Ok(()) => {
+                    health.delivered();
+                    announced = Some((owned, std::time::Instant::now()));
+                }
+                // The heartbeat makes this the instance's sign of a broker it cannot reach.
+                Err(error) => health.failed(&error),
+            }
         }
     }
-    send(&producer, &topic, (&url, &publisher), &[]).await;
+    if let Err(error) = send(&producer, &topic, (&url, &publisher), &[]).await {
+        tracing::warn!(%error, topic, "leaving without telling the members topic");
+    }
 }
 
 async fn send(
@@ -180,7 +195,7 @@ async fn send(
     topic: &str,
     (url, publisher): (&str, &str),
     owned: &[(String, i32)],
-) -> bool {
+) -> Result<(), rdkafka::error::KafkaError> {
     let member = Member {
         url: url.to_owned(),
         publisher: publisher.to_owned(),
@@ -196,10 +211,10 @@ async fn send(
     let payload = member.encode_to_vec();
     let record = FutureRecord::to(topic).key(url).payload(&payload);
     match producer.send(record, Duration::from_secs(5)).await {
-        Ok(_) => true,
+        Ok(_) => Ok(()),
         Err((error, _)) => {
             tracing::warn!(%error, topic, "membership not announced; retrying");
-            false
+            Err(error)
         }
     }
 }
