@@ -37,6 +37,10 @@ use crate::telemetry::metrics as m;
 
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Snapshots handed to the producer at once before their delivery reports are awaited: one
+/// awaited at a time, the producer's linger alone held a partition to ~200 snapshots a second.
+const WINDOW: usize = 512;
+
 /// Snapshots one restore job installs: what a restore holds in memory at most.
 const RESTORE_CHUNK: usize = 1_000;
 
@@ -70,13 +74,24 @@ pub enum RestoreError {
 /// The changelog's producer: idempotent, with deliveries bounded by [`DELIVERY_TIMEOUT`].
 pub fn producer(cluster: &Cluster) -> Result<FutureProducer<LoggingContext>, KafkaError> {
     let timeout = DELIVERY_TIMEOUT.as_millis().to_string();
-    client::idempotent_producer_with(cluster, &[("message.timeout.ms", timeout.as_str())])
+    client::idempotent_producer_with(
+        cluster,
+        &[
+            ("message.timeout.ms", timeout.as_str()),
+            // One record a batch, pipelined: tansu 0.6 reads a partition of multi-record
+            // batches back short (a restore found one snapshot of many).
+            ("batch.num.messages", "1"),
+            ("linger.ms", "0"),
+        ],
+    )
 }
 
 /// Produces the snapshots of owned partitions in order until the writer stops sending them;
-/// a snapshot of a partition not owned (any longer) is dropped. A failed write is retried
-/// with backoff, counted, and told to readiness; meanwhile the writer waits once the queue of
-/// snapshots is full (backpressure, not a silent gap in the changelog).
+/// a snapshot whose guard is closed (its partition released here) is dropped. Up to
+/// [`WINDOW`] snapshots are handed to the producer before their delivery reports are
+/// awaited. A failed write is retried with backoff, counted, and told to readiness;
+/// meanwhile the writer waits once the queue of snapshots is full (backpressure, not a
+/// silent gap in the changelog).
 pub async fn run(
     mut snapshots: mpsc::Receiver<Outgoing>,
     producer: FutureProducer<LoggingContext>,
@@ -86,63 +101,101 @@ pub async fn run(
     health: OutputHealth,
     shutdown: CancellationToken,
 ) {
-    while let Some(Outgoing { snapshot, guard }) = snapshots.recv().await {
-        for piece in snapshot.into_pieces(max_record_bytes) {
-            let output = (&ownership, &guard);
-            send(&producer, &topic, &piece, output, &health, &shutdown).await;
+    while let Some(first) = snapshots.recv().await {
+        let mut outgoing = vec![first];
+        while outgoing.len() < WINDOW {
+            match snapshots.try_recv() {
+                Ok(next) => outgoing.push(next),
+                Err(_) => break,
+            }
         }
+        let (whole, guards): (Vec<Snapshot>, Vec<OutputGuard>) =
+            outgoing.into_iter().map(|o| (o.snapshot, o.guard)).unzip();
+        let pieces: Vec<(usize, Snapshot)> = whole
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                s.into_pieces(max_record_bytes)
+                    .into_iter()
+                    .map(move |p| (i, p))
+            })
+            .collect();
+        let output = (&ownership, guards.as_slice());
+        deliver(&producer, &topic, &pieces, output, &health, &shutdown).await;
     }
 }
 
-/// Sends one changelog record, retrying until it is delivered, its guard is closed (the
-/// partition's release has waited for it), or the daemon stops.
-async fn send(
+/// Sends `pieces` (each with the index of its guard) in order, all handed to the producer
+/// before their reports are awaited, until each is delivered, its guard is closed, or the
+/// daemon stops. After a failure, everything from the failed piece on is sent again, in
+/// order, so a shipment's latest state stays the last on the log.
+async fn deliver(
     producer: &FutureProducer<LoggingContext>,
     topic: &str,
-    snapshot: &Snapshot,
-    (ownership, guard): (&Ownership, &OutputGuard),
+    pieces: &[(usize, Snapshot)],
+    (ownership, guards): (&Ownership, &[OutputGuard]),
     health: &OutputHealth,
     shutdown: &CancellationToken,
 ) {
-    let payload = snapshot.encode_to_vec();
-    let key = snapshot.key();
+    let mut from = 0;
     let mut backoff = Duration::from_millis(100);
     loop {
-        if !ownership.is_open(guard) {
-            metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "fenced").increment(1);
-            break;
+        let mut pending = Vec::with_capacity(pieces.len() - from);
+        for (index, (owner, piece)) in pieces.iter().enumerate().skip(from) {
+            if !guards.get(*owner).is_some_and(|g| ownership.is_open(g)) {
+                metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "fenced").increment(1);
+                continue;
+            }
+            let payload = piece.encode_to_vec();
+            let key = piece.key();
+            let record = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .partition(piece.partition)
+                .payload(&payload);
+            let sent = match injected_failure() {
+                Some(error) => Err(error),
+                None => producer.send_result(record).map_err(|(error, _)| error),
+            };
+            let refused = sent.is_err();
+            pending.push((index, sent));
+            if refused {
+                break;
+            }
         }
-        let record = FutureRecord::to(topic)
-            .key(key.as_bytes())
-            .partition(snapshot.partition)
-            .payload(&payload);
-        let sent = match injected_failure() {
-            Some(error) => Err(error),
-            None => producer
-                .send(record, Duration::from_secs(5))
-                .await
-                .map(|_| ())
-                .map_err(|(error, _)| error),
+        let mut failed = None;
+        for (index, sent) in pending {
+            let result = match sent {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((error, _))) => Err(error),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(error) => Err(error),
+            };
+            match (result, &failed) {
+                (Ok(()), None) => {
+                    metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "sent").increment(1);
+                }
+                (Err(error), None) => failed = Some((index, error)),
+                // Sent again from the failed piece on.
+                (_, Some(_)) => {}
+            }
+        }
+        let Some((index, error)) = failed else {
+            health.delivered();
+            return;
         };
-        match sent {
-            Ok(()) => {
-                metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "sent").increment(1);
-                health.delivered();
-                break;
-            }
-            Err(error) if !shutdown.is_cancelled() => {
-                metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "error").increment(1);
-                health.failed(&error);
-                tracing::warn!(%error, retry_in = ?backoff, "changelog write failed; retrying");
-            }
-            Err(error) => {
-                // The next owner resumes from an earlier offset instead; nothing is lost.
-                tracing::warn!(%error, "changelog write abandoned at shutdown");
-                break;
-            }
+        if shutdown.is_cancelled() {
+            // The next owner resumes from an earlier offset instead; nothing is lost.
+            tracing::warn!(%error, "changelog write abandoned at shutdown");
+            return;
         }
+        metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "error").increment(1);
+        health.failed(&error);
+        tracing::warn!(%error, retry_in = ?backoff, "changelog write failed; retrying");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(RETRY_MAX);
+        from = index;
     }
 }
 
