@@ -7,6 +7,8 @@
 //! - every record the broker acked is in its shipment's timeline exactly once, whichever
 //!   instance is asked (a query for a partition owned elsewhere is forwarded to its owner),
 //!   and every instance gives the same answer;
+//! - every version of every shipment is on the status topic (how many a second time is
+//!   tallied: the limit docs/ARCHITECTURE.md names);
 //! - every STALLED on the status topic was committed by an instance while it owned the
 //!   shipment's partition (the members topic tells who owned what, when);
 //! - the members topic shows each partition's moves.
@@ -295,10 +297,50 @@ async fn a_fleet_under_load_through_joins_leaves_and_kills_loses_nothing_and_ans
         }
     }
 
+    // Once the last stalls are swept (threshold 8 s), every version of every shipment is on
+    // the status topic: (tracking number, journey) → versions 1..=n, none missing.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut last: HashMap<(String, u32), u64> = HashMap::new();
+    for number in acked.keys() {
+        let shipment = get_shipment(&mut clients[0], number)
+            .await
+            .expect("answered");
+        last.insert((number.clone(), shipment.journey), shipment.version);
+    }
+    let versions_of = |messages: &[rdkafka::message::OwnedMessage]| {
+        let mut versions: HashMap<(String, u32), Vec<u64>> = HashMap::new();
+        for m in messages {
+            let change =
+                pb::StatusChange::decode(m.payload().unwrap_or_default()).expect("StatusChange");
+            versions
+                .entry((change.tracking_number, change.journey))
+                .or_default()
+                .push(change.version);
+        }
+        versions
+    };
+    let status = broker.consume_until("shipments.status", Duration::from_secs(60), |m| {
+        let versions = versions_of(m);
+        last.iter()
+            .all(|(key, n)| versions.get(key).is_some_and(|v| v.contains(n)))
+    });
+    let mut repeated = 0;
+    for (key, mut versions) in versions_of(&status) {
+        let Some(n) = last.get(&key) else { continue };
+        versions.sort_unstable();
+        let published = versions.len();
+        versions.dedup();
+        repeated += published - versions.len();
+        assert_eq!(
+            versions,
+            (1..=*n).collect::<Vec<_>>(),
+            "{key:?}: versions published"
+        );
+    }
+
     // Every STALLED on the status topic was committed while its publisher owned the
     // shipment's partition (from its claim, announced within moments, to its release).
     let intervals = ownership_intervals(&broker);
-    let status = broker.consume_until("shipments.status", Duration::from_secs(5), |_| false);
     let mut stalled = 0;
     for m in &status {
         let change =
@@ -330,9 +372,12 @@ async fn a_fleet_under_load_through_joins_leaves_and_kills_loses_nothing_and_ans
     let (_, moves) = ownership(&broker);
     eprintln!(
         "fleet tally: {acked_total} scans acked for {} shipments, each in its timeline once on \
-         all 3 instances; {stalled} STALLED, each committed by the partition's owner; moves \
-         per partition {moves:?}",
-        acked.len()
+         all 3 instances; {} status changes, every version published, {repeated} of them a \
+         second time (a change an instance derived but had not replicated when its partition \
+         moved, derived again by the next owner); {stalled} STALLED, each committed by the \
+         partition's owner; moves per partition {moves:?}",
+        acked.len(),
+        status.len()
     );
     for partition in 0..PARTITIONS {
         assert!(
