@@ -7,9 +7,10 @@
 #   ROUNDS=30 RUNS=3 bash scripts/fleet-soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/scand/target}"
 ROUNDS="${ROUNDS:-30}"
 RUNS="${RUNS:-1}"
 for run in $(seq 1 "$RUNS"); do
   FLEET_CHURN_ROUNDS="$ROUNDS" cargo test --locked --features scand/failpoints --test fleet \
-    -- --nocapture 2>&1 | grep -E "fleet tally|test result|panicked" | sed "s/^/run $run: /"
+    -- --nocapture 2>&1 | grep -A1 -E "fleet tally|test result|panicked" | sed "s/^/run $run: /"
 done

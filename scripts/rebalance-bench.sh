@@ -77,11 +77,11 @@ enabled = true
 "statistics.interval.ms" = "1000"
 EOF
   RUST_LOG=warn "$TARGET/scand" run --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
-  pids+=($!)
-  echo "$admin $!"
+  echo "$admin $!" # runs in a subshell: the caller records the pid for the cleanup
 }
 
 read -r a_admin a_pid < <(start a)
+pids+=("$a_pid")
 wait_for "A ready" 60 curl -fs "http://127.0.0.1:$a_admin/readyz" -o /dev/null
 "$TARGET/scand-load" --mode kafka --kafka-brokers "$brokers" --shipments "$SHIPMENTS" --steps "$STEPS" \
   --duplicate-pct 0 --out-of-order-pct 0 --invalid-pct 0 --quiet >"$work/load.txt"
@@ -96,7 +96,8 @@ wait_for "A consumed everything" 1800 applied
 echo "A applied $((SHIPMENTS * STEPS)) records of $SHIPMENTS shipments in $((SECONDS - started)) s (had $produced when the load ended)"
 sleep 3 # the changelog's last writes
 
-read -r b_admin _ < <(start b)
+read -r b_admin b_pid < <(start b)
+pids+=("$b_pid")
 wait_for "B ready" 60 curl -fs "http://127.0.0.1:$b_admin/readyz" -o /dev/null
 kill -TERM "$a_pid"
 owned() { [[ "$(metric "$b_admin" scand_kafka_partitions_assigned)" == 1 ]]; }

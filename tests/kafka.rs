@@ -166,6 +166,23 @@ fn check_status_topic(broker: &Broker, versions: &HashMap<String, u64>) {
     }
 }
 
+/// Waits until A and B own the 3 partitions between them, each some.
+async fn wait_shared(a: &Daemon, b: &Daemon, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let owned_a = metric_value(&a.metrics(), "scand_kafka_partitions_assigned");
+        let owned_b = metric_value(&b.metrics(), "scand_kafka_partitions_assigned");
+        if owned_a > 0 && owned_b > 0 && owned_a + owned_b == 3 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions not shared: A owns {owned_a}, B owns {owned_b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn metric_value(text: &str, series: &str) -> u64 {
     text.lines()
         .find(|l| l.starts_with(series))
@@ -522,19 +539,7 @@ async fn a_partition_moving_to_a_new_instance_takes_its_shipments_state_along() 
     // B joins the group: the partitions it takes bring their shipments' state from A.
     let dir_b = tempfile::tempdir().expect("tempdir");
     let b = Daemon::start(&dir_b.path().join("data"), &config);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let owned_a = metric_value(&a.metrics(), "scand_kafka_partitions_assigned");
-        let owned_b = metric_value(&b.metrics(), "scand_kafka_partitions_assigned");
-        if owned_b > 0 && owned_a + owned_b == 3 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no rebalance: A owns {owned_a}, B owns {owned_b}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_shared(&a, &b, Duration::from_secs(60)).await;
     assert!(
         metric_value(&b.metrics(), "scand_kafka_restored_shipments_total") > 0,
         "B restored nothing"
@@ -638,19 +643,7 @@ async fn after_a_partition_moves_only_its_new_owner_stalls_its_shipments() {
     }
     let dir_b = tempfile::tempdir().expect("tempdir");
     let b = Daemon::start(&dir_b.path().join("data"), &config);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let owned_a = metric_value(&a.metrics(), "scand_kafka_partitions_assigned");
-        let owned_b = metric_value(&b.metrics(), "scand_kafka_partitions_assigned");
-        if owned_b > 0 && owned_a + owned_b == 3 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no rebalance: A owns {owned_a}, B owns {owned_b}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_shared(&a, &b, Duration::from_secs(60)).await;
     assert!(
         scanned.elapsed() < STALL_AFTER,
         "the rebalance took longer than the stall threshold: the test shows nothing"
@@ -971,19 +964,7 @@ async fn a_broker_down_for_a_minute_during_a_rebalance_loses_nothing_and_repeats
         );
     }
     broker.produce("scans.raw", &journeys("KDB")).await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let owned_a = metric_value(&a.metrics(), "scand_kafka_partitions_assigned");
-        let owned_b = metric_value(&b.metrics(), "scand_kafka_partitions_assigned");
-        if owned_a > 0 && owned_b > 0 && owned_a + owned_b == 3 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "partitions not spread after the outage: A owns {owned_a}, B owns {owned_b}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_shared(&a, &b, Duration::from_secs(90)).await;
     let mut versions = wait_all_delivered(&a, "KDA", 20, Duration::from_secs(60)).await;
     versions.extend(wait_all_delivered(&b, "KDB", 20, Duration::from_secs(90)).await);
     check_status_topic(&broker, &versions);

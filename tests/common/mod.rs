@@ -101,6 +101,14 @@ impl Daemon {
 
     /// Starts again on the same ports, data and config.
     pub fn restart(self) -> Daemon {
+        let mut daemon = self.relaunch();
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Stops this process and starts another on the same ports, data, config and
+    /// environment, without waiting for it.
+    fn relaunch(self) -> Daemon {
         let (grpc, admin, data, config, env) = (
             self.grpc,
             self.admin,
@@ -109,7 +117,7 @@ impl Daemon {
             self.env.clone(),
         );
         drop(self);
-        Self::spawn(grpc, admin, data, config, env)
+        Self::launch(grpc, admin, data, config, env)
     }
 
     /// Starts again on the same ports, data and config, with `env` set on top.
@@ -126,15 +134,7 @@ impl Daemon {
         within: Duration,
     ) -> (Daemon, std::process::ExitStatus) {
         self.set_env(env);
-        let (grpc, admin, data, config, env) = (
-            self.grpc,
-            self.admin,
-            self.data.clone(),
-            self.config.clone(),
-            self.env.clone(),
-        );
-        drop(self);
-        let mut daemon = Self::launch(grpc, admin, data, config, env);
+        let mut daemon = self.relaunch();
         let status = daemon.exit_status(within, "by itself").await;
         (daemon, status)
     }
