@@ -39,6 +39,24 @@ pub fn client_config(
     config
 }
 
+/// A consumer that reads partitions it assigns itself (no group membership, no commits),
+/// committed records only; `name` tells brokers' logs which part of scand reads.
+pub fn assigning_consumer(
+    cluster: &Cluster,
+    name: &str,
+) -> Result<rdkafka::consumer::BaseConsumer, KafkaError> {
+    client_config(
+        cluster,
+        &cluster.consumer,
+        &[
+            ("group.id", name),
+            ("enable.auto.commit", "false"),
+            ("isolation.level", "read_committed"),
+        ],
+    )
+    .create()
+}
+
 /// A producer that delivers each message once and in order per partition.
 pub fn idempotent_producer(
     cluster: &Cluster,

@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -89,16 +89,7 @@ pub fn read_tail(
     floors: &HashMap<i32, i64>,
     within: Duration,
 ) -> Result<Tail, RecoveryError> {
-    let consumer: BaseConsumer = client::client_config(
-        cluster,
-        &cluster.consumer,
-        &[
-            ("group.id", "scand-status-recovery"),
-            ("enable.auto.commit", "false"),
-            ("isolation.level", "read_committed"),
-        ],
-    )
-    .create()?;
+    let consumer = client::assigning_consumer(cluster, "scand-status-recovery")?;
     let partitions = partitions(
         consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?,
         topic,

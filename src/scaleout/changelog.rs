@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -228,15 +228,7 @@ pub fn restore(
     (source_topic, partition): (&str, i32),
     generation: Generation,
 ) -> Result<Restored, RestoreError> {
-    let consumer: BaseConsumer = client::client_config(
-        cluster,
-        &cluster.consumer,
-        &[
-            ("group.id", "scand-changelog-restore"),
-            ("enable.auto.commit", "false"),
-        ],
-    )
-    .create()?;
+    let consumer = client::assigning_consumer(cluster, "scand-changelog-restore")?;
     let timeout = Duration::from_secs(10);
     let current = || {
         ownership

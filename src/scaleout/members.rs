@@ -222,16 +222,7 @@ async fn send(
 /// Reads the members topic from its start into `directory` until `shutdown`. Blocking: runs
 /// on a thread of its own.
 pub fn follow(cluster: &Cluster, topic: &str, directory: &Directory, shutdown: &CancellationToken) {
-    let consumer: BaseConsumer = match client::client_config(
-        cluster,
-        &cluster.consumer,
-        &[
-            ("group.id", "scand-members"),
-            ("enable.auto.commit", "false"),
-        ],
-    )
-    .create()
-    {
+    let consumer = match client::assigning_consumer(cluster, "scand-members") {
         Ok(consumer) => consumer,
         Err(error) => {
             tracing::error!(%error, "members topic not followed: queries are answered here only");
