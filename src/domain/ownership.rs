@@ -107,7 +107,10 @@ impl Ownership {
     /// way, then closes its guards: what is left is never sent. `false` if some was left.
     pub fn release(&self, topic: &str, partition: i32, wait: Duration) -> bool {
         let key = (topic.to_owned(), partition);
-        lock(&self.partitions).claims.remove(&key);
+        let released = match lock(&self.partitions).claims.remove(&key) {
+            Some(Claim::Restoring(g) | Claim::Owned { generation: g, .. }) => Some(g),
+            None => None,
+        };
         let deadline = Instant::now() + wait;
         let drained = loop {
             if !lock(&self.partitions).sending.contains_key(&key) {
@@ -118,7 +121,11 @@ impl Ownership {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        lock(&self.partitions).open.remove(&key);
+        let mut partitions = lock(&self.partitions);
+        // A claim made meanwhile keeps its own guards open.
+        if partitions.open.get(&key).copied() == released {
+            partitions.open.remove(&key);
+        }
         drained
     }
 
