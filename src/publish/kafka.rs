@@ -311,8 +311,8 @@ impl KafkaSink {
         progress.advance();
         if failure.is_none() && progress.ahead.is_empty() && self.floors_due() {
             // Nothing of this publisher beyond the cursor is on the topic or on its way, so
-            // the topic's ends are floors. (Delivery reports' offsets are not used: tansu's
-            // do not match the log.)
+            // the topic's ends are floors (lower bounds at worst: tansu reports an end inside
+            // a partition's last multi-record batch).
             progress.floors.next_offsets = self.topic_ends().await?;
         }
         self.save(progress)?;
