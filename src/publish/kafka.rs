@@ -15,7 +15,6 @@
 //! - With the broker away, ingest goes on; the backlog is `scand_outbox_pending`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
@@ -58,12 +57,24 @@ enum PublishError {
 }
 
 /// The sink's progress: the stored cursor, what was delivered beyond it, and the floors its
-/// recovery reads from.
-#[derive(Debug, Default)]
+/// recovery reads from, with when they last moved to the topic's ends.
+#[derive(Debug)]
 struct Progress {
     cursor: Sequence,
     ahead: BTreeSet<u64>,
     floors: SinkFloors,
+    floors_at: Instant,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            cursor: Sequence::default(),
+            ahead: BTreeSet::new(),
+            floors: SinkFloors::default(),
+            floors_at: Instant::now(),
+        }
+    }
 }
 
 impl Progress {
@@ -94,7 +105,6 @@ pub struct KafkaSink {
     config: KafkaSinkConfig,
     committed: watch::Receiver<Sequence>,
     health: OutputHealth,
-    floors_refreshed: Mutex<Instant>,
 }
 
 impl KafkaSink {
@@ -113,7 +123,6 @@ impl KafkaSink {
             config,
             committed,
             health,
-            floors_refreshed: Mutex::new(Instant::now()),
         }
     }
 
@@ -309,37 +318,33 @@ impl KafkaSink {
         // recovery at start exists for (`FAILPOINTS=sink-delivered=return` aborts here).
         fail::fail_point!("sink-delivered", |_| std::process::abort());
         progress.advance();
-        if failure.is_none() && progress.ahead.is_empty() && self.floors_due() {
+        if failure.is_none()
+            && progress.ahead.is_empty()
+            && progress.floors_at.elapsed() >= FLOORS_EVERY
+        {
             // Nothing of this publisher beyond the cursor is on the topic or on its way, so
             // the topic's ends are floors (lower bounds at worst: tansu reports an end inside
             // a partition's last multi-record batch).
             progress.floors.next_offsets = self.topic_ends().await?;
+            progress.floors_at = Instant::now();
         }
         self.save(progress)?;
         failure.map_or(Ok(()), Err)
     }
 
-    fn floors_due(&self) -> bool {
-        self.floors_refreshed
-            .lock()
-            .map_or(true, |at| at.elapsed() >= FLOORS_EVERY)
-    }
-
     /// Each status partition's end (high watermark).
     async fn topic_ends(&self) -> Result<HashMap<i32, i64>, PublishError> {
         let (producer, topic) = (self.producer.clone(), self.config.topic.clone());
-        let ends = tokio::task::spawn_blocking(move || recovery::ends(producer.client(), &topic))
-            .await
-            .map_err(|e| StoreError::WriteFailed(e.to_string()))??;
-        if let Ok(mut at) = self.floors_refreshed.lock() {
-            *at = Instant::now();
-        }
-        Ok(ends)
+        Ok(
+            tokio::task::spawn_blocking(move || recovery::ends(producer.client(), &topic))
+                .await
+                .map_err(|e| StoreError::WriteFailed(e.to_string()))??,
+        )
     }
 
     fn save(&self, progress: &Progress) -> Result<(), PublishError> {
         self.store
-            .set_sink_position(SINK, progress.cursor, Some(&progress.floors))?;
+            .set_sink_position(SINK, progress.cursor, &progress.floors)?;
         Ok(())
     }
 }

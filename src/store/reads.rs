@@ -136,14 +136,14 @@ impl Store {
         }
     }
 
-    /// Records `sink`'s progress, with the floors its recovery reads from when given. Not
-    /// synced: after a crash the sink finds what it delivered beyond the stored cursor by
-    /// reading its destination from the stored floors.
+    /// Records `sink`'s progress with the floors its recovery reads from. Not synced: after a
+    /// crash the sink finds what it delivered beyond the stored cursor by reading its
+    /// destination from the stored floors.
     pub fn set_sink_position(
         &self,
         sink: &str,
         delivered: Sequence,
-        floors: Option<&SinkFloors>,
+        floors: &SinkFloors,
     ) -> Result<(), StoreError> {
         let meta = self.cf(keys::META);
         let mut batch = rocksdb::WriteBatch::default();
@@ -152,9 +152,7 @@ impl Store {
             keys::sink_cursor_key(sink),
             keys::change_key(delivered),
         );
-        if let Some(floors) = floors {
-            batch.put_cf(meta, keys::sink_floors_key(sink), floors.encode_to_vec());
-        }
+        batch.put_cf(meta, keys::sink_floors_key(sink), floors.encode_to_vec());
         self.db.write(batch)?;
         Ok(())
     }
