@@ -43,6 +43,8 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How often the floors move up to the topic's ends (a query per partition), bounding what a
 /// recovery reads to what was published since.
 const FLOORS_EVERY: Duration = Duration::from_secs(5);
+/// How far apart two reads of the status topic's tail must agree before the sink trusts it.
+const SETTLE: Duration = Duration::from_secs(1);
 /// How long reading the status topic's tail may take before it counts as a failure.
 const RECOVERY_WITHIN: Duration = Duration::from_secs(60);
 
@@ -200,14 +202,32 @@ impl KafkaSink {
         let (cluster, topic) = (self.cluster.clone(), self.config.topic.clone());
         let (cursor, floors) = (progress.cursor, progress.floors.next_offsets.clone());
         let tail = tokio::task::spawn_blocking(move || {
-            recovery::read_tail(
+            // A broker coming back can answer the read before it appends a write of ours it
+            // held (seen with a stopped broker): the tail counts once two reads a moment
+            // apart find the same of ours (others' records may keep coming).
+            let mut last = recovery::read_tail(
                 &cluster,
                 &topic,
                 publisher,
                 cursor,
                 &floors,
                 RECOVERY_WITHIN,
-            )
+            )?;
+            loop {
+                std::thread::sleep(SETTLE);
+                let tail = recovery::read_tail(
+                    &cluster,
+                    &topic,
+                    publisher,
+                    cursor,
+                    &floors,
+                    RECOVERY_WITHIN,
+                )?;
+                if tail.published == last.published {
+                    return Ok::<_, RecoveryError>(tail);
+                }
+                last = tail;
+            }
         })
         .await
         .map_err(|e| StoreError::WriteFailed(e.to_string()))??;
