@@ -33,7 +33,8 @@ use crate::publish::feed::Feed;
 use crate::publish::kafka::KafkaSink;
 use crate::scaleout::gateway::Gateway;
 use crate::scaleout::members::{self, Router};
-use crate::scaleout::{changelog, topics};
+use crate::scaleout::{changelog, resolve, topics};
+use crate::store::replicated::Decided;
 use crate::store::{writer, Store, StoreError};
 use crate::telemetry::lag::Lag;
 use crate::telemetry::metrics::KnownLabels;
@@ -128,8 +129,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             path: config.store.path.display().to_string(),
             source,
         })?;
-        let publisher = crate::publish::recovery::publisher_tag(publisher);
-        let instance = (&ownership, publisher);
+        let instance = (&ownership, publisher, &store);
         Some(start_fleet(&config, &readiness, instance, &mut kafka_tasks, &shutdown).await?)
     } else {
         None
@@ -139,7 +139,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Engine::new(config.dedup.window).new_journey_after(config.lifecycle.new_journey_after),
         (config.stall.thresholds.policy(), config.retention.policy()),
         &config.store,
-        fleet.as_ref().map(|(replication, _)| replication.clone()),
+        fleet.as_ref().map(|fleet| fleet.replication.clone()),
     )
     .map_err(|source| DaemonError::Store {
         path: config.store.path.display().to_string(),
@@ -176,7 +176,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         shutdown.clone(),
     ));
     let validator = Validator::new(&config.ingest)?.with_clock(clock);
-    if kafka.source.enabled {
+    if let Some(fleet) = &fleet {
         let stores_here = Ingestor::new(
             validator.clone(),
             Destination::Store(writer.clone()),
@@ -187,13 +187,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             &cluster,
             &kafka.source,
             writer.clone(),
-            (
-                ownership,
-                fleet
-                    .as_ref()
-                    .map(|(_, router)| router.partitions.clone())
-                    .unwrap_or_default(),
-            ),
+            &fleet.router,
             stores_here,
             lag,
         )
@@ -208,7 +202,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             cluster.clone(),
             producer,
             kafka.sink.clone(),
-            committed.clone(),
+            (
+                committed.clone(),
+                fleet.as_ref().map(|fleet| fleet.decided.clone()),
+            ),
             readiness.output("status topic", kafka.unready_after),
         );
         kafka_tasks.push(tokio::spawn(sink.run(shutdown.clone())));
@@ -240,7 +237,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         pb::tracking_server::TrackingServer::new(TrackingService::new(
             store.clone(),
             feed,
-            fleet.map(|(_, router)| Forwarding::new(router)),
+            fleet.map(|fleet| Forwarding::new(fleet.router)),
         ))
         .max_decoding_message_size(max_message),
         DeviceTokens::require(tokens.clone(), Scope::Read),
@@ -461,10 +458,10 @@ fn notify_service_manager(state: sd_notify::NotifyState<'_>) {
 async fn start_fleet(
     config: &Config,
     readiness: &Readiness,
-    (ownership, publisher): (&Ownership, String),
+    (ownership, publisher, store): (&Ownership, u64, &Store),
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
     shutdown: &CancellationToken,
-) -> Result<(writer::Replication, Router), DaemonError> {
+) -> Result<Fleet, DaemonError> {
     let kafka = &config.kafka;
     let source = &kafka.source;
     let cluster = kafka.cluster();
@@ -478,17 +475,32 @@ async fn start_fleet(
     )
     .await
     .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+    // What a kill left in doubt is decided before anything is consumed or published.
+    let (resolving, topic, resolver) = (
+        cluster.clone(),
+        source.changelog_topic.clone(),
+        store.clone(),
+    );
+    let progress = tokio::task::spawn_blocking(move || {
+        resolve::resolve(&resolving, &topic, &resolver, publisher)
+    })
+    .await
+    .map_err(|e| DaemonError::Kafka(e.to_string()))?
+    .map_err(|e| DaemonError::Kafka(e.to_string()))?;
+    let (decided_tx, decided) = tokio::sync::watch::channel(progress.decided.clone());
     let (snapshots, to_send) = tokio::sync::mpsc::channel(config.store.queue_batches * 64);
     let producer = changelog::producer(&cluster).map_err(|e| DaemonError::Kafka(e.to_string()))?;
-    tasks.push(tokio::spawn(changelog::run(
-        to_send,
+    let task = changelog::ChangelogTask {
         producer,
-        source.changelog_topic.clone(),
-        ownership.clone(),
-        source.changelog_max_record_bytes,
-        readiness.output("changelog", kafka.unready_after),
-        shutdown.clone(),
-    )));
+        topic: source.changelog_topic.clone(),
+        ownership: ownership.clone(),
+        max_record_bytes: source.changelog_max_record_bytes,
+        health: readiness.output("changelog", kafka.unready_after),
+        store: store.clone(),
+        decided: decided_tx,
+    };
+    tasks.push(tokio::spawn(task.run(to_send, progress, shutdown.clone())));
+    let publisher_tag = crate::publish::recovery::publisher_tag(publisher);
     let me = if source.advertised_url.is_empty() {
         format!("http://{}", config.grpc.listen)
     } else {
@@ -498,7 +510,7 @@ async fn start_fleet(
     tasks.push(tokio::spawn(members::announce(
         producer,
         source.members_topic.clone(),
-        (me.clone(), publisher),
+        (me.clone(), publisher_tag),
         (
             ownership.clone(),
             readiness.output("members topic", kafka.unready_after),
@@ -524,8 +536,21 @@ async fn start_fleet(
     let replication = writer::Replication {
         snapshots,
         ownership: ownership.clone(),
+        publisher,
     };
-    Ok((replication, router))
+    Ok(Fleet {
+        replication,
+        router,
+        decided,
+    })
+}
+
+/// What scale-out gives the rest of the daemon: the writer's replication, the query router,
+/// and the changelog task's decisions the Kafka sink publishes by.
+struct Fleet {
+    replication: writer::Replication,
+    router: Router,
+    decided: tokio::sync::watch::Receiver<Decided>,
 }
 
 /// Not ready while the store refuses writes, so load balancers send scanners elsewhere.

@@ -735,6 +735,98 @@ async fn a_changelog_refusing_writes_makes_the_instance_unready_with_the_reason(
     assert_eq!(versions["KCL000000"], 7);
 }
 
+/// Exactly once across a move after a kill: A applies scans whose snapshots never reach the
+/// changelog (its writes refused), so it publishes none of their changes; A is killed; B takes
+/// every partition, finds nothing of those shipments on the changelog, reads their records
+/// again and publishes each version; A, restarted, decides from the changelog that its changes
+/// were void and publishes none of them. Without the changelog gating the sink, A published its
+/// versions 1..4 and B the same ones again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature: cargo test --features scand/failpoints"
+)]
+async fn an_owner_killed_before_its_changes_reached_the_changelog_leaves_them_to_the_next_owner() {
+    let broker = Broker::start();
+    topics(&broker).await;
+    let n = 12;
+    let (mut early, mut late): (Vec<Record>, Vec<Record>) = (Vec::new(), Vec::new());
+    for s in 0..n {
+        let number = format!("KVD{s:06}");
+        for (i, scan) in journey(&number, &number).into_iter().enumerate() {
+            let record = (number.clone(), scan.encode_to_vec(), vec![]);
+            if i < 4 {
+                early.push(record);
+            } else {
+                late.push(record);
+            }
+        }
+    }
+    broker.produce("scans.raw", &early).await;
+    let config = kafka_config(&broker, true, true);
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let mut a = Daemon::start_with_env(
+        &dir_a.path().join("data"),
+        &config,
+        &[("FAILPOINTS", "changelog-send=return")],
+    );
+    let mut tracking_a = a.tracking().await;
+    let mut derived_by_a = 0;
+    for s in 0..n {
+        let number = format!("KVD{s:06}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let shipment = get_shipment(&mut tracking_a, &number).await.ok();
+            if let Some(shipment) = shipment.filter(|x| x.timeline.len() == 4) {
+                derived_by_a += shipment.version;
+                break;
+            }
+            assert!(Instant::now() < deadline, "{number}: not applied by A");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric_value(
+            &a.metrics(),
+            "scand_publish_total{sink=\"kafka\",result=\"ok\"}"
+        ),
+        0,
+        "nothing is published before the changelog holds it"
+    );
+    a.kill();
+
+    // After A's session expired (tansu hands a dead member's partitions on only then).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = Daemon::start(&dir_b.path().join("data"), &config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric_value(&b.metrics(), "scand_kafka_partitions_assigned") < 3 {
+        assert!(Instant::now() < deadline, "B did not take every partition");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.produce("scans.raw", &late).await;
+    let versions = wait_all_delivered(&b, "KVD", n, Duration::from_secs(60)).await;
+
+    let a = a.restart_with_env(&[("FAILPOINTS", "changelog-send=off")]);
+    wait_shared(&a, &b, Duration::from_secs(60)).await;
+    assert_eq!(
+        metric_value(&a.metrics(), "scand_status_changes_void_total"),
+        derived_by_a,
+        "A's changes were decided void at its start"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    check_status_topic(&broker, &versions);
+    assert_eq!(
+        metric_value(
+            &a.metrics(),
+            "scand_publish_total{sink=\"kafka\",result=\"ok\"}"
+        ),
+        0,
+        "A published none of the changes it derived"
+    );
+}
+
 /// The partitioning contract: a record on a partition its tracking number does not belong to
 /// (its producer keyed it by something else) is produced again, keyed by the number, to the
 /// partition Kafka's default partitioner gives the number, and applied from there, once.

@@ -46,7 +46,7 @@ use crate::engine::Outcome;
 use crate::kafka::{self as client, Cluster, LoggingContext};
 use crate::proto::codec::{self, Encoding};
 use crate::scaleout::changelog;
-use crate::scaleout::members::PartitionCounts;
+use crate::scaleout::members::{Directory, PartitionCounts, Router};
 use crate::store::writer::{SourceOffset, WriterHandle};
 use crate::telemetry::lag::Lag;
 use crate::telemetry::metrics as m;
@@ -255,6 +255,9 @@ pub struct KafkaSource {
     ownership: Ownership,
     claims: Arc<Claims>,
     partitions: PartitionCounts,
+    /// The fleet's directory and this instance's URL in it: a restore waits for the previous
+    /// owner to hand the partition over.
+    members: (Directory, String),
 }
 
 /// A record that will not be applied here, and where it goes instead.
@@ -340,10 +343,11 @@ impl KafkaSource {
         cluster: &Cluster,
         config: &KafkaSourceConfig,
         writer: WriterHandle,
-        (ownership, partitions): (Ownership, PartitionCounts),
+        router: &Router,
         ingestor: Ingestor,
         lag: Lag,
     ) -> Result<Self, KafkaSourceError> {
+        let (ownership, partitions) = (router.ownership.clone(), router.partitions.clone());
         let claims = Arc::new(Claims::default());
         let consumer: StreamConsumer<SourceContext> = client::client_config(
             cluster,
@@ -375,6 +379,7 @@ impl KafkaSource {
             ownership,
             claims,
             partitions,
+            members: (router.directory.clone(), router.me.clone()),
         })
     }
 
@@ -436,6 +441,7 @@ impl KafkaSource {
             self.writer.clone(),
             self.ownership.clone(),
         );
+        let (directory, me) = self.members.clone();
         let changelog_topic = self.config.changelog_topic.clone();
         let done = done.clone();
         tokio::task::spawn_blocking(move || {
@@ -443,6 +449,21 @@ impl KafkaSource {
                 if claimed.failures > 0 {
                     std::thread::sleep(
                         (RETRY_MIN * 2u32.pow(claimed.failures.min(6))).min(RETRY_MAX),
+                    );
+                }
+                let (topic, partition) = (claimed.topic.as_str(), claimed.partition);
+                let started = Instant::now();
+                let claiming = directory.await_handoff((topic, partition), &me, || {
+                    ownership.is_current(topic, partition, claimed.generation)
+                });
+                metrics::histogram!(m::KAFKA_HANDOFF_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                if !claiming.is_empty() {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        ?claiming,
+                        "restoring a partition another instance still claims"
                     );
                 }
                 let result = changelog::restore(

@@ -6,6 +6,10 @@
 //! - Idempotent producer, acks=all. The sink's cursor advances only over changes whose
 //!   delivery report succeeded (or that the topic is found to hold), in order: a failure is
 //!   retried with backoff from the first undelivered change, never skipped.
+//! - In a fleet, a change is published only once the changelog task has decided it: a
+//!   change of a replicated shipment goes out once a snapshot carrying it is on the
+//!   changelog, and a void one (its snapshot dropped when its partition moved, so the next
+//!   owner derives it again) never.
 //! - Each change reaches the topic once. The cursor is stored after delivery, so before
 //!   publishing from it (at start and after a failed delivery, which may still have been
 //!   written) the sink reads the topic's tail from its floors (`recovery`) and skips what
@@ -31,12 +35,13 @@ use crate::kafka::{Cluster, LoggingContext};
 use crate::proto::codec::Encoding;
 use crate::proto::pb;
 use crate::proto::storage::SinkFloors;
+use crate::store::replicated::Decided;
 use crate::store::{Store, StoreError};
 use crate::telemetry::admin::OutputHealth;
 use crate::telemetry::metrics as m;
 
 /// The sink's name in `meta` and in metric labels.
-pub const SINK: &str = "kafka";
+pub const SINK: &str = crate::store::keys::KAFKA_SINK;
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -106,6 +111,9 @@ pub struct KafkaSink {
     producer: FutureProducer<LoggingContext>,
     config: KafkaSinkConfig,
     committed: watch::Receiver<Sequence>,
+    /// In a fleet, what the changelog task decided: changes are published up to its
+    /// `through`, its void ones never.
+    decided: Option<watch::Receiver<Decided>>,
     health: OutputHealth,
 }
 
@@ -115,7 +123,7 @@ impl KafkaSink {
         cluster: Cluster,
         producer: FutureProducer<LoggingContext>,
         config: KafkaSinkConfig,
-        committed: watch::Receiver<Sequence>,
+        (committed, decided): (watch::Receiver<Sequence>, Option<watch::Receiver<Decided>>),
         health: OutputHealth,
     ) -> Self {
         Self {
@@ -124,6 +132,7 @@ impl KafkaSink {
             producer,
             config,
             committed,
+            decided,
             health,
         }
     }
@@ -163,16 +172,30 @@ impl KafkaSink {
                 let committed = *self.committed.borrow();
                 metrics::gauge!(m::OUTBOX_PENDING)
                     .set(committed.0.saturating_sub(progress.cursor.0) as f64);
-                if committed <= progress.cursor {
+                let upto = match &self.decided {
+                    Some(decided) => {
+                        let decided = decided.borrow();
+                        let upto = committed.min(decided.through);
+                        if upto > progress.cursor {
+                            progress
+                                .ahead
+                                .extend(decided.void.range(progress.cursor.0 + 1..=upto.0));
+                        }
+                        upto
+                    }
+                    None => committed,
+                };
+                if upto <= progress.cursor {
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         changed = self.committed.changed() => if changed.is_err() { break },
+                        more = decided_changed(&mut self.decided) => if !more { break },
                     }
                     continue;
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    step = self.publish_from(&mut progress, committed, &tag) => step,
+                    step = self.publish_from(&mut progress, upto, &tag) => step,
                 }
             };
             in_doubt = step.is_err();
@@ -366,6 +389,15 @@ impl KafkaSink {
         self.store
             .set_sink_position(SINK, progress.cursor, &progress.floors)?;
         Ok(())
+    }
+}
+
+/// Waits for the changelog task's next decisions; never returns without a fleet, `false` once
+/// the task is gone.
+async fn decided_changed(decided: &mut Option<watch::Receiver<Decided>>) -> bool {
+    match decided {
+        Some(decided) => decided.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -3,8 +3,8 @@
 //! marker per partition ("complete up to offset N"); this task produces them, in order, to a
 //! compacted changelog topic on the same partition number as their scans. When a partition is
 //! assigned, the new owner reads that changelog partition to its end, installs every snapshot
-//! newer than its own state (jobs of the store writer, a chunk at a time) and resumes consuming
-//! scans at the last marker.
+//! (jobs of the store writer, a chunk at a time) and resumes consuming scans at the last
+//! marker.
 //!
 //! Invariants:
 //! - The changelog may lag the store (it is written after durability), never lead it, and the
@@ -16,6 +16,9 @@
 //! - A snapshot larger than `kafka.source.changelog_max_record_bytes` is sent in pieces, its
 //!   head last; a restore installs it only whole (checksum verified).
 //! - A restore holds at most one chunk of snapshots in memory (and the pieces of a split one).
+//! - After each window the task stores, then tells the Kafka sink, which of this instance's
+//!   changes the changelog holds and which are void (`decisions`); a window left undelivered
+//!   at shutdown stays in doubt for the next start's `resolve`.
 
 use std::time::{Duration, Instant};
 
@@ -25,13 +28,15 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::decisions::{Sent, Tracker, WindowEnd};
 use crate::domain::ownership::{Generation, OutputGuard, Ownership};
 use crate::kafka::{self as client, Cluster, LoggingContext};
-use crate::store::writer::{Assembler, Outgoing, Snapshot, WriterHandle};
-use crate::store::StoreError;
+use crate::store::replicated::{Decided, ReplicationProgress};
+use crate::store::writer::{Assembler, Replica, Snapshot, WriterHandle};
+use crate::store::{Store, StoreError};
 use crate::telemetry::admin::OutputHealth;
 use crate::telemetry::metrics as m;
 
@@ -86,49 +91,104 @@ pub fn producer(cluster: &Cluster) -> Result<FutureProducer<LoggingContext>, Kaf
     )
 }
 
-/// Produces the snapshots of owned partitions in order until the writer stops sending them;
-/// a snapshot whose guard is closed (its partition released here) is dropped. Up to
-/// [`WINDOW`] snapshots are handed to the producer before their delivery reports are
-/// awaited. A failed write is retried with backoff, counted, and told to readiness;
-/// meanwhile the writer waits once the queue of snapshots is full (backpressure, not a
-/// silent gap in the changelog).
-pub async fn run(
-    mut snapshots: mpsc::Receiver<Outgoing>,
-    producer: FutureProducer<LoggingContext>,
-    topic: String,
-    ownership: Ownership,
-    max_record_bytes: usize,
-    health: OutputHealth,
-    shutdown: CancellationToken,
-) {
-    while let Some(first) = snapshots.recv().await {
-        let mut outgoing = vec![first];
-        while outgoing.len() < WINDOW {
-            match snapshots.try_recv() {
-                Ok(next) => outgoing.push(next),
-                Err(_) => break,
+/// The changelog task: produces the snapshots of owned partitions in order until the writer
+/// stops sending them; a snapshot whose guard is closed (its partition released here) is
+/// dropped. Up to [`WINDOW`] snapshots are handed to the producer before their delivery
+/// reports are awaited. A failed write is retried with backoff, counted, and told to
+/// readiness; meanwhile the writer waits once the queue of snapshots is full (backpressure,
+/// not a silent gap in the changelog). After each window it stores and tells the Kafka sink
+/// what it decided: which changes are on the changelog (publishable) and which are void.
+pub struct ChangelogTask {
+    pub producer: FutureProducer<LoggingContext>,
+    pub topic: String,
+    pub ownership: Ownership,
+    pub max_record_bytes: usize,
+    pub health: OutputHealth,
+    pub store: Store,
+    pub decided: watch::Sender<Decided>,
+}
+
+impl ChangelogTask {
+    /// Runs until the writer stops, from the decisions a [`recover`] stored.
+    pub async fn run(
+        self,
+        mut replicas: mpsc::Receiver<Replica>,
+        progress: ReplicationProgress,
+        shutdown: CancellationToken,
+    ) {
+        let mut tracker = Tracker::new(progress);
+        while let Some(first) = replicas.recv().await {
+            let mut window = vec![first];
+            while window.len() < WINDOW {
+                match replicas.try_recv() {
+                    Ok(next) => window.push(next),
+                    Err(_) => break,
+                }
             }
+            let mut end = WindowEnd::default();
+            let mut sent = Vec::with_capacity(window.len());
+            let mut guards = Vec::with_capacity(window.len());
+            let mut pieces: Vec<(usize, Snapshot)> = Vec::with_capacity(window.len());
+            for replica in window {
+                match replica {
+                    Replica::Snapshot(outgoing) => {
+                        let owner = guards.len();
+                        let number = outgoing.snapshot.tracking_number.clone();
+                        let parts = outgoing.snapshot.into_pieces(self.max_record_bytes);
+                        sent.push(Sent {
+                            tracking_number: number,
+                            changes: outgoing.changes,
+                            landed: vec![None; parts.len()],
+                        });
+                        guards.push(outgoing.guard);
+                        pieces.extend(parts.into_iter().map(|part| (owner, part)));
+                    }
+                    Replica::Through { sequence, void } => {
+                        end.through = Some((sent.len(), sequence));
+                        end.void.extend(void);
+                    }
+                }
+            }
+            let output = (&self.ownership, guards.as_slice());
+            let Some(landed) = deliver(
+                &self.producer,
+                &self.topic,
+                &pieces,
+                output,
+                &self.health,
+                &shutdown,
+            )
+            .await
+            else {
+                // Left in doubt: the next start's recovery decides them from the changelog.
+                return;
+            };
+            let mut next_piece = vec![0; sent.len()];
+            for ((owner, _), at) in pieces.iter().zip(landed) {
+                sent[*owner].landed[next_piece[*owner]] = at;
+                next_piece[*owner] += 1;
+            }
+            let void = tracker.record(&sent, end);
+            metrics::counter!(m::STATUS_CHANGES_VOID_TOTAL).increment(void as u64);
+            // Stored before the sink is told, so what it publishes or skips stays decided.
+            match self
+                .store
+                .set_replication_progress(tracker.progress(), false)
+            {
+                Ok(passed) => tracker.forget_void_through(passed),
+                Err(error) => tracing::warn!(%error, "changelog decisions not stored"),
+            }
+            self.decided
+                .send_replace(tracker.progress().decided.clone());
         }
-        let (whole, guards): (Vec<Snapshot>, Vec<OutputGuard>) =
-            outgoing.into_iter().map(|o| (o.snapshot, o.guard)).unzip();
-        let pieces: Vec<(usize, Snapshot)> = whole
-            .into_iter()
-            .enumerate()
-            .flat_map(|(i, s)| {
-                s.into_pieces(max_record_bytes)
-                    .into_iter()
-                    .map(move |p| (i, p))
-            })
-            .collect();
-        let output = (&ownership, guards.as_slice());
-        deliver(&producer, &topic, &pieces, output, &health, &shutdown).await;
     }
 }
 
 /// Sends `pieces` (each with the index of its guard) in order, all handed to the producer
 /// before their reports are awaited, until each is delivered, its guard is closed, or the
 /// daemon stops. After a failure, everything from the failed piece on is sent again, in
-/// order, so a shipment's latest state stays the last on the log.
+/// order, so a shipment's latest state stays the last on the log. Returns where each piece
+/// landed (if it did), or `None` when the daemon stopped with some still undelivered.
 async fn deliver(
     producer: &FutureProducer<LoggingContext>,
     topic: &str,
@@ -136,7 +196,8 @@ async fn deliver(
     (ownership, guards): (&Ownership, &[OutputGuard]),
     health: &OutputHealth,
     shutdown: &CancellationToken,
-) {
+) -> Option<Vec<Option<(i32, i64)>>> {
+    let mut landed = vec![None; pieces.len()];
     let mut from = 0;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -166,29 +227,34 @@ async fn deliver(
         for (index, sent) in pending {
             let result = match sent {
                 Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
                     Ok(Err((error, _))) => Err(error),
                     Err(_) => Err(KafkaError::Canceled),
                 },
                 Err(error) => Err(error),
             };
-            match (result, &failed) {
-                (Ok(()), None) => {
-                    metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "sent").increment(1);
+            match result {
+                Ok(at) => {
+                    landed[index] = Some(at);
+                    if failed.is_none() {
+                        metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "sent")
+                            .increment(1);
+                    }
                 }
-                (Err(error), None) => failed = Some((index, error)),
-                // Sent again from the failed piece on.
-                (_, Some(_)) => {}
+                // Sent again from the first failed piece on.
+                Err(error) => {
+                    failed.get_or_insert((index, error));
+                }
             }
         }
         let Some((index, error)) = failed else {
             health.delivered();
-            return;
+            return Some(landed);
         };
         if shutdown.is_cancelled() {
             // The next owner resumes from an earlier offset instead; nothing is lost.
             tracing::warn!(%error, "changelog write abandoned at shutdown");
-            return;
+            return None;
         }
         metrics::counter!(m::CHANGELOG_RECORDS_TOTAL, "result" => "error").increment(1);
         health.failed(&error);
@@ -217,8 +283,8 @@ pub struct Restored {
 }
 
 /// Restores one source partition claimed under `generation`: reads its changelog partition
-/// to the end it had when the restore began, has the writer install what is newer than the
-/// local state a chunk at a time, and ends with the writer storing where consumption resumes.
+/// to the end it had when the restore began, has the writer install it over the local state a
+/// chunk at a time, and ends with the writer storing where consumption resumes.
 /// Stops with [`RestoreError::Stale`] as soon as the claim is no longer current. Blocking.
 pub fn restore(
     cluster: &Cluster,

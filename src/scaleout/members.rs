@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -64,6 +64,14 @@ impl Directory {
 
     /// The URL of the instance owning the partition as of `now`, if a fresh member claims it.
     pub fn owner(&self, topic: &str, partition: i32, now: SystemTime) -> Option<String> {
+        self.claimants((topic, partition), now)
+            .into_iter()
+            .max_by_key(|(_, at)| *at)
+            .map(|(url, _)| url)
+    }
+
+    /// The fresh members claiming the partition as of `now`, with when they last said so.
+    fn claimants(&self, (topic, partition): (&str, i32), now: SystemTime) -> Vec<(String, i64)> {
         let fresh_since = unix_ms(now) - STALE_AFTER.as_millis() as i64;
         self.members
             .read()
@@ -75,8 +83,50 @@ impl Directory {
                     .iter()
                     .any(|o| o.topic == topic && o.partition == partition)
             })
-            .max_by_key(|m| m.at_unix_ms)
-            .map(|m| m.url.clone())
+            .map(|m| (m.url.clone(), m.at_unix_ms))
+            .collect()
+    }
+}
+
+/// Longest a restore waits for the previous owner to hand a partition over: a live owner
+/// releases within its release wait, a silent one's claim goes stale.
+pub const HANDOFF_WAIT: Duration = STALE_AFTER.saturating_add(Duration::from_secs(11));
+
+impl Directory {
+    /// Fresh members other than `me` that claim the partition.
+    pub fn others_claiming(
+        &self,
+        partition: (&str, i32),
+        me: &str,
+        now: SystemTime,
+    ) -> Vec<String> {
+        self.claimants(partition, now)
+            .into_iter()
+            .map(|(url, _)| url)
+            .filter(|url| url != me)
+            .collect()
+    }
+
+    /// Waits until no other fresh member claims the partition, while `still_wanted` holds and
+    /// at most [`HANDOFF_WAIT`]; returns those still claiming it then. A restore must not read
+    /// the changelog before the previous owner has released the partition (its last
+    /// snapshots sent, then an announcement without it): tansu 0.6 answers a JoinGroup at
+    /// once instead of waiting for every member to rejoin, so a partition can be assigned
+    /// here while its previous owner has not yet been told to revoke it. Blocking.
+    pub fn await_handoff(
+        &self,
+        partition: (&str, i32),
+        me: &str,
+        still_wanted: impl Fn() -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + HANDOFF_WAIT;
+        loop {
+            let others = self.others_claiming(partition, me, SystemTime::now());
+            if others.is_empty() || !still_wanted() || Instant::now() >= deadline {
+                return others;
+            }
+            std::thread::sleep(CHECK_EVERY);
+        }
     }
 }
 
@@ -298,6 +348,35 @@ mod tests {
             at_unix_ms: unix_ms(at),
             publisher: String::new(),
         }
+    }
+
+    #[test]
+    fn a_restore_waits_for_the_previous_owner_to_announce_it_let_go() {
+        let now = SystemTime::now();
+        let directory = Directory::default();
+        directory.update(member("http://old", &[3], now));
+        directory.update(member("http://me", &[3], now));
+        directory.update(member("http://gone", &[3], now - STALE_AFTER * 2));
+        assert_eq!(
+            directory.others_claiming(("scans.raw", 3), "http://me", now),
+            ["http://old"]
+        );
+        // Given up once the claim is no longer wanted here (or after HANDOFF_WAIT).
+        assert_eq!(
+            directory.await_handoff(("scans.raw", 3), "http://me", || false),
+            ["http://old"]
+        );
+        let releasing = directory.clone();
+        let handed = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            releasing.update(member("http://old", &[], SystemTime::now()));
+        });
+        let started = Instant::now();
+        assert!(directory
+            .await_handoff(("scans.raw", 3), "http://me", || true)
+            .is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        handed.join().expect("announces");
     }
 
     #[test]

@@ -90,6 +90,13 @@ pub fn sink_floors_key(sink: &str) -> Vec<u8> {
 /// drawn once when the store is created, kept by backups.
 pub const META_PUBLISHER_ID: &[u8] = b"publisher_id";
 
+/// The Kafka sink's name in its `meta` keys and metric labels.
+pub const KAFKA_SINK: &str = "kafka";
+
+/// How far this instance's change log is decided against the changelog
+/// (`scand.storage.v1.Replicated`); absent until scale-out first runs.
+pub const META_REPLICATED: &[u8] = b"replicated";
+
 /// Tracking numbers are `[A-Z0-9]`, so a zero byte cannot occur inside one.
 const SEPARATOR: u8 = 0;
 

@@ -7,7 +7,8 @@
 //! Invariants:
 //! - One writer of shipment state: the writer thread, which also runs changelog restores as
 //!   jobs in its queue, so a shipment's read-modify-write never races another write. The only
-//!   other write is a sink's cursor in `meta`, a key no one else writes.
+//!   other writes are a sink's cursor and the changelog task's decisions (`replicated`), keys
+//!   in `meta` no one else writes.
 //! - Atomic and durable before acknowledged: a group's scans, shipment records, status changes,
 //!   counters and source offsets land in one WriteBatch whose WAL sync returned before any ack.
 //! - A shipment's record holds its scans, so one point read gives a consistent shipment.
@@ -21,6 +22,7 @@ pub mod writer;
 
 mod open;
 mod reads;
+pub mod replicated;
 #[cfg(test)]
 pub(crate) mod tests;
 

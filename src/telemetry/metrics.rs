@@ -11,6 +11,7 @@ pub const SCANS_DUPLICATE_TOTAL: &str = "scand_scans_duplicate_total";
 pub const SCANS_REJECTED_TOTAL: &str = "scand_scans_rejected_total";
 pub const SCANS_AFTER_TERMINAL_TOTAL: &str = "scand_scans_after_terminal_total";
 pub const STATUS_CHANGES_TOTAL: &str = "scand_status_changes_total";
+pub const STATUS_CHANGES_VOID_TOTAL: &str = "scand_status_changes_void_total";
 pub const INGEST_BATCH_SCANS: &str = "scand_ingest_batch_scans";
 pub const INGEST_LATENCY_SECONDS: &str = "scand_ingest_latency_seconds";
 pub const INGEST_BATCHES_FAILED_TOTAL: &str = "scand_ingest_batches_failed_total";
@@ -29,6 +30,7 @@ pub const KAFKA_PARTITIONS_ASSIGNED: &str = "scand_kafka_partitions_assigned";
 pub const KAFKA_RESTORED_SHIPMENTS_TOTAL: &str = "scand_kafka_restored_shipments_total";
 pub const KAFKA_RECORDS_REREAD_TOTAL: &str = "scand_kafka_records_reread_total";
 pub const KAFKA_RESTORE_SECONDS: &str = "scand_kafka_restore_seconds";
+pub const KAFKA_HANDOFF_SECONDS: &str = "scand_kafka_handoff_seconds";
 pub const KAFKA_RECORDS_FENCED_TOTAL: &str = "scand_kafka_records_fenced_total";
 pub const KAFKA_RECORDS_REROUTED_TOTAL: &str = "scand_kafka_records_rerouted_total";
 pub const CHANGELOG_RECORDS_TOTAL: &str = "scand_changelog_records_total";
@@ -150,6 +152,7 @@ pub fn install(known: &KnownLabels<'_>) -> Result<PrometheusHandle, MetricsError
         }
     }
     for counter in [
+        STATUS_CHANGES_VOID_TOTAL,
         SCANS_ACCEPTED_TOTAL,
         SCANS_AFTER_TERMINAL_TOTAL,
         FEED_CHANGES_SENT_TOTAL,
@@ -187,6 +190,11 @@ fn describe() {
         KAFKA_RESTORE_SECONDS,
         Unit::Seconds,
         "Time from a partition's assignment to its consumption: its restore from the changelog."
+    );
+    describe_histogram!(
+        KAFKA_HANDOFF_SECONDS,
+        Unit::Seconds,
+        "Time a restore waited for the partition's previous owner to release it (announced on the members topic)."
     );
     describe_counter!(
         KAFKA_RECORDS_FENCED_TOTAL,
@@ -237,6 +245,12 @@ fn describe() {
         STATUS_CHANGES_TOTAL,
         Unit::Count,
         "Status changes written to the change log, by new status."
+    );
+    describe_counter!(
+        STATUS_CHANGES_VOID_TOTAL,
+        Unit::Count,
+        "Changes this instance derived whose state never reached the changelog (partition moved \
+         or instance killed first): never published here, derived again by the next reader."
     );
     describe_histogram!(INGEST_BATCH_SCANS, Unit::Count, "Scans per received batch.");
     describe_histogram!(

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use rocksdb::{WriteBatch, WriteOptions};
 
 use super::changes::{change_record, tally};
+use super::replicate::ChangeRuns;
 use super::sweep::index_deadline;
 use super::syncer::Applied;
 use super::{Request, Writer};
@@ -43,12 +44,35 @@ impl Writer {
         let shipments_cf = self.store.cf(keys::SHIPMENTS);
         let changes_cf = self.store.cf(keys::CHANGES);
 
+        // A partition read again after a restore: a shipment of it that the changelog does
+        // not hold at all was never replicated, so at its first scan its state here goes and
+        // its changes are derived anew (the earlier ones are void).
+        let mut dropped: Vec<&TrackingNumber> = Vec::new();
+        for scan in &scans {
+            let Some(origin) = scan.origin.as_ref().filter(|o| self.rereads.covers(o)) else {
+                continue;
+            };
+            let number = &scan.tracking_number;
+            let owner = match self.cache.get(number) {
+                Some(state) => state.owner.clone(),
+                None => self
+                    .store
+                    .shipment_states(&[number])?
+                    .pop()
+                    .flatten()
+                    .and_then(|state| state.owner),
+            };
+            if self.rereads.drops(origin, number, owner.as_ref()) {
+                self.cache.forget(number);
+                dropped.push(number);
+            }
+        }
         // The engine applies the group to the cached states in place; only shipments the
         // cache lacks are read, in key order.
         let mut misses: Vec<&TrackingNumber> = scans
             .iter()
             .map(|s| &s.tracking_number)
-            .filter(|number| !self.cache.contains(number))
+            .filter(|number| !self.cache.contains(number) && !dropped.contains(number))
             .collect();
         misses.sort_unstable();
         misses.dedup();
@@ -77,6 +101,11 @@ impl Writer {
         let mut batch =
             WriteBatch::with_capacity_bytes(scans.len() * self.batch_bytes_per_scan * 9 / 8);
         let received_time = prost_types::Timestamp::from(SystemTime::now());
+        let mut dropped_scans = 0;
+        for number in &dropped {
+            dropped_scans += self.store.scans_stored_for(number)?;
+            batch.delete_cf(shipments_cf, keys::shipment_key(number));
+        }
         // Each touched shipment with the positions in `stored` of the scans this group stored
         // for it. `stored` comes grouped by shipment (the engine applies scans so): one run
         // per shipment, one state lookup per shipment, not per scan.
@@ -105,11 +134,15 @@ impl Writer {
             next_sequence - run..next_sequence
         };
         let stall_index = self.store.cf(keys::STALL_DEADLINES);
+        let mut change_runs_by_number = ChangeRuns::new();
         for (number, added) in touched {
             let replaced = removed_runs
                 .next_if(|run| run.first().is_some_and(|(of, _, _)| of == number))
                 .unwrap_or_default();
             let sequences = sequences_of(number);
+            if !sequences.is_empty() {
+                change_runs_by_number.insert(number, sequences.clone());
+            }
             if let Some(state) = states.get_mut(number) {
                 let added = stored[added].iter().map(|&index| scans[index]);
                 for scan in added.clone() {
@@ -198,8 +231,8 @@ impl Writer {
                 keys::change_key(sequence),
             );
         }
-        let now_stored =
-            (self.stored_scans + stored.len() as u64).saturating_sub(removed.len() as u64);
+        let now_stored = (self.stored_scans + stored.len() as u64)
+            .saturating_sub(removed.len() as u64 + dropped_scans);
         if now_stored != self.stored_scans {
             batch.put_cf(
                 self.store.cf(keys::META),
@@ -216,14 +249,20 @@ impl Writer {
 
         self.stored_scans = now_stored;
         self.last_sequence = sequence;
+        for offset in group.iter().flat_map(|r| &r.offsets) {
+            self.rereads
+                .reached(&offset.topic, offset.partition, offset.next);
+        }
         self.stalled_shipments = stalled_shipments;
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
-        let snapshots = match self.replication {
-            Some(_) => self.snapshots(group, &scans).unwrap_or_else(|error| {
-                tracing::error!(%error, "changelog snapshots not built");
-                Vec::new()
-            }),
-            None => Vec::new(),
+        let (snapshots, void) = match self.replication {
+            Some(_) => self
+                .snapshots(group, &scans, &change_runs_by_number)
+                .unwrap_or_else(|error| {
+                    tracing::error!(%error, "changelog snapshots not built");
+                    (Vec::new(), Vec::new())
+                }),
+            None => (Vec::new(), Vec::new()),
         };
         record_metrics(&outcomes, &changes, after_terminal);
         let clock_skewed = stored.iter().filter(|&&i| scans[i].clock_skewed).count();
@@ -241,6 +280,7 @@ impl Writer {
             outcomes: per_request,
             sequence,
             snapshots,
+            void,
         })
     }
 }

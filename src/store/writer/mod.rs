@@ -44,7 +44,7 @@ use crate::engine::retention::{Removed, RetentionPolicy};
 use crate::engine::stall::StallPolicy;
 use crate::engine::{Engine, Outcome};
 use crate::telemetry::metrics as m;
-pub use replicate::{Assembler, Outgoing, Snapshot};
+pub use replicate::{Assembler, Outgoing, Replica, Snapshot};
 pub use sweep::{run_sweeper, ChangeLogRetention, Swept};
 use syncer::{Signals, SweepAnswer, Syncer, Written, SYNC_QUEUE_GROUPS};
 
@@ -97,6 +97,8 @@ enum Job {
         topic: String,
         partition: i32,
         resume: i64,
+        /// The first resume job of a restore (more follow while deadlines stay parked).
+        first: bool,
         reply: oneshot::Sender<Result<(i64, bool), StoreError>>,
     },
 }
@@ -131,8 +133,8 @@ impl WriterHandle {
         answer.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    /// Has the writer install a chunk of a source partition's replicated shipments (those newer
-    /// than the state here) and waits until they are durable. Blocking: for the restore, which
+    /// Has the writer install a chunk of a source partition's replicated shipments over the
+    /// state here and waits until they are durable. Blocking: for the restore, which
     /// reads the changelog on a thread of its own.
     pub fn install_blocking(
         &self,
@@ -153,7 +155,7 @@ impl WriterHandle {
     }
 
     /// Ends a source partition's restore: consumption resumes at `resume` (the changelog's last
-    /// complete-state marker) unless the state here is further along, and the deadlines parked
+    /// complete-state marker), even when the state here is further along, and the deadlines parked
     /// while another instance owned the partition are put back. Returns where to resume.
     /// Blocking, like [`WriterHandle::install_blocking`].
     pub fn resume_blocking(
@@ -162,6 +164,7 @@ impl WriterHandle {
         partition: i32,
         resume: i64,
     ) -> Result<i64, StoreError> {
+        let mut first = true;
         loop {
             let (reply, answer) = oneshot::channel();
             self.tx
@@ -169,6 +172,7 @@ impl WriterHandle {
                     topic: topic.to_owned(),
                     partition,
                     resume,
+                    first: std::mem::take(&mut first),
                     reply,
                 })
                 .map_err(|_| StoreError::WriterGone)?;
@@ -224,6 +228,8 @@ struct Writer {
     /// the next one is sized from it.
     batch_bytes_per_scan: usize,
     cache: ShipmentCache,
+    /// Partitions a restore has this instance read again, and what it installed.
+    rereads: restore::Rereads,
     /// Where shipments owned by a source partition are replicated, and which partitions are
     /// owned here: a shipment of a partition owned elsewhere is neither swept nor replicated.
     replication: Option<Replication>,
@@ -233,8 +239,10 @@ struct Writer {
 /// durable write, and the fence saying which partitions this instance owns.
 #[derive(Clone)]
 pub struct Replication {
-    pub snapshots: mpsc::Sender<Outgoing>,
+    pub snapshots: mpsc::Sender<Replica>,
     pub ownership: Ownership,
+    /// This instance's publisher id, which its snapshots carry.
+    pub publisher: u64,
 }
 
 impl Writer {
@@ -287,9 +295,10 @@ impl Writer {
                     topic,
                     partition,
                     resume,
+                    first,
                     reply,
                 } => {
-                    let result = self.resume(&topic, partition, resume);
+                    let result = self.resume(&topic, partition, resume, first);
                     self.signals.record_write(result.as_ref().err());
                     let _ = reply.send(result);
                     continue;
@@ -432,6 +441,7 @@ pub fn spawn(
         group_commit_batches: config.group_commit_batches,
         batch_bytes_per_scan: 512,
         cache: ShipmentCache::new(config.shipment_cache_entries),
+        rereads: restore::Rereads::default(),
         store,
         replication,
     };

@@ -5,13 +5,14 @@
 //! back together by the [`Assembler`] of the restore.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use prost::Message;
 
 use super::{Request, Writer};
 use crate::domain::ownership::OutputGuard;
 use crate::domain::scan::ValidScan;
-use crate::domain::{Origin, TrackingNumber};
+use crate::domain::{Origin, Sequence, TrackingNumber};
 use crate::engine::ShipmentState;
 use crate::store::StoreError;
 
@@ -21,10 +22,27 @@ pub use crate::proto::storage::Snapshot;
 
 /// A snapshot on its way to the changelog, under the guard of the claim it was made under: a
 /// release of the partition waits for it, and it is dropped once the release has waited.
+/// `changes` are the shipment's changes this write made (sequences in this instance's change
+/// log): published once this snapshot (or a later one of the shipment) is on the changelog,
+/// void if it is dropped.
 #[derive(Debug)]
 pub struct Outgoing {
     pub snapshot: Snapshot,
     pub guard: OutputGuard,
+    pub changes: Range<u64>,
+}
+
+/// What the writer hands the changelog task after each durable write: its snapshots, then
+/// how far the change log goes with them.
+#[derive(Debug)]
+pub enum Replica {
+    Snapshot(Outgoing),
+    /// Every snapshot of the writes up to `sequence` was handed over before this; `void` are
+    /// changes among them that no snapshot carries (their partition was no longer owned here).
+    Through {
+        sequence: Sequence,
+        void: Vec<u64>,
+    },
 }
 
 impl Snapshot {
@@ -76,6 +94,8 @@ impl Snapshot {
             pieces,
             piece: index as u32,
             record_checksum: checksum,
+            publisher: self.publisher,
+            covers: self.covers,
         };
         let mut out: Vec<Snapshot> = parts
             .iter()
@@ -157,54 +177,98 @@ impl Assembler {
     }
 }
 
+/// The changes each shipment's snapshot carries, by tracking number.
+pub(super) type ChangeRuns<'a> = HashMap<&'a TrackingNumber, Range<u64>>;
+
 impl Writer {
-    /// Snapshots of the stalled shipments that a source partition owns, positioned at the
-    /// partition's stored offset (the state includes everything before it).
+    /// Snapshots of the swept shipments that a source partition owns, positioned at the
+    /// partition's stored offset (the state includes everything before it), and the changes
+    /// of those owned elsewhere by now (void).
     pub(super) fn owned_snapshots(
         &self,
         shipments: &[(TrackingNumber, ShipmentState)],
-    ) -> Result<Vec<Outgoing>, StoreError> {
+        changes: &ChangeRuns<'_>,
+    ) -> Result<(Vec<Outgoing>, Vec<u64>), StoreError> {
         let mut snapshots = Vec::new();
+        let mut void = Vec::new();
         for (number, state) in shipments {
             let Some(owner) = &state.owner else { continue };
-            let Some(record) = self.store.shipment_record(number)? else {
-                continue;
-            };
             let next_offset = self
                 .store
                 .source_offset(&owner.topic, owner.partition)?
                 .unwrap_or_default();
-            snapshots.extend(self.guarded(Snapshot {
-                tracking_number: number.to_string(),
-                topic: owner.topic.clone(),
-                partition: owner.partition,
-                next_offset,
-                record,
-                ..Snapshot::default()
-            }));
+            let made = self.snapshot_of(number, owner, next_offset, changes)?;
+            push_or_void(made, changes.get(number), &mut snapshots, &mut void);
         }
-        Ok(snapshots)
+        Ok((snapshots, void))
     }
 
-    /// The snapshot under a guard of its partition's claim; none when the partition is not
-    /// owned here (any longer).
-    fn guarded(&self, snapshot: Snapshot) -> Option<Outgoing> {
-        let guard = self
-            .replication
-            .as_ref()?
+    /// A shipment's stored record as a snapshot under a guard of its partition's claim, with
+    /// the changes it carries; `Ok(None)` when the partition is not owned here (any longer).
+    fn snapshot_of(
+        &self,
+        number: &TrackingNumber,
+        origin: &Origin,
+        next_offset: i64,
+        changes: &ChangeRuns<'_>,
+    ) -> Result<Option<Outgoing>, StoreError> {
+        let Some(replication) = self.replication.as_ref() else {
+            return Ok(None);
+        };
+        let Some(guard) = replication.ownership.guard(&origin.topic, origin.partition) else {
+            return Ok(None);
+        };
+        let Some(record) = self.store.shipment_record(number)? else {
+            return Ok(None);
+        };
+        let key = crate::store::keys::shipment_key(number);
+        let covers = crate::store::codec::change_sequences(key, &record)?
+            .into_iter()
+            .max()
+            .unwrap_or_default();
+        Ok(Some(Outgoing {
+            snapshot: Snapshot {
+                tracking_number: number.to_string(),
+                topic: origin.topic.clone(),
+                partition: origin.partition,
+                next_offset,
+                record,
+                publisher: replication.publisher,
+                covers,
+                ..Snapshot::default()
+            },
+            guard,
+            changes: changes.get(number).cloned().unwrap_or(0..0),
+        }))
+    }
+
+    /// A marker under a guard of its partition's claim; none when the partition is not owned
+    /// here (any longer).
+    fn guarded_marker(&self, marker: Snapshot) -> Option<Outgoing> {
+        let replication = self.replication.as_ref()?;
+        let guard = replication
             .ownership
-            .guard(&snapshot.topic, snapshot.partition)?;
-        Some(Outgoing { snapshot, guard })
+            .guard(&marker.topic, marker.partition)?;
+        Some(Outgoing {
+            snapshot: Snapshot {
+                publisher: replication.publisher,
+                ..marker
+            },
+            guard,
+            changes: 0..0,
+        })
     }
 
     /// The state of every shipment of the group that a source partition owns, for the
     /// changelog, then a marker per partition saying its state is complete up to the group's
-    /// offsets: a new owner resumes at the last marker, never beyond a missing snapshot.
+    /// offsets: a new owner resumes at the last marker, never beyond a missing snapshot. Also
+    /// the changes of shipments whose partition is owned elsewhere by now (void).
     pub(super) fn snapshots(
         &self,
         group: &[Request],
         scans: &[&ValidScan],
-    ) -> Result<Vec<Outgoing>, StoreError> {
+        changes: &ChangeRuns<'_>,
+    ) -> Result<(Vec<Outgoing>, Vec<u64>), StoreError> {
         let mut owned: HashMap<&TrackingNumber, &Origin> = HashMap::new();
         for scan in scans {
             if let Some(origin) = &scan.origin {
@@ -221,18 +285,11 @@ impl Writer {
                 .unwrap_or_default()
         };
         let mut snapshots = Vec::with_capacity(owned.len() + 1);
+        let mut void = Vec::new();
         for (number, origin) in owned {
-            let Some(record) = self.store.shipment_record(number)? else {
-                continue;
-            };
-            snapshots.extend(self.guarded(Snapshot {
-                tracking_number: number.to_string(),
-                topic: origin.topic.clone(),
-                partition: origin.partition,
-                next_offset: next_offset(&origin.topic, origin.partition),
-                record,
-                ..Snapshot::default()
-            }));
+            let offset = next_offset(&origin.topic, origin.partition);
+            let made = self.snapshot_of(number, origin, offset, changes)?;
+            push_or_void(made, changes.get(number), &mut snapshots, &mut void);
         }
         let mut partitions: Vec<(&str, i32)> = group
             .iter()
@@ -242,13 +299,27 @@ impl Writer {
         partitions.sort_unstable();
         partitions.dedup();
         for (topic, partition) in partitions {
-            snapshots.extend(self.guarded(Snapshot::marker(
+            snapshots.extend(self.guarded_marker(Snapshot::marker(
                 topic,
                 partition,
                 next_offset(topic, partition),
             )));
         }
-        Ok(snapshots)
+        Ok((snapshots, void))
+    }
+}
+
+/// A snapshot made goes out; the changes of one that could not be made (its partition no
+/// longer owned here) are void: the partition's owner derives them again.
+fn push_or_void(
+    made: Option<Outgoing>,
+    changes: Option<&Range<u64>>,
+    snapshots: &mut Vec<Outgoing>,
+    void: &mut Vec<u64>,
+) {
+    match made {
+        Some(outgoing) => snapshots.push(outgoing),
+        None => void.extend(changes.cloned().unwrap_or(0..0)),
     }
 }
 

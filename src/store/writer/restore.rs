@@ -6,20 +6,79 @@
 
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 
+use std::collections::{HashMap, HashSet};
+
 use super::{Snapshot, Writer};
-use crate::domain::TrackingNumber;
+use crate::domain::{Origin, TrackingNumber};
 use crate::store::{codec, keys, StoreError};
 use crate::telemetry::metrics as m;
 
 /// Most parked deadlines one resume job puts back: it holds the writer like a group does.
 const UNPARK_CHUNK: usize = 1_024;
 
+/// A source partition read again from its changelog marker up to where this instance had
+/// applied it (`until`). A shipment of the partition that the changelog does not hold at all
+/// (not `installed`) was never replicated: its state here is dropped when the records read
+/// again first touch it, so its changes are derived anew (the old ones are void).
+#[derive(Debug, Default)]
+pub(super) struct Reread {
+    until: i64,
+    installed: HashSet<TrackingNumber>,
+}
+
+/// The restores' memory between jobs: the shipments each restore installed so far, and the
+/// partitions being read again.
+#[derive(Debug, Default)]
+pub(super) struct Rereads {
+    installing: HashMap<(String, i32), HashSet<TrackingNumber>>,
+    active: HashMap<(String, i32), Reread>,
+}
+
+impl Rereads {
+    /// Whether a scan of `origin` for `number`, whose state here says it belongs to `owner`,
+    /// must drop that state first; then it need not again.
+    pub(super) fn drops(
+        &mut self,
+        origin: &Origin,
+        number: &TrackingNumber,
+        owner: Option<&Origin>,
+    ) -> bool {
+        let Some(reread) = self
+            .active
+            .get_mut(&(origin.topic.clone(), origin.partition))
+        else {
+            return false;
+        };
+        reread.installed.insert(number.clone()) && owner == Some(origin)
+    }
+
+    /// Whether a scan of `origin` is read again (so its shipment may have to drop its state).
+    pub(super) fn covers(&self, origin: &Origin) -> bool {
+        !self.active.is_empty()
+            && self
+                .active
+                .contains_key(&(origin.topic.clone(), origin.partition))
+    }
+
+    /// Consumption of the partition reached `next`: a reread that far is over.
+    pub(super) fn reached(&mut self, topic: &str, partition: i32, next: i64) {
+        if self.active.is_empty() {
+            return;
+        }
+        let key = (topic.to_owned(), partition);
+        if self.active.get(&key).is_some_and(|r| next >= r.until) {
+            self.active.remove(&key);
+        }
+    }
+}
+
 impl Writer {
-    /// Every snapshot newer than the local state (the partition's stored offset) replaces the
-    /// stored record of its shipment (scans included, byte for byte as the snapshot carries
-    /// them; the change sequences, which name the previous owner's change log, left out) and
-    /// is indexed at its deadline. One synced write, counted in the stored scans; the restored
-    /// shipments leave the cache.
+    /// Every snapshot replaces the stored record of its shipment (scans included, byte for
+    /// byte as the snapshot carries them; the change sequences, which name the previous
+    /// owner's change log, left out) and is indexed at its deadline: the changelog is the
+    /// partition's state, and whatever this instance holds beyond it was never replicated, so
+    /// its changes are void and are derived again from the records read again. One synced
+    /// write, counted in the stored scans; the restored shipments leave the cache.
     pub(super) fn install(
         &mut self,
         topic: &str,
@@ -27,13 +86,11 @@ impl Writer {
         snapshots: &[Snapshot],
     ) -> Result<usize, StoreError> {
         let store = &self.store;
-        let local = store.source_offset(topic, partition)?.unwrap_or(-1);
         let mut batch = WriteBatch::default();
         let mut restored = Vec::new();
         // Per restored shipment: the scans it had here, and those it has restored.
-        let mut scan_counts: std::collections::HashMap<TrackingNumber, (u64, u64)> =
-            std::collections::HashMap::new();
-        for snapshot in snapshots.iter().filter(|s| s.next_offset > local) {
+        let mut scan_counts: HashMap<TrackingNumber, (u64, u64)> = HashMap::new();
+        for snapshot in snapshots {
             let number = TrackingNumber::parse(&snapshot.tracking_number).map_err(|e| {
                 StoreError::Corrupt {
                     key: snapshot.tracking_number.clone(),
@@ -80,7 +137,13 @@ impl Writer {
         for number in &restored {
             self.cache.forget(number);
         }
-        Ok(restored.len())
+        let count = restored.len();
+        self.rereads
+            .installing
+            .entry((topic.to_owned(), partition))
+            .or_default()
+            .extend(restored);
+        Ok(count)
     }
 
     /// Stores where the partition resumes: `resume`, the changelog's last complete-state
@@ -91,15 +154,27 @@ impl Writer {
     /// next owner without them. Then puts back up to [`UNPARK_CHUNK`] of the partition's
     /// parked deadlines at the deadline each shipment's record holds. One synced write;
     /// returns the offset and whether more are parked.
+    /// On the first call of a restore (`first`), a partition read again from before its
+    /// stored offset gets a [`Reread`] until consumption is back there.
     pub(super) fn resume(
         &mut self,
         topic: &str,
         partition: i32,
         resume: i64,
+        first: bool,
     ) -> Result<(i64, bool), StoreError> {
         let store = &self.store;
         let from = resume;
-        if let Some(local) = store.source_offset(topic, partition)?.filter(|l| *l > from) {
+        let local = store.source_offset(topic, partition)?;
+        if first {
+            let key = (topic.to_owned(), partition);
+            self.rereads.active.remove(&key);
+            let installed = self.rereads.installing.remove(&key).unwrap_or_default();
+            if let Some(until) = local.filter(|l| *l > from) {
+                self.rereads.active.insert(key, Reread { until, installed });
+            }
+        }
+        if let Some(local) = local.filter(|l| *l > from) {
             metrics::counter!(m::KAFKA_RECORDS_REREAD_TOTAL).increment((local - from) as u64);
             tracing::info!(
                 topic,

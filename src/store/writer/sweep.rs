@@ -18,6 +18,7 @@ use rocksdb::{ColumnFamily, WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
 use super::changes::{change_record, tally, timestamp};
+use super::replicate::ChangeRuns;
 use super::syncer::Applied;
 use super::{Job, Writer, WriterHandle};
 use crate::domain::clock::Clock;
@@ -368,18 +369,27 @@ impl Writer {
                 .increment(removed.scans as u64);
         }
         stalled.extend(trimmed);
-        let snapshots = match self.replication {
-            Some(_) => self.owned_snapshots(&stalled).unwrap_or_else(|error| {
-                tracing::error!(%error, "changelog snapshots of a sweep not built");
-                Vec::new()
-            }),
-            None => Vec::new(),
+        // One change per stalled shipment, in the same order; the trimmed ones made none.
+        let runs: ChangeRuns<'_> = stalled
+            .iter()
+            .zip(&changes)
+            .map(|((number, _), (sequence, _, _))| (number, sequence.0..sequence.0 + 1))
+            .collect();
+        let (snapshots, void) = match self.replication {
+            Some(_) => self
+                .owned_snapshots(&stalled, &runs)
+                .unwrap_or_else(|error| {
+                    tracing::error!(%error, "changelog snapshots of a sweep not built");
+                    (Vec::new(), Vec::new())
+                }),
+            None => (Vec::new(), Vec::new()),
         };
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
         let applied = Applied {
             outcomes: Vec::new(),
             sequence,
             snapshots,
+            void,
         };
         Ok((applied, changes.len(), removed))
     }

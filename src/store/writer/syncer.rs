@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Outgoing, Request};
+use super::{Outgoing, Replica, Request};
 use crate::domain::Sequence;
 use crate::engine::retention::Removed;
 use crate::engine::Outcome;
@@ -78,6 +78,8 @@ pub(super) struct Applied {
     pub(super) outcomes: Vec<Vec<Outcome>>,
     pub(super) sequence: Sequence,
     pub(super) snapshots: Vec<Outgoing>,
+    /// Changes of shipments whose partition was no longer owned here: no snapshot carries them.
+    pub(super) void: Vec<u64>,
 }
 
 /// A group written to RocksDB, waiting for the WAL sync that makes it durable. A sweep
@@ -100,7 +102,7 @@ pub(super) struct SweepAnswer {
 pub(super) struct Syncer {
     pub(super) store: Store,
     pub(super) signals: Arc<Signals>,
-    pub(super) changelog: Option<mpsc::Sender<Outgoing>>,
+    pub(super) changelog: Option<mpsc::Sender<Replica>>,
 }
 
 impl Syncer {
@@ -129,6 +131,7 @@ impl Syncer {
                                 outcomes,
                                 sequence,
                                 snapshots,
+                                void,
                             },
                         swept,
                     } in groups
@@ -143,7 +146,7 @@ impl Syncer {
                         if let Some(SweepAnswer { swept, reply }) = swept {
                             let _ = reply.send(Ok(swept));
                         }
-                        self.send_snapshots(snapshots);
+                        self.send_snapshots(snapshots, sequence, void);
                     }
                 }
                 Err(error) => {
@@ -166,12 +169,17 @@ impl Syncer {
 
     /// The group is durable whatever happens here: a missed snapshot only means the next owner
     /// of the partition resumes earlier and re-applies those scans itself.
-    fn send_snapshots(&self, snapshots: Vec<Outgoing>) {
+    fn send_snapshots(&self, snapshots: Vec<Outgoing>, sequence: Sequence, void: Vec<u64>) {
         let Some(changelog) = &self.changelog else {
             return;
         };
-        for snapshot in snapshots {
-            if changelog.blocking_send(snapshot).is_err() {
+        let through = Replica::Through { sequence, void };
+        for replica in snapshots
+            .into_iter()
+            .map(Replica::Snapshot)
+            .chain([through])
+        {
+            if changelog.blocking_send(replica).is_err() {
                 tracing::warn!("changelog stopped; state is no longer replicated");
                 return;
             }

@@ -685,7 +685,7 @@ async fn restore(writer: &WriterHandle, snapshots: Vec<Snapshot>, resume: i64) -
 }
 
 #[tokio::test]
-async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
+async fn restore_installs_the_changelogs_state_and_resumes_at_the_last_marker() {
     let (_dir, store) = crate::store::tests::temp_store();
     let (writer, thread) = spawn_writer(&store);
     let n = |s: &str| TrackingNumber::parse(s).expect("valid");
@@ -729,23 +729,19 @@ async fn restore_installs_newer_state_and_resumes_at_the_last_marker() {
         ),
         ("c", "PARCEL0002")
     );
-    // A previous owner coming back further along keeps its own newer state, but resumes at
-    // the changelog's marker: what it applied past it was never replicated, so it reads it
-    // again.
+    // A previous owner coming back further along takes the changelog's state, and resumes
+    // at its marker: what it applied past it was never replicated, so it reads it again.
     let restored = restore(&writer, vec![snapshot("PARCEL0001", 5, &["x"])], 5).await;
-    assert_eq!(restored, (0, 5));
+    assert_eq!(restored, (1, 5));
     assert_eq!(
         store.source_offset("scans.raw", 1).expect("offset"),
         Some(5)
     );
     assert_eq!(
-        store
-            .timeline_values(&n("PARCEL0001"))
-            .expect("events")
-            .len(),
-        2
+        store.timeline_values(&n("PARCEL0001")).expect("events"),
+        whole_scans("PARCEL0001", &["x"])
     );
-    assert_eq!(store.stored_scans().expect("reads"), 3);
+    assert_eq!(store.stored_scans().expect("reads"), 2);
     // A newer snapshot replaces what it restores, in the count too, twice in one batch.
     let restored = restore(
         &writer,
@@ -799,6 +795,7 @@ async fn a_partition_owned_elsewhere_is_not_swept_until_it_is_owned_here_again()
         Some(Replication {
             snapshots,
             ownership: ownership.clone(),
+            publisher: 1,
         }),
     )
     .expect("spawns");
@@ -885,6 +882,109 @@ async fn a_partition_owned_elsewhere_is_not_swept_until_it_is_owned_here_again()
         shipment(&store, "PARCEL0001").status,
         pb::Status::Stalled as i32
     );
+    drop(writer);
+    thread.join().expect("writer stops");
+}
+
+/// What the writer hands the changelog: each owned shipment's snapshot with the changes it
+/// carries and this instance's publisher id, then how far the change log goes. And what a
+/// restore does with a shipment the changelog lacks entirely (its snapshot never got there):
+/// the records read again drop its state here at their first scan of it, so its changes are
+/// derived anew (the old ones are void), once.
+#[tokio::test]
+async fn a_shipment_the_changelog_never_got_is_derived_anew_when_its_records_are_read_again() {
+    let (_dir, store) = crate::store::tests::temp_store();
+    let ownership = Ownership::default();
+    let claim = ownership.claim("scans.raw", 1);
+    assert!(ownership.confirm("scans.raw", 1, claim, 0));
+    let (snapshots, mut replicated) = mpsc::channel(1024);
+    let (writer, _, thread) = spawn(
+        store.clone(),
+        Engine::new(Duration::from_secs(60)),
+        (policy(), retention()),
+        &crate::store::StoreConfig::default(),
+        Some(Replication {
+            snapshots,
+            ownership: ownership.clone(),
+            publisher: 7,
+        }),
+    )
+    .expect("spawns");
+    let read_at = |id: &str, hours: i64, next: i64| {
+        let scan = ValidScan {
+            origin: Some(crate::domain::Origin {
+                topic: "scans.raw".into(),
+                partition: 1,
+            }),
+            ..scan("PARCEL0003", id, ScanType::Sorted, hours)
+        };
+        let offset = SourceOffset {
+            topic: "scans.raw".into(),
+            partition: 1,
+            next,
+        };
+        let writer = writer.clone();
+        async move {
+            let answer = writer
+                .enqueue(vec![scan], vec![offset], Instant::now())
+                .await
+                .expect("queued");
+            answer.await.expect("answered").expect("durable");
+        }
+    };
+    let changes_of = |after: u64| {
+        store
+            .changes(Sequence(after), Sequence(u64::MAX), 10)
+            .expect("reads")
+            .into_iter()
+            .map(|c| (c.sequence, c.tracking_number, c.version))
+            .collect::<Vec<_>>()
+    };
+
+    read_at("x1", 0, 30).await;
+    assert_eq!(changes_of(0), [(1, "PARCEL0003".to_owned(), 1)]);
+    let Some(Replica::Snapshot(outgoing)) = replicated.recv().await else {
+        panic!("the shipment's snapshot first");
+    };
+    assert_eq!(
+        (
+            outgoing.snapshot.tracking_number.as_str(),
+            outgoing.snapshot.publisher,
+            outgoing.snapshot.covers,
+            outgoing.changes
+        ),
+        ("PARCEL0003", 7, 1, 1..2)
+    );
+    let Some(Replica::Snapshot(marker)) = replicated.recv().await else {
+        panic!("then the partition's marker");
+    };
+    assert_eq!(
+        (marker.snapshot.is_marker(), marker.snapshot.next_offset),
+        (true, 30)
+    );
+    let Some(Replica::Through { sequence, void }) = replicated.recv().await else {
+        panic!("then the write's end");
+    };
+    assert_eq!((sequence, void), (Sequence(1), Vec::new()));
+    tokio::spawn(async move { while replicated.recv().await.is_some() {} });
+
+    // The changelog never got that snapshot: the restore finds nothing of the shipment and
+    // resumes at an earlier marker.
+    assert_eq!(restore(&writer, Vec::new(), 10).await, (0, 10));
+    read_at("x1", 0, 11).await;
+    let anew = shipment(&store, "PARCEL0003");
+    assert_eq!(anew.version, 1);
+    assert_eq!(anew.timeline.len(), 1);
+    assert_eq!(changes_of(1), [(2, "PARCEL0003".to_owned(), 1)]);
+    assert_eq!(store.stored_scans().expect("reads"), 1);
+    // Dropped once: the next record read again applies on top.
+    read_at("x2", 1, 12).await;
+    let ids: Vec<String> = shipment(&store, "PARCEL0003")
+        .timeline
+        .into_iter()
+        .map(|s| s.scan_id)
+        .collect();
+    assert_eq!(ids, ["x1", "x2"]);
     drop(writer);
     thread.join().expect("writer stops");
 }
