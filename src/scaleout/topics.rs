@@ -2,7 +2,8 @@
 //! (it keeps each shipment's latest state however old, not a window of states) and have at
 //! least as many partitions as every scans topic (a partition's state goes to the changelog
 //! partition of the same number); the members topic must exist. Refused at start with the
-//! reason, never found wanting at the first rebalance.
+//! reason, never found wanting at the first rebalance. A changelog that may compact a snapshot
+//! away within the hour (`min.compaction.lag.ms`) gets a warning.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,6 +15,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use crate::kafka::{self as client, Cluster};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Below this `min.compaction.lag.ms`, a start warns: a restart decides what it had in flight
+/// by reading its own latest snapshots back from the changelog (`resolve`).
+const MIN_COMPACTION_LAG: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicCheckError {
@@ -114,6 +119,20 @@ pub async fn check(
             topic: changelog.to_owned(),
             policy,
         });
+    }
+    // Absent from the answer (tansu reports no such key): nothing to say.
+    let lag = config
+        .get("min.compaction.lag.ms")
+        .and_then(|entry| entry.value.as_deref())
+        .and_then(|v| v.parse::<u64>().ok());
+    if lag.is_some_and(|ms| ms < MIN_COMPACTION_LAG.as_millis() as u64) {
+        tracing::warn!(
+            topic = changelog,
+            min_compaction_lag_ms = lag,
+            "the changelog may compact away a snapshot of this instance before a restart \
+             reads it back to decide what was in flight; set min.compaction.lag.ms above how \
+             long an instance may stay down (an hour at least)"
+        );
     }
     if has < needs.0 {
         return Err(TopicCheckError::TooFewPartitions {

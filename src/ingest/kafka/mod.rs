@@ -3,7 +3,8 @@
 //! offsets; what cannot be decoded, and scans that are rejected, go to the dead-letter topic
 //! with the reason in a header. A newly assigned partition stays paused while its state is
 //! restored from the changelog (`scaleout::changelog`), then is consumed from where that
-//! state ends; a revoked one is released at once (`domain::ownership`).
+//! state ends; a revoked one is released at once (`domain::ownership`). `rebalance` holds
+//! that side of the source, `triage` each record's fate without I/O.
 //!
 //! Invariants:
 //! - A record's offset counts as consumed only once the batch holding it is durable: the next
@@ -22,34 +23,35 @@
 //! - Offsets are committed to the broker too, asynchronously and after durability, only so
 //!   that lag tools see progress; RocksDB is the source of truth.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+mod rebalance;
+mod triage;
 
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
-};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::statistics::Statistics;
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::validate::{Rejection, Validator};
+use super::validate::Rejection;
 use super::Ingestor;
-use crate::domain::ownership::{Generation, Ownership};
+use crate::domain::ownership::Ownership;
 use crate::domain::{scan::ValidScan, Origin};
 use crate::engine::Outcome;
 use crate::kafka::{self as client, Cluster, LoggingContext};
-use crate::proto::codec::{self, Encoding};
-use crate::scaleout::changelog;
+use crate::proto::codec::Encoding;
 use crate::scaleout::members::{Directory, PartitionCounts, Router};
 use crate::store::writer::{SourceOffset, WriterHandle};
 use crate::telemetry::lag::Lag;
 use crate::telemetry::metrics as m;
+use rebalance::{Claims, SourceContext};
+use triage::content_type;
+pub use triage::{encoding_of, triage, Refusal};
 
 pub const HEADER_REASON: &str = "scand-reason";
 pub const HEADER_SOURCE_TOPIC: &str = "scand-source-topic";
@@ -59,186 +61,13 @@ pub const HEADER_SOURCE_OFFSET: &str = "scand-source-offset";
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// How long a revoked partition's release waits for a changelog record on its way: a little
-/// longer than a delivery may take.
-const RELEASE_WAIT: Duration = changelog::DELIVERY_TIMEOUT.saturating_add(Duration::from_secs(1));
-
 /// Restores ended and not yet handled by the source loop, at most.
 const RESTORES_ENDING: usize = 16;
-
-const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
-
-const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSourceError {
     #[error("kafka consumer: {0}")]
     Kafka(#[from] KafkaError),
-}
-
-/// Claims each assigned partition and keeps it paused until its state is restored (by the
-/// source loop, see [`KafkaSource::run`]); releases each revoked partition at once, so nothing
-/// of it is applied, swept or replicated here afterwards.
-pub struct SourceContext {
-    /// The lag of the partitions this consumer owns, from its statistics.
-    lag: Lag,
-    ownership: Ownership,
-    claims: Arc<Claims>,
-    /// How many partitions each scans topic has, read at every assignment: where a tracking
-    /// number belongs.
-    partitions: PartitionCounts,
-}
-
-/// Partitions assigned and waiting for their restore, and the wake-up of the source loop
-/// that starts restores. Bounded by the partitions of the scans topics.
-#[derive(Default)]
-struct Claims {
-    waiting: Mutex<Vec<Claimed>>,
-    wake: tokio::sync::Notify,
-}
-
-/// A partition claimed under a generation, when, and how many restores of it failed so far.
-#[derive(Clone, Debug)]
-struct Claimed {
-    topic: String,
-    partition: i32,
-    generation: Generation,
-    at: Instant,
-    failures: u32,
-}
-
-impl Claims {
-    fn push(&self, claims: impl IntoIterator<Item = Claimed>) {
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(claims);
-        self.wake.notify_one();
-    }
-
-    fn take(&self) -> Vec<Claimed> {
-        std::mem::take(
-            &mut *self
-                .waiting
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    }
-}
-
-/// A restore's end, for the source loop.
-struct RestoreDone {
-    claimed: Claimed,
-    result: Result<changelog::Restored, changelog::RestoreError>,
-}
-
-impl ClientContext for SourceContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        client::log(level, facility, message);
-    }
-
-    fn stats(&self, statistics: Statistics) {
-        client::record_lag(&statistics, &self.lag);
-    }
-}
-
-impl SourceContext {
-    /// Reads the partition count of each assigned topic (a topic can gain partitions).
-    fn count_partitions(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let mut topics: Vec<String> = tpl
-            .elements()
-            .iter()
-            .map(|e| e.topic().to_owned())
-            .collect();
-        topics.sort_unstable();
-        topics.dedup();
-        for topic in &topics {
-            let topic = topic.as_str();
-            match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
-                Ok(metadata) => {
-                    if let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) {
-                        self.partitions
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(topic.to_owned(), found.partitions().len() as i32);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, topic, "partition count not read; keeping the last known")
-                }
-            }
-        }
-    }
-}
-
-impl ConsumerContext for SourceContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.count_partitions(consumer, tpl);
-                let claimed: Vec<Claimed> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| Claimed {
-                        topic: e.topic().to_owned(),
-                        partition: e.partition(),
-                        generation: self.ownership.claim(e.topic(), e.partition()),
-                        at: Instant::now(),
-                        failures: 0,
-                    })
-                    .collect();
-                let assigned = if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                // Paused until restored: the source loop seeks each to where its state ends.
-                if let Err(error) = assigned.and_then(|()| consumer.pause(tpl)) {
-                    tracing::error!(%error, "assign failed");
-                }
-                tracing::info!(
-                    partitions = ?claimed.iter().map(|c| (&c.topic, c.partition)).collect::<Vec<_>>(),
-                    "partitions assigned; restoring their state before consuming them"
-                );
-                self.claims.push(claimed);
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                for e in tpl.elements() {
-                    if !self
-                        .ownership
-                        .release(e.topic(), e.partition(), RELEASE_WAIT)
-                    {
-                        tracing::error!(
-                            topic = e.topic(),
-                            partition = e.partition(),
-                            wait = ?RELEASE_WAIT,
-                            "a changelog record of a revoked partition was still on its way"
-                        );
-                    }
-                }
-                tracing::info!(revoked = ?tpl, "partitions revoked");
-                let unassigned = if cooperative {
-                    consumer.incremental_unassign(tpl)
-                } else {
-                    consumer.unassign()
-                };
-                if let Err(error) = unassigned {
-                    tracing::error!(%error, "unassign failed");
-                }
-            }
-            other => tracing::error!(error = ?other, "rebalance error"),
-        }
-        metrics::gauge!(m::KAFKA_PARTITIONS_ASSIGNED).set(self.ownership.owned() as f64);
-    }
 }
 
 /// The running source: consume, decode, validate, dead-letter, store, commit.
@@ -276,66 +105,6 @@ enum Diversion {
         tracking_number: String,
         partition: i32,
     },
-}
-
-/// Why a record goes to the dead-letter topic: the stable code (metrics label) and the reason
-/// sent in the `scand-reason` header.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub code: &'static str,
-    pub reason: String,
-}
-
-/// The value of a record's first `content-type` header, if it has one with a value.
-fn content_type(record: &OwnedMessage) -> Option<&[u8]> {
-    record.headers().and_then(|headers| {
-        headers
-            .iter()
-            .find(|h| h.key.eq_ignore_ascii_case("content-type"))
-            .and_then(|h| h.value)
-    })
-}
-
-/// The encoding of a record: its `content-type` header when that names one, else the topic's
-/// configured encoding, else the source's default.
-pub fn encoding_of(
-    content_type: Option<&[u8]>,
-    topic: &str,
-    config: &KafkaSourceConfig,
-) -> Encoding {
-    content_type
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(Encoding::from_content_type)
-        .or_else(|| config.topic_encodings.get(topic).copied())
-        .unwrap_or(config.encoding)
-}
-
-/// One record's fate, without I/O: decoded and validated into a scan to store, or refused
-/// with the code and reason its dead letter carries. Split out of [`KafkaSource`] so the
-/// fuzzer runs exactly what the consumer runs.
-pub fn triage(
-    payload: Option<&[u8]>,
-    content_type: Option<&[u8]>,
-    topic: &str,
-    config: &KafkaSourceConfig,
-    validator: &Validator,
-    now: SystemTime,
-) -> Result<ValidScan, Refusal> {
-    let scan = codec::decode(
-        payload.unwrap_or_default(),
-        encoding_of(content_type, topic, config),
-    )
-    .map_err(|error| Refusal {
-        code: error.code(),
-        reason: format!("{}: {error}", error.code()),
-    })?;
-    validator.validate(scan, now).map_err(|rejection| {
-        metrics::counter!(m::SCANS_REJECTED_TOTAL, "reason" => rejection.code()).increment(1);
-        Refusal {
-            code: rejection.code(),
-            reason: rejection.reason(),
-        }
-    })
 }
 
 impl KafkaSource {
@@ -427,124 +196,6 @@ impl KafkaSource {
             self.process(records, &shutdown).await;
         }
         tracing::info!("kafka source stopped");
-    }
-
-    /// Restores the claimed partitions one after the other on a blocking thread; each end
-    /// comes back through `done`.
-    fn start_restores(&self, done: &tokio::sync::mpsc::Sender<RestoreDone>) {
-        let claims = self.claims.take();
-        if claims.is_empty() {
-            return;
-        }
-        let (cluster, writer, ownership) = (
-            self.cluster.clone(),
-            self.writer.clone(),
-            self.ownership.clone(),
-        );
-        let (directory, me) = self.members.clone();
-        let changelog_topic = self.config.changelog_topic.clone();
-        let done = done.clone();
-        tokio::task::spawn_blocking(move || {
-            for claimed in claims {
-                if claimed.failures > 0 {
-                    std::thread::sleep(
-                        (RETRY_MIN * 2u32.pow(claimed.failures.min(6))).min(RETRY_MAX),
-                    );
-                }
-                let (topic, partition) = (claimed.topic.as_str(), claimed.partition);
-                let started = Instant::now();
-                let claiming = directory.await_handoff((topic, partition), &me, || {
-                    ownership.is_current(topic, partition, claimed.generation)
-                });
-                metrics::histogram!(m::KAFKA_HANDOFF_SECONDS)
-                    .record(started.elapsed().as_secs_f64());
-                if !claiming.is_empty() {
-                    tracing::warn!(
-                        topic,
-                        partition,
-                        ?claiming,
-                        "restoring a partition another instance still claims"
-                    );
-                }
-                let result = changelog::restore(
-                    &cluster,
-                    &changelog_topic,
-                    &writer,
-                    &ownership,
-                    (&claimed.topic, claimed.partition),
-                    claimed.generation,
-                );
-                let ending = RestoreDone { claimed, result };
-                if done.blocking_send(ending).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-
-    /// A restore ended: on success the partition (if still claimed under the same
-    /// generation) is sought to where its state ends, owned and resumed; a failed restore is
-    /// tried again, the partition staying paused.
-    fn finish_restore(&self, done: RestoreDone) {
-        let RestoreDone { claimed, result } = done;
-        let (topic, partition) = (claimed.topic.clone(), claimed.partition);
-        let topic = topic.as_str();
-        let retry = |claimed: Claimed, error: &dyn std::fmt::Display| {
-            tracing::error!(%error, topic, partition, failures = claimed.failures + 1, "partition restore failed; retrying, the partition stays paused");
-            self.claims.push([Claimed {
-                failures: claimed.failures + 1,
-                ..claimed
-            }]);
-        };
-        let restored = match result {
-            Ok(restored) => restored,
-            Err(changelog::RestoreError::Stale) => return,
-            Err(error) => return retry(claimed, &error),
-        };
-        if !self
-            .ownership
-            .is_current(topic, partition, claimed.generation)
-        {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        if let Err(error) =
-            tpl.add_partition_offset(topic, partition, Offset::Offset(restored.resume))
-        {
-            return retry(claimed, &error);
-        }
-        let sought = self
-            .consumer
-            .seek_partitions(tpl.clone(), SEEK_TIMEOUT)
-            .and_then(|sought| {
-                sought
-                    .elements()
-                    .iter()
-                    .find_map(|e| e.error().err())
-                    .map_or(Ok(()), Err)
-            });
-        if let Err(error) = sought {
-            return retry(claimed, &error);
-        }
-        if !self
-            .ownership
-            .confirm(topic, partition, claimed.generation, restored.resume)
-        {
-            return;
-        }
-        if let Err(error) = self.consumer.resume(&tpl) {
-            tracing::error!(%error, topic, partition, "cannot resume a restored partition");
-        }
-        metrics::counter!(m::KAFKA_RESTORED_SHIPMENTS_TOTAL).increment(restored.shipments as u64);
-        metrics::histogram!(m::KAFKA_RESTORE_SECONDS).record(claimed.at.elapsed().as_secs_f64());
-        metrics::gauge!(m::KAFKA_PARTITIONS_ASSIGNED).set(self.ownership.owned() as f64);
-        tracing::info!(
-            topic,
-            partition,
-            shipments = restored.shipments,
-            resume = restored.resume,
-            "partition restored; consuming"
-        );
     }
 
     async fn process(&self, records: Vec<OwnedMessage>, shutdown: &CancellationToken) {
@@ -877,71 +528,5 @@ impl Default for KafkaSourceConfig {
             batch_max_records: 2000,
             batch_max_wait: Duration::from_millis(20),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ingest::IngestConfig;
-
-    fn now() -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
-    }
-
-    fn validator() -> Validator {
-        Validator::new(&IngestConfig::default()).expect("default formats compile")
-    }
-
-    const JSON: &[u8] = br#"{"scan_id":"s1","tracking_number":"PARCEL0001","scan_type":"SCAN_TYPE_SORTED","event_time":"2027-01-15T08:00:00Z"}"#;
-
-    #[test]
-    fn header_then_topic_then_default_chooses_the_encoding() {
-        let mut config = KafkaSourceConfig::default();
-        config
-            .topic_encodings
-            .insert("scans.json".to_owned(), Encoding::Json);
-        let json = Some(&b"application/json; charset=utf-8"[..]);
-        assert_eq!(encoding_of(json, "scans.raw", &config), Encoding::Json);
-        assert_eq!(encoding_of(None, "scans.json", &config), Encoding::Json);
-        // A header naming no known encoding, or not UTF-8, falls through to the topic.
-        let unknown = Some(&b"text/plain"[..]);
-        assert_eq!(encoding_of(unknown, "scans.json", &config), Encoding::Json);
-        assert_eq!(
-            encoding_of(Some(&[0xff][..]), "scans.raw", &config),
-            Encoding::Protobuf
-        );
-        let protobuf = Some(&b"application/x-protobuf"[..]);
-        assert_eq!(
-            encoding_of(protobuf, "scans.json", &config),
-            Encoding::Protobuf
-        );
-    }
-
-    #[test]
-    fn triage_stores_valid_records_and_refuses_the_rest_with_a_code() {
-        let config = KafkaSourceConfig::default();
-        let v = validator();
-        let json = Some(&b"application/json"[..]);
-        let stored = triage(Some(JSON), json, "scans.raw", &config, &v, now()).expect("valid");
-        assert_eq!(stored.scan_id.as_str(), "s1");
-        assert!(stored.origin.is_none());
-
-        let refused = |payload: Option<&[u8]>, content_type: Option<&[u8]>| {
-            triage(payload, content_type, "scans.raw", &config, &v, now())
-                .expect_err("refused")
-                .code
-        };
-        assert_eq!(refused(None, None), "empty");
-        assert_eq!(refused(Some(JSON), None), "protobuf_decode");
-        assert_eq!(refused(Some(&b"{"[..]), json), "json_decode");
-        let unspecified = &br#"{"scan_id":"s1","tracking_number":"PARCEL0001"}"#[..];
-        let refusal =
-            triage(Some(unspecified), json, "scans.raw", &config, &v, now()).expect_err("rejected");
-        assert_eq!(refusal.code, "unspecified_scan_type");
-        assert_eq!(
-            refusal.reason,
-            "unspecified_scan_type: scan_type is SCAN_TYPE_UNSPECIFIED"
-        );
     }
 }
