@@ -162,6 +162,16 @@ pub struct KafkaClientConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+/// The partition ids `metadata` lists for `topic` (none if it does not exist).
+pub fn partition_ids(metadata: &rdkafka::metadata::Metadata, topic: &str) -> Vec<i32> {
+    metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

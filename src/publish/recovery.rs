@@ -64,12 +64,7 @@ fn partitions(
     metadata: rdkafka::metadata::Metadata,
     topic: &str,
 ) -> Result<Vec<i32>, RecoveryError> {
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = client::partition_ids(&metadata, topic);
     if partitions.is_empty() {
         return Err(RecoveryError::NoPartitions(topic.to_owned()));
     }

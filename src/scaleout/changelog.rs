@@ -20,12 +20,13 @@
 //!   changes the changelog holds and which are void (`decisions`); a window left undelivered
 //!   at shutdown stays in doubt for the next start's `resolve`.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message as _;
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
@@ -295,7 +296,7 @@ pub fn restore(
     generation: Generation,
 ) -> Result<Restored, RestoreError> {
     let consumer = client::assigning_consumer(cluster, "scand-changelog-restore")?;
-    let timeout = Duration::from_secs(10);
+    let timeout = READ_TIMEOUT;
     let current = || {
         ownership
             .is_current(source_topic, partition, generation)
@@ -306,69 +307,93 @@ pub fn restore(
     // Without any marker, nothing is known complete: resume from the partition's start.
     let mut resume = 0;
     let mut shipments = 0;
-    if high > low {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(changelog, partition, Offset::Offset(low))?;
-        consumer.assign(&tpl)?;
-        let mut chunk = Vec::with_capacity(RESTORE_CHUNK);
-        let mut assembler = Assembler::default();
-        let mut next = low;
-        let mut last_read = Instant::now();
-        while next < high {
-            current()?;
-            let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-                if last_read.elapsed() > timeout {
-                    return Err(RestoreError::Incomplete {
-                        partition,
-                        next,
-                        high,
-                        timeout,
-                    });
-                }
-                continue;
-            };
-            last_read = Instant::now();
-            let message = message?;
-            next = message.offset() + 1;
-            let snapshot =
-                Snapshot::decode(message.payload().unwrap_or_default()).map_err(|e| {
-                    RestoreError::Decode {
-                        partition,
-                        offset: message.offset(),
-                        reason: e.to_string(),
-                    }
-                })?;
-            if snapshot.topic != source_topic {
-                continue;
-            }
-            let Some(snapshot) = assembler
-                .offer(snapshot)
-                .map_err(|e| RestoreError::Decode {
-                    partition,
-                    offset: message.offset(),
-                    reason: e.to_string(),
-                })?
-            else {
-                continue;
-            };
-            if snapshot.is_marker() {
-                resume = snapshot.next_offset;
-            } else {
-                chunk.push(snapshot);
-                if chunk.len() == RESTORE_CHUNK {
-                    shipments += writer.install_blocking(
-                        source_topic,
-                        partition,
-                        std::mem::take(&mut chunk),
-                    )?;
-                }
+    let mut chunk = Vec::with_capacity(RESTORE_CHUNK);
+    let mut assembler = Assembler::default();
+    let reads = HashMap::from([(partition, (low, high))]);
+    read_to_ends(&consumer, changelog, &reads, current, |message| {
+        let decode_error = |reason: String| RestoreError::Decode {
+            partition,
+            offset: message.offset(),
+            reason,
+        };
+        let snapshot = Snapshot::decode(message.payload().unwrap_or_default())
+            .map_err(|e| decode_error(e.to_string()))?;
+        if snapshot.topic != source_topic {
+            return Ok(());
+        }
+        let Some(snapshot) = assembler
+            .offer(snapshot)
+            .map_err(|e| decode_error(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        if snapshot.is_marker() {
+            resume = snapshot.next_offset;
+        } else {
+            chunk.push(snapshot);
+            if chunk.len() == RESTORE_CHUNK {
+                let full = std::mem::take(&mut chunk);
+                shipments += writer.install_blocking(source_topic, partition, full)?;
             }
         }
-        if !chunk.is_empty() {
-            shipments += writer.install_blocking(source_topic, partition, chunk)?;
-        }
+        Ok(())
+    })?;
+    if !chunk.is_empty() {
+        shipments += writer.install_blocking(source_topic, partition, chunk)?;
     }
     current()?;
     let resume = writer.resume_blocking(source_topic, partition, resume)?;
     Ok(Restored { shipments, resume })
+}
+
+/// How long a read of the changelog may go without a record before it counts as stuck.
+pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads changelog partitions (partition → from, end) until each has passed its end, handing
+/// every record to `each`; `still` is asked before every poll (a restore stops once its claim
+/// is stale). Fails with [`RestoreError::Incomplete`] when nothing comes for [`READ_TIMEOUT`].
+pub(super) fn read_to_ends(
+    consumer: &BaseConsumer,
+    changelog: &str,
+    reads: &HashMap<i32, (i64, i64)>,
+    still: impl Fn() -> Result<(), RestoreError>,
+    mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), RestoreError>,
+) -> Result<(), RestoreError> {
+    let mut tpl = TopicPartitionList::new();
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for (partition, (from, end)) in reads {
+        if from < end {
+            tpl.add_partition_offset(changelog, *partition, Offset::Offset(*from))?;
+            next.insert(*partition, *from);
+        }
+    }
+    if next.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&tpl)?;
+    let behind = |next: &HashMap<i32, i64>| {
+        next.iter()
+            .find(|(p, n)| reads.get(*p).is_some_and(|(_, end)| *n < end))
+            .map(|(p, n)| (*p, *n, reads[p].1))
+    };
+    let mut last_read = Instant::now();
+    while let Some((partition, at, high)) = behind(&next) {
+        still()?;
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            if last_read.elapsed() > READ_TIMEOUT {
+                return Err(RestoreError::Incomplete {
+                    partition,
+                    next: at,
+                    high,
+                    timeout: READ_TIMEOUT,
+                });
+            }
+            continue;
+        };
+        last_read = Instant::now();
+        let message = message?;
+        next.insert(message.partition(), message.offset() + 1);
+        each(&message)?;
+    }
+    Ok(())
 }

@@ -14,14 +14,13 @@
 //!   docs/OPERATIONS.md): a newer snapshot of another owner compacts it away.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
 
 use prost::Message;
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
-use rdkafka::{Offset, TopicPartitionList};
 
+use super::changelog::{read_to_ends, RestoreError, READ_TIMEOUT};
 use crate::domain::{Sequence, TrackingNumber};
 use crate::kafka::{self as client, Cluster};
 use crate::store::keys::KAFKA_SINK;
@@ -30,25 +29,23 @@ use crate::store::writer::Snapshot;
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics as m;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
 /// Changes read from the change log at once.
 const CHUNK: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("changelog: {0}")]
-    Kafka(#[from] KafkaError),
+    #[error("{0}")]
+    Read(#[from] RestoreError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("changelog topic {0} has no partitions (missing?)")]
     NoPartitions(String),
-    #[error("changelog partition {partition} read no further than offset {next} of {high} within {timeout:?}")]
-    Incomplete {
-        partition: i32,
-        next: i64,
-        high: i64,
-        timeout: Duration,
-    },
+}
+
+impl From<KafkaError> for ResolveError {
+    fn from(error: KafkaError) -> Self {
+        Self::Read(RestoreError::Kafka(error))
+    }
 }
 
 /// Decides the changes in doubt and stores the decisions with the changelog's ends as floors.
@@ -61,13 +58,8 @@ pub fn resolve(
 ) -> Result<ReplicationProgress, ResolveError> {
     let last = store.last_sequence()?;
     let consumer = client::assigning_consumer(cluster, "scand-changelog-resolve")?;
-    let metadata = consumer.fetch_metadata(Some(changelog), TIMEOUT)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == changelog)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let metadata = consumer.fetch_metadata(Some(changelog), READ_TIMEOUT)?;
+    let partitions = client::partition_ids(&metadata, changelog);
     if partitions.is_empty() {
         return Err(ResolveError::NoPartitions(changelog.to_owned()));
     }
@@ -75,7 +67,7 @@ pub fn resolve(
     for partition in &partitions {
         marks.insert(
             *partition,
-            consumer.fetch_watermarks(changelog, *partition, TIMEOUT)?,
+            consumer.fetch_watermarks(changelog, *partition, READ_TIMEOUT)?,
         );
     }
     let ends: HashMap<i32, i64> = marks.iter().map(|(p, (_, high))| (*p, *high)).collect();
@@ -122,54 +114,29 @@ pub fn resolve(
 /// Per shipment, the last change of `publisher` that its snapshots on the changelog carry,
 /// read over `reads` (partition → from, end).
 fn covered(
-    consumer: &rdkafka::consumer::BaseConsumer,
+    consumer: &BaseConsumer,
     changelog: &str,
     publisher: u64,
     reads: &HashMap<i32, (i64, i64)>,
 ) -> Result<HashMap<String, u64>, ResolveError> {
     let mut covered: HashMap<String, u64> = HashMap::new();
-    let mut tpl = TopicPartitionList::new();
-    let mut next: HashMap<i32, i64> = HashMap::new();
-    for (partition, (from, end)) in reads {
-        if from < end {
-            tpl.add_partition_offset(changelog, *partition, Offset::Offset(*from))?;
-            next.insert(*partition, *from);
-        }
-    }
-    if next.is_empty() {
-        return Ok(covered);
-    }
-    consumer.assign(&tpl)?;
-    let mut last_read = Instant::now();
-    while next.iter().any(|(p, n)| *n < reads[p].1) {
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            if last_read.elapsed() > TIMEOUT {
-                let (partition, at) = next
-                    .iter()
-                    .find(|(p, n)| **n < reads[*p].1)
-                    .map(|(p, n)| (*p, *n))
-                    .unwrap_or_default();
-                return Err(ResolveError::Incomplete {
-                    partition,
-                    next: at,
-                    high: reads.get(&partition).map_or(0, |r| r.1),
-                    timeout: TIMEOUT,
-                });
+    read_to_ends(
+        consumer,
+        changelog,
+        reads,
+        || Ok(()),
+        |message| {
+            // Records that are not snapshots are the restore's to report; here they carry nothing.
+            let Ok(snapshot) = Snapshot::decode(message.payload().unwrap_or_default()) else {
+                return Ok(());
+            };
+            if snapshot.publisher == publisher && !snapshot.is_marker() && snapshot.piece == 0 {
+                let last = covered.entry(snapshot.tracking_number).or_default();
+                *last = (*last).max(snapshot.covers);
             }
-            continue;
-        };
-        last_read = Instant::now();
-        let message = message?;
-        next.insert(message.partition(), message.offset() + 1);
-        // Records that are not snapshots are the restore's to report; here they carry nothing.
-        let Ok(snapshot) = Snapshot::decode(message.payload().unwrap_or_default()) else {
-            continue;
-        };
-        if snapshot.publisher == publisher && !snapshot.is_marker() && snapshot.piece == 0 {
-            let last = covered.entry(snapshot.tracking_number).or_default();
-            *last = (*last).max(snapshot.covers);
-        }
-    }
+            Ok(())
+        },
+    )?;
     Ok(covered)
 }
 
