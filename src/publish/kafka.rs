@@ -228,24 +228,20 @@ impl KafkaSink {
             // A broker coming back can answer the read before it appends a write of ours it
             // held (seen with a stopped broker): the tail counts once two reads a moment
             // apart find the same of ours (others' records may keep coming).
-            let mut last = recovery::read_tail(
-                &cluster,
-                &topic,
-                publisher,
-                cursor,
-                &floors,
-                RECOVERY_WITHIN,
-            )?;
-            loop {
-                std::thread::sleep(SETTLE);
-                let tail = recovery::read_tail(
+            let read = || {
+                recovery::read_tail(
                     &cluster,
                     &topic,
                     publisher,
                     cursor,
                     &floors,
                     RECOVERY_WITHIN,
-                )?;
+                )
+            };
+            let mut last = read()?;
+            loop {
+                std::thread::sleep(SETTLE);
+                let tail = read()?;
                 if tail.published == last.published {
                     return Ok::<_, RecoveryError>(tail);
                 }

@@ -90,6 +90,33 @@ async fn ingest_in_transit(writer: &WriterHandle, numbers: &[&str]) {
     ingest(writer, scans).await;
 }
 
+/// A writer replicating the partitions `ownership` says are owned, as `publisher`, with what
+/// it hands the changelog.
+fn spawn_replicating(
+    store: &Store,
+    ownership: &Ownership,
+    publisher: u64,
+) -> (
+    WriterHandle,
+    mpsc::Receiver<Replica>,
+    std::thread::JoinHandle<()>,
+) {
+    let (snapshots, replicated) = mpsc::channel(1024);
+    let (writer, _, thread) = spawn(
+        store.clone(),
+        Engine::new(Duration::from_secs(60)),
+        (policy(), retention()),
+        &crate::store::StoreConfig::default(),
+        Some(Replication {
+            snapshots,
+            ownership: ownership.clone(),
+            publisher,
+        }),
+    )
+    .expect("spawns");
+    (writer, replicated, thread)
+}
+
 fn spawn_writer(store: &Store) -> (WriterHandle, std::thread::JoinHandle<()>) {
     let (writer, _, thread) = spawn(
         store.clone(),
@@ -784,21 +811,9 @@ async fn a_partition_owned_elsewhere_is_not_swept_until_it_is_owned_here_again()
         let claim = ownership.claim("scans.raw", partition);
         assert!(ownership.confirm("scans.raw", partition, claim, 0));
     }
-    let (snapshots, mut replicated) = mpsc::channel(1024);
+    let (writer, mut replicated, thread) = spawn_replicating(&store, &ownership, 1);
     // The changelog: takes every snapshot (and drops it, with its guard).
     tokio::spawn(async move { while replicated.recv().await.is_some() {} });
-    let (writer, _, thread) = spawn(
-        store.clone(),
-        Engine::new(Duration::from_secs(60)),
-        (policy(), retention()),
-        &crate::store::StoreConfig::default(),
-        Some(Replication {
-            snapshots,
-            ownership: ownership.clone(),
-            publisher: 1,
-        }),
-    )
-    .expect("spawns");
     let from_partition = |number: &str, partition: i32| ValidScan {
         origin: Some(crate::domain::Origin {
             topic: "scans.raw".into(),
@@ -897,19 +912,7 @@ async fn a_shipment_the_changelog_never_got_is_derived_anew_when_its_records_are
     let ownership = Ownership::default();
     let claim = ownership.claim("scans.raw", 1);
     assert!(ownership.confirm("scans.raw", 1, claim, 0));
-    let (snapshots, mut replicated) = mpsc::channel(1024);
-    let (writer, _, thread) = spawn(
-        store.clone(),
-        Engine::new(Duration::from_secs(60)),
-        (policy(), retention()),
-        &crate::store::StoreConfig::default(),
-        Some(Replication {
-            snapshots,
-            ownership: ownership.clone(),
-            publisher: 7,
-        }),
-    )
-    .expect("spawns");
+    let (writer, mut replicated, thread) = spawn_replicating(&store, &ownership, 7);
     let read_at = |id: &str, hours: i64, next: i64| {
         let scan = ValidScan {
             origin: Some(crate::domain::Origin {
