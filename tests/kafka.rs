@@ -455,6 +455,62 @@ async fn a_publisher_killed_between_delivery_and_its_cursor_publishes_each_chang
     );
 }
 
+/// A graceful stop publishes what is still pending: an instance removed for good leaves no
+/// change behind. The sink is slowed (a pause after each chunk of 10), so SIGTERM comes while
+/// most of the changes are unpublished; the topic then holds every version, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature: cargo test --features scand/failpoints"
+)]
+async fn a_graceful_stop_publishes_every_pending_change_first() {
+    let broker = Broker::start();
+    topics(&broker).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = Daemon::start_with_env(
+        &dir.path().join("data"),
+        &kafka_config(&broker, false, true),
+        &[
+            ("SCAND_KAFKA__SINK__MAX_IN_FLIGHT", "10"),
+            ("FAILPOINTS", "sink-delivered=sleep(150)"),
+        ],
+    );
+    let n = 12;
+    let mut ingest = daemon.ingest().await;
+    for s in 0..n {
+        let number = format!("KGS{s:06}");
+        let ack = ingest
+            .submit_scans(batch(&number, journey(&number, &number)))
+            .await
+            .expect("acked")
+            .into_inner();
+        assert_eq!(outcomes(&ack), vec![Outcome::Accepted; JOURNEY.len()]);
+    }
+    let versions = wait_all_delivered(&daemon, "KGS", n, Duration::from_secs(30)).await;
+    let total: u64 = versions.values().sum();
+    let published = || {
+        metric_value(
+            &daemon.metrics(),
+            "scand_publish_total{sink=\"kafka\",result=\"ok\"}",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while published() == 0 {
+        assert!(Instant::now() < deadline, "the sink never published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let published_before = metric_value(
+        &daemon.metrics(),
+        "scand_publish_total{sink=\"kafka\",result=\"ok\"}",
+    );
+    assert!(
+        published_before < total,
+        "the stop comes with changes pending ({published_before} of {total} published)"
+    );
+    assert!(daemon.terminate().await.success(), "stops cleanly");
+    check_status_topic(&broker, &versions);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_forwards_grpc_scans_to_the_partition_owner() {
     let broker = Broker::start();

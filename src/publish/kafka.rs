@@ -17,6 +17,8 @@
 //! - Floors move (to the topic's ends, every few seconds) only while nothing beyond the
 //!   cursor is delivered or in doubt.
 //! - With the broker away, ingest goes on; the backlog is `scand_outbox_pending`.
+//! - At shutdown the sink publishes what is decided until its inputs end (bounded by the
+//!   daemon's grace), so a graceful stop leaves no change behind.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime};
@@ -164,10 +166,7 @@ impl KafkaSink {
         let mut in_doubt = true;
         loop {
             let step = if in_doubt {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    step = self.recover(&mut progress, publisher) => step,
-                }
+                self.recover(&mut progress, publisher).await
             } else {
                 let committed = *self.committed.borrow();
                 metrics::gauge!(m::OUTBOX_PENDING)
@@ -186,17 +185,18 @@ impl KafkaSink {
                     None => committed,
                 };
                 if upto <= progress.cursor {
+                    // Stopping, the sink goes on until the writer and the changelog task have
+                    // ended and it has published all they decided (the daemon's grace bounds
+                    // it): an instance removed for good leaves nothing unpublished behind.
+                    let stopping = shutdown.is_cancelled();
                     tokio::select! {
-                        () = shutdown.cancelled() => break,
+                        () = shutdown.cancelled(), if !stopping => {}
                         changed = self.committed.changed() => if changed.is_err() { break },
                         more = decided_changed(&mut self.decided) => if !more { break },
                     }
                     continue;
                 }
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    step = self.publish_from(&mut progress, upto, &tag) => step,
-                }
+                self.publish_from(&mut progress, upto, &tag).await
             };
             in_doubt = step.is_err();
             match step {
