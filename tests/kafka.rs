@@ -112,6 +112,21 @@ async fn wait_all_delivered(
     versions
 }
 
+/// Submits a whole journey over gRPC for each of `n` shipments numbered `{prefix}{s:06}`, each
+/// scan accepted.
+async fn submit_journeys(daemon: &Daemon, prefix: &str, n: usize) {
+    let mut ingest = daemon.ingest().await;
+    for s in 0..n {
+        let number = format!("{prefix}{s:06}");
+        let ack = ingest
+            .submit_scans(batch(&number, journey(&number, &number)))
+            .await
+            .expect("acked")
+            .into_inner();
+        assert_eq!(outcomes(&ack), vec![Outcome::Accepted; JOURNEY.len()]);
+    }
+}
+
 /// Reads the status topic (`read_committed`) until every shipment's last version is there,
 /// then checks that each shipment's changes are versions 1..=v in order, each exactly once,
 /// and that no sequence of the publisher appears twice.
@@ -415,16 +430,7 @@ async fn a_publisher_killed_between_delivery_and_its_cursor_publishes_each_chang
         ],
     );
     let n = 40;
-    let mut ingest = daemon.ingest().await;
-    for s in 0..n {
-        let number = format!("KPK{s:06}");
-        let ack = ingest
-            .submit_scans(batch(&number, journey(&number, &number)))
-            .await
-            .expect("acked")
-            .into_inner();
-        assert_eq!(outcomes(&ack), vec![Outcome::Accepted; JOURNEY.len()]);
-    }
+    submit_journeys(&daemon, "KPK", n).await;
     // With the sink on, the third chunk is delivered and the process aborts before storing
     // the cursor: without reading the topic's tail, the next start publishes it again.
     let (daemon, status) = daemon
@@ -476,16 +482,7 @@ async fn a_graceful_stop_publishes_every_pending_change_first() {
         ],
     );
     let n = 12;
-    let mut ingest = daemon.ingest().await;
-    for s in 0..n {
-        let number = format!("KGS{s:06}");
-        let ack = ingest
-            .submit_scans(batch(&number, journey(&number, &number)))
-            .await
-            .expect("acked")
-            .into_inner();
-        assert_eq!(outcomes(&ack), vec![Outcome::Accepted; JOURNEY.len()]);
-    }
+    submit_journeys(&daemon, "KGS", n).await;
     let versions = wait_all_delivered(&daemon, "KGS", n, Duration::from_secs(30)).await;
     let total: u64 = versions.values().sum();
     let published = || {

@@ -48,6 +48,8 @@ struct Partitions {
 #[derive(Clone, Debug, Default)]
 pub struct Ownership {
     partitions: Arc<Mutex<Partitions>>,
+    /// Woken at every change of what is owned, so the fleet hears of it at once.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 /// Held while output for an owned partition is on its way; see [`Ownership::guard`].
@@ -86,7 +88,13 @@ impl Ownership {
         let key = (topic.to_owned(), partition);
         partitions.open.insert(key.clone(), generation);
         partitions.claims.insert(key, Claim::Restoring(generation));
+        self.changed.notify_one();
         generation
+    }
+
+    /// Waits for the next change of what is owned (one made since the last wait counts).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// The restore under `generation` finished and consumption starts at `from`: owned, unless
@@ -96,6 +104,7 @@ impl Ownership {
         match partitions.claims.get_mut(&(topic.to_owned(), partition)) {
             Some(claim) if *claim == Claim::Restoring(generation) => {
                 *claim = Claim::Owned { generation, from };
+                self.changed.notify_one();
                 true
             }
             _ => false,
@@ -111,6 +120,7 @@ impl Ownership {
             Some(Claim::Restoring(g) | Claim::Owned { generation: g, .. }) => Some(g),
             None => None,
         };
+        self.changed.notify_one();
         let deadline = Instant::now() + wait;
         let drained = loop {
             if !lock(&self.partitions).sending.contains_key(&key) {

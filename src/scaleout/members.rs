@@ -215,8 +215,11 @@ pub async fn announce(
     let mut announced: Option<(Vec<(String, i32)>, std::time::Instant)> = None;
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     loop {
+        // At once on a change of ownership: an ownership shorter than a tick would otherwise
+        // never be told, and a release told late holds up the next owner's handoff.
         tokio::select! {
             () = shutdown.cancelled() => break,
+            () = ownership.changed() => {}
             _ = ticks.tick() => {}
         }
         let owned = ownership.owned_partitions();
