@@ -49,10 +49,11 @@ impl Writer {
         // its changes are derived anew (the earlier ones are void).
         let mut dropped: Vec<&TrackingNumber> = Vec::new();
         for scan in &scans {
-            let Some(origin) = scan.origin.as_ref().filter(|o| self.rereads.covers(o)) else {
-                continue;
-            };
             let number = &scan.tracking_number;
+            let Some(origin) = &scan.origin else { continue };
+            if !self.rereads.first_touch(origin, number) {
+                continue;
+            }
             let owner = match self.cache.get(number) {
                 Some(state) => state.owner.clone(),
                 None => self
@@ -62,7 +63,7 @@ impl Writer {
                     .flatten()
                     .and_then(|state| state.owner),
             };
-            if self.rereads.drops(origin, number, owner.as_ref()) {
+            if owner.as_ref() == Some(origin) {
                 self.cache.forget(number);
                 dropped.push(number);
             }
@@ -134,13 +135,15 @@ impl Writer {
             next_sequence - run..next_sequence
         };
         let stall_index = self.store.cf(keys::STALL_DEADLINES);
+        // Only a replicating writer needs each shipment's changes (its snapshots carry them).
+        let replicating = self.replication.is_some();
         let mut change_runs_by_number = ChangeRuns::new();
         for (number, added) in touched {
             let replaced = removed_runs
                 .next_if(|run| run.first().is_some_and(|(of, _, _)| of == number))
                 .unwrap_or_default();
             let sequences = sequences_of(number);
-            if !sequences.is_empty() {
+            if replicating && !sequences.is_empty() {
                 change_runs_by_number.insert(number, sequences.clone());
             }
             if let Some(state) = states.get_mut(number) {

@@ -197,20 +197,22 @@ impl Writer {
                 .store
                 .source_offset(&owner.topic, owner.partition)?
                 .unwrap_or_default();
-            let made = self.snapshot_of(number, owner, next_offset, changes)?;
-            push_or_void(made, changes.get(number), &mut snapshots, &mut void);
+            let run = changes.get(number).cloned().unwrap_or(0..0);
+            let made = self.snapshot_of(number, owner, next_offset, run.clone())?;
+            push_or_void(made, run, &mut snapshots, &mut void);
         }
         Ok((snapshots, void))
     }
 
     /// A shipment's stored record as a snapshot under a guard of its partition's claim, with
-    /// the changes it carries; `Ok(None)` when the partition is not owned here (any longer).
+    /// the changes this write made of it; `Ok(None)` when the partition is not owned here (any
+    /// longer).
     fn snapshot_of(
         &self,
         number: &TrackingNumber,
         origin: &Origin,
         next_offset: i64,
-        changes: &ChangeRuns<'_>,
+        changes: Range<u64>,
     ) -> Result<Option<Outgoing>, StoreError> {
         let Some(replication) = self.replication.as_ref() else {
             return Ok(None);
@@ -221,11 +223,17 @@ impl Writer {
         let Some(record) = self.store.shipment_record(number)? else {
             return Ok(None);
         };
-        let key = crate::store::keys::shipment_key(number);
-        let covers = crate::store::codec::change_sequences(key, &record)?
-            .into_iter()
-            .max()
-            .unwrap_or_default();
+        // Sequences only grow: this write's last change is the record's last. Without one,
+        // the record says.
+        let covers = if changes.is_empty() {
+            let key = crate::store::keys::shipment_key(number);
+            crate::store::codec::change_sequences(key, &record)?
+                .into_iter()
+                .max()
+                .unwrap_or_default()
+        } else {
+            changes.end - 1
+        };
         Ok(Some(Outgoing {
             snapshot: Snapshot {
                 tracking_number: number.to_string(),
@@ -238,7 +246,7 @@ impl Writer {
                 ..Snapshot::default()
             },
             guard,
-            changes: changes.get(number).cloned().unwrap_or(0..0),
+            changes,
         }))
     }
 
@@ -288,8 +296,9 @@ impl Writer {
         let mut void = Vec::new();
         for (number, origin) in owned {
             let offset = next_offset(&origin.topic, origin.partition);
-            let made = self.snapshot_of(number, origin, offset, changes)?;
-            push_or_void(made, changes.get(number), &mut snapshots, &mut void);
+            let run = changes.get(number).cloned().unwrap_or(0..0);
+            let made = self.snapshot_of(number, origin, offset, run.clone())?;
+            push_or_void(made, run, &mut snapshots, &mut void);
         }
         let mut partitions: Vec<(&str, i32)> = group
             .iter()
@@ -313,13 +322,13 @@ impl Writer {
 /// longer owned here) are void: the partition's owner derives them again.
 fn push_or_void(
     made: Option<Outgoing>,
-    changes: Option<&Range<u64>>,
+    changes: Range<u64>,
     snapshots: &mut Vec<Outgoing>,
     void: &mut Vec<u64>,
 ) {
     match made {
         Some(outgoing) => snapshots.push(outgoing),
-        None => void.extend(changes.cloned().unwrap_or(0..0)),
+        None => void.extend(changes),
     }
 }
 

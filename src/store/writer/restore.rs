@@ -35,29 +35,16 @@ pub(super) struct Rereads {
 }
 
 impl Rereads {
-    /// Whether a scan of `origin` for `number`, whose state here says it belongs to `owner`,
-    /// must drop that state first; then it need not again.
-    pub(super) fn drops(
-        &mut self,
-        origin: &Origin,
-        number: &TrackingNumber,
-        owner: Option<&Origin>,
-    ) -> bool {
-        let Some(reread) = self
-            .active
-            .get_mut(&(origin.topic.clone(), origin.partition))
-        else {
+    /// Whether this is the first scan of `number` from `origin` while its partition is read
+    /// again and the changelog did not hold it: then its state here (if of that partition) must
+    /// go. Each number is looked at once a reread.
+    pub(super) fn first_touch(&mut self, origin: &Origin, number: &TrackingNumber) -> bool {
+        if self.active.is_empty() {
             return false;
-        };
-        reread.installed.insert(number.clone()) && owner == Some(origin)
-    }
-
-    /// Whether a scan of `origin` is read again (so its shipment may have to drop its state).
-    pub(super) fn covers(&self, origin: &Origin) -> bool {
-        !self.active.is_empty()
-            && self
-                .active
-                .contains_key(&(origin.topic.clone(), origin.partition))
+        }
+        self.active
+            .get_mut(&(origin.topic.clone(), origin.partition))
+            .is_some_and(|reread| reread.installed.insert(number.clone()))
     }
 
     /// Consumption of the partition reached `next`: a reread that far is over.

@@ -369,19 +369,20 @@ impl Writer {
                 .increment(removed.scans as u64);
         }
         stalled.extend(trimmed);
-        // One change per stalled shipment, in the same order; the trimmed ones made none.
-        let runs: ChangeRuns<'_> = stalled
-            .iter()
-            .zip(&changes)
-            .map(|((number, _), (sequence, _, _))| (number, sequence.0..sequence.0 + 1))
-            .collect();
         let (snapshots, void) = match self.replication {
-            Some(_) => self
-                .owned_snapshots(&stalled, &runs)
-                .unwrap_or_else(|error| {
-                    tracing::error!(%error, "changelog snapshots of a sweep not built");
-                    (Vec::new(), Vec::new())
-                }),
+            Some(_) => {
+                // One change per stalled shipment, in the same order; the trimmed made none.
+                let runs: ChangeRuns<'_> = stalled
+                    .iter()
+                    .zip(&changes)
+                    .map(|((number, _), (sequence, _, _))| (number, sequence.0..sequence.0 + 1))
+                    .collect();
+                self.owned_snapshots(&stalled, &runs)
+                    .unwrap_or_else(|error| {
+                        tracing::error!(%error, "changelog snapshots of a sweep not built");
+                        (Vec::new(), Vec::new())
+                    })
+            }
             None => (Vec::new(), Vec::new()),
         };
         metrics::gauge!(m::SHIPMENTS_STALLED).set(stalled_shipments as f64);
